@@ -1,0 +1,35 @@
+"""Helpers shared by the verbs: recipe arguments and printing."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from lora_llava.config import Recipe, load_recipe
+from lora_llava.recipes import recipe_path
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="a recipe YAML file or a built-in recipe name (lora-llava recipes)")
+    p.add_argument(
+        "overrides",
+        metavar="key=value",
+        nargs="*",
+        help="override recipe keys, dotted, with list indices: train.max_steps=20 data.train.0.path=x.json",
+    )
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def recipe_from_args(args) -> Recipe:
+    return load_recipe(recipe_path(args.recipe), args.overrides)

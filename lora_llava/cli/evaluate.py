@@ -1,0 +1,46 @@
+"""lora-llava eval: exact-match accuracy of greedy answers on a LLaVA-Instruct JSON file."""
+
+from __future__ import annotations
+
+import json
+
+from lora_llava.cli.common import quiet
+
+HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
+EPILOG = """examples:
+  lora-llava eval runs/quickstart --data runs/quickstart/data/eval.json --image-folder runs/quickstart/data/images
+  lora-llava eval runs/quickstart/merged --data eval.json --image-folder images --json
+  lora-llava eval tiny --data eval.json --image-folder images          (the untrained base)
+
+each sample's last answer is the reference; case, quotes and trailing punctuation are ignored"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL", help="run directory, adapter directory, merged directory or backbone name")
+    p.add_argument("--data", required=True, help="LLaVA-Instruct JSON/JSONL file")
+    p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
+    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def run(args) -> int:
+    quiet()
+    from lora_llava.config.schema import DataSource
+    from lora_llava.data.formats import read_source
+    from lora_llava.errors import UserError
+    from lora_llava.infer import evaluate, format_predictions, load_model
+
+    samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder, max_samples=args.max_samples))
+    if bad:
+        listing = "\n  ".join(b.describe() for b in bad[:50])
+        raise UserError(f"{len(bad)} bad sample(s) in {args.data}:\n  {listing}")
+    loaded = load_model(args.model)
+    result = evaluate(loaded, samples, args.max_new_tokens, args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_predictions(result))
+        print(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']}) — {loaded.kind} {loaded.ref}")
+    return 0

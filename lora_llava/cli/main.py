@@ -1,0 +1,71 @@
+"""The ``lora-llava`` command: one table of verbs, one small module each.
+
+Usage::
+
+    lora-llava quickstart
+    lora-llava train RECIPE [key=value ...]
+    lora-llava --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import import_module
+
+from lora_llava.errors import UserError
+
+# verb -> module under lora_llava.cli; each has HELP, EPILOG, add_arguments(parser), run(args) -> int
+VERBS = {
+    "quickstart": "quickstart",
+    "train": "train",
+    "check": "check",
+    "eval": "evaluate",
+    "merge": "merge",
+    "recipes": "recipes",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-llava",
+        description="Fine-tune LLaVA vision-language models with QLoRA on one GPU (or a CPU, with the tiny backbone).",
+        epilog="examples:\n  lora-llava quickstart\n  lora-llava recipes\n  lora-llava train llava-1.5-7b/qlora "
+        "data.train.0.path=train.json data.train.0.image_folder=images",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, mod_name in VERBS.items():
+        mod = import_module(f"lora_llava.cli.{mod_name}")
+        p = sub.add_parser(
+            verb,
+            help=mod.HELP,
+            description=mod.HELP,
+            epilog=mod.EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

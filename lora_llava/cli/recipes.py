@@ -1,0 +1,59 @@
+"""lora-llava recipes: list, show and copy built-in recipes; list backbones and recipe keys."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+HELP = "list built-in recipes, show or copy one, list backbones (--backbones) or every recipe key (--keys)"
+EPILOG = """examples:
+  lora-llava recipes
+  lora-llava recipes show llava-1.5-7b/qlora
+  lora-llava recipes copy llava-1.5-7b/qlora my-run.yaml
+  lora-llava recipes --backbones
+  lora-llava recipes --keys"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", nargs="?", choices=["list", "show", "copy"], default="list")
+    p.add_argument("name", nargs="?", help="recipe name (show, copy)")
+    p.add_argument("dest", nargs="?", help="destination file (copy)")
+    p.add_argument("--backbones", action="store_true", help="list registered backbones")
+    p.add_argument("--keys", action="store_true", help="list every recipe key with its type, default and help")
+
+
+def run(args) -> int:
+    from lora_llava.errors import UserError
+    from lora_llava.recipes import list_recipes, recipe_path
+
+    if args.backbones:
+        from lora_llava.backbones.registry import registered_backbones
+
+        for s in registered_backbones():
+            print(f"{s.name:<16} {s.source:<28} {s.family:<11} recipe: {s.recipe or '-':<22} {s.description}")
+        return 0
+    if args.keys:
+        from lora_llava.config import describe_keys
+
+        for key, typ, default, help_ in describe_keys():
+            print(f"{key:<34} {typ:<28} {default:<14} {help_}")
+        return 0
+    if args.action == "list":
+        for name, desc in list_recipes():
+            print(f"{name:<24} {desc}")
+        return 0
+    if not args.name:
+        raise UserError(f"recipes {args.action} needs a recipe name", hint="lora-llava recipes lists them")
+    src = recipe_path(args.name)
+    if args.action == "show":
+        print(src.read_text(), end="")
+        return 0
+    if not args.dest:
+        raise UserError("recipes copy needs a destination file", hint="lora-llava recipes copy NAME my.yaml")
+    dest = Path(args.dest)
+    if dest.exists():
+        raise UserError(f"{args.dest!r} exists; not overwriting it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"copied {args.name} to {dest}")
+    return 0

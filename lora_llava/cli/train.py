@@ -1,0 +1,27 @@
+"""lora-llava train: train a recipe and write a self-describing adapter."""
+
+from __future__ import annotations
+
+from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
+
+HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
+EPILOG = """examples:
+  lora-llava train quickstart
+  lora-llava train quickstart train.max_steps=50 output_dir=runs/try1
+  lora-llava train llava-1.5-7b/qlora data.train.0.path=my/train.json data.train.0.image_folder=my/images
+  WANDB_MODE=offline lora-llava train my.yaml train.report_to=wandb
+
+writes OUTPUT_DIR/adapter (LoRA + projector + processor + recipe), recipe.yaml, metrics.jsonl"""
+
+
+def add_arguments(p) -> None:
+    add_recipe_arguments(p)
+
+
+def run(args) -> int:
+    quiet()
+    from lora_llava.train.run import train
+
+    recipe = recipe_from_args(args)
+    train(recipe)
+    return 0

@@ -1,0 +1,105 @@
+"""Safe, deterministic image loading.
+
+Usage::
+
+    path = resolve_image_path("cats/1.jpg", image_folder="data/images")   # confined to the folder
+    img = load_image(path)                                                # RGB PIL image
+
+Rules, the same every time:
+- the path is relative to the image folder and may not leave it (no absolute paths, ``..``,
+  URLs, or symlinks pointing outside);
+- formats: JPEG, PNG, WebP, GIF, BMP, TIFF; files over ``MAX_FILE_BYTES`` and images over
+  ``MAX_PIXELS`` pixels (decompression bombs) are rejected, and the limit is never disabled;
+- EXIF orientation is applied; animated images use their first frame;
+- every mode becomes RGB: transparency is flattened onto white, palette, CMYK, grayscale and
+  16-bit images are converted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+BACKGROUND = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """A sample's image cannot be used; the message says why."""
+
+
+def resolve_image_path(name: str, image_folder: str | os.PathLike | None) -> Path:
+    if not isinstance(name, str) or not name.strip():
+        raise ImageError("image path is empty or not a string")
+    if "://" in name:
+        raise ImageError(f"image {name!r} is a URL; download it into the image folder first")
+    rel = Path(name)
+    if rel.is_absolute():
+        raise ImageError(f"image {name!r} is an absolute path; give it relative to image_folder")
+    if ".." in rel.parts:
+        raise ImageError(f"image {name!r} leaves the image folder ('..')")
+    folder = Path(image_folder) if image_folder else Path(".")
+    path = folder / rel
+    try:
+        real = path.resolve(strict=True)
+    except (FileNotFoundError, OSError):
+        raise ImageError(f"image {name!r} not found in {str(folder)!r}") from None
+    if not real.is_relative_to(folder.resolve()):
+        raise ImageError(f"image {name!r} is a link to {str(real)!r}, outside the image folder")
+    if not real.is_file():
+        raise ImageError(f"image {name!r} is not a file")
+    return path
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, BACKGROUND)
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` and return an RGB image, or raise ImageError naming the problem."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"image file is {size} bytes, over the {MAX_FILE_BYTES}-byte cap")
+    try:
+        with Image.open(path) as img:
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageError(f"image format {img.format} is not allowed ({', '.join(sorted(ALLOWED_FORMATS))})")
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image is {w}x{h} pixels, over the {MAX_PIXELS}-pixel limit")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image rejected as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the header."""
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS

@@ -1,0 +1,81 @@
+"""A small visual task for offline runs: name the color of the shape drawn in the image.
+
+Usage::
+
+    write_shapes_dataset("runs/quickstart/data", n_train=320, n_eval=64, seed=0)
+    # -> train.json, eval.json (LLaVA-Instruct format) and images/*.png
+
+The answer can only come from the pixels: the question text never hints at the color, the
+shape, its size, position and the background vary, and the colors are balanced, so an untrained
+model can do no better than chance (1 / len(COLORS)). A quarter of the training samples are
+two-turn conversations, so multi-turn answer masking is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+QUESTIONS = (
+    "What color is the shape?",
+    "What is the color of the object in the picture?",
+    "Which color is the shape drawn in the image?",
+    "Tell me the color of the shape.",
+)
+SIZE = 64
+
+
+def _draw(rng: random.Random, color: tuple[int, int, int], shape: str) -> Image.Image:
+    bg = tuple(rng.randint(200, 250) for _ in range(3))
+    img = Image.new("RGB", (SIZE, SIZE), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.randint(14, 24)
+    cx, cy = rng.randint(r, SIZE - r), rng.randint(r, SIZE - r)
+    jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in color)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=jitter)
+    return img
+
+
+def _samples(rng: random.Random, n: int, prefix: str, folder: Path, multi_turn: bool) -> list[dict]:
+    names = list(COLORS)
+    out = []
+    for i in range(n):
+        color = names[i % len(names)]
+        shape = rng.choice(SHAPES)
+        image = f"{prefix}_{i:04d}.png"
+        _draw(rng, COLORS[color], shape).save(folder / image)
+        q = rng.choice(QUESTIONS)
+        conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": color.capitalize()}]
+        if multi_turn and i % 4 == 3:
+            conv = [
+                {"from": "human", "value": "<image>\nIs there a shape in the image?"},
+                {"from": "gpt", "value": "Yes."},
+                {"from": "human", "value": q},
+                {"from": "gpt", "value": color.capitalize()},
+            ]
+        out.append({"id": f"{prefix}-{i}", "image": image, "conversations": conv})
+    rng.shuffle(out)
+    return out
+
+
+def write_shapes_dataset(folder: str | Path, n_train: int = 320, n_eval: int = 64, seed: int = 0) -> Path:
+    """Write the dataset into ``folder``; the same seed writes the same files."""
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train = _samples(rng, n_train, "train", images, multi_turn=True)
+    evals = _samples(rng, n_eval, "eval", images, multi_turn=False)
+    (folder / "train.json").write_text(json.dumps(train, indent=1))
+    (folder / "eval.json").write_text(json.dumps(evals, indent=1))
+    return folder

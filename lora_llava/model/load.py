@@ -1,0 +1,191 @@
+"""Loading backbones for training, inference and merging; attaching and restoring adapters.
+
+Usage::
+
+    model, processor = load_base(spec, recipe.quantization)                 # 4-bit LM, 16-bit rest
+    model = attach_adapters(model, spec, recipe)                             # LoRA on the LM, projector trainable
+    model, processor, meta = load_adapter_model("runs/quickstart/adapter")   # a trained adapter, as trained
+
+The quantization skip list and the LoRA targets come from the backbone spec's module roles, so the
+vision tower, projector and LM head are never 4-bit and LoRA never lands in the vision tower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.config.schema import QuantizationConfig, Recipe
+from lora_llava.errors import UserError
+
+ADAPTER_META = "lora_llava.json"
+PROJECTOR_FILE = "projector.safetensors"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bnb_config(spec: BackboneSpec, q: QuantizationConfig):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        llm_int8_skip_modules=spec.quantization_skip_modules(),
+    )
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load the processor of {path!r}: {e}", hint=_offline_hint(path)) from None
+
+
+def _offline_hint(path: str) -> str:
+    if Path(path).exists():
+        return "the directory is incomplete; re-save it with save_pretrained"
+    return "Hub backbones need network access or a local copy (HF_HOME cache, or a directory path as backbone)"
+
+
+def load_base(
+    spec: BackboneSpec, q: QuantizationConfig, quantized: bool | None = None, dtype: torch.dtype | None = None
+):
+    """Load the backbone; 4-bit LM when ``quantized`` (default: ``q.load_in_4bit``)."""
+    _quiet_transformers()
+    path = spec.local_path()
+    quantized = q.load_in_4bit if quantized is None else quantized
+    dtype = dtype or DTYPES[q.compute_dtype]
+    kwargs: dict = {"dtype": dtype}
+    if quantized:
+        kwargs["quantization_config"] = bnb_config(spec, q)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = spec.model_class().from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load backbone {spec.name!r} from {path!r}: {e}", hint=_offline_hint(path)) from None
+    model.config.use_cache = False
+    return model, load_processor(path)
+
+
+def get_module(model, dotted: str) -> torch.nn.Module:
+    """``model.get_submodule`` that also sees through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_submodule(dotted)
+
+
+def _cast_input_hook(module, args):
+    w = next(module.parameters())
+    return tuple(a.to(w.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def prepare_projector(model, spec: BackboneSpec, trainable: bool) -> None:
+    """Projector in float32 (trained fully) or frozen; its inputs follow its dtype."""
+    proj = get_module(model, spec.projector)
+    if trainable:
+        proj.float()
+    for p in proj.parameters():
+        p.requires_grad_(trainable)
+    if not getattr(proj, "_lora_llava_hook", False):
+        proj.register_forward_pre_hook(_cast_input_hook)
+        proj._lora_llava_hook = True
+
+
+def attach_adapters(model, spec: BackboneSpec, recipe: Recipe):
+    """Freeze everything, add LoRA on the language model's linear layers, make the projector trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=spec.lora_target_regex(recipe.lora.target_modules),
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UserError(
+            f"lora.target_modules {recipe.lora.target_modules} match no linear layer under {spec.language_model!r}: {e}",
+            hint="use the layer names of the language model, e.g. q_proj, v_proj",
+        ) from None
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    prepare_projector(model, spec, recipe.projector.policy == "full")
+    return model
+
+
+def read_meta(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / ADAPTER_META
+    if not path.is_file():
+        raise UserError(f"{str(adapter_dir)!r} is not a lora_llava adapter (no {ADAPTER_META})")
+    return json.loads(path.read_text())
+
+
+def load_adapter_model(adapter_dir: str | os.PathLike, quantized: bool | None = None, dtype: torch.dtype | None = None):
+    """Rebuild a trained model: base as recorded, trained projector, LoRA weights; nothing left fresh."""
+    from peft import PeftModel
+
+    from lora_llava.config.load import load_recipe
+
+    adapter_dir = Path(adapter_dir)
+    meta = read_meta(adapter_dir)
+    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    spec = resolve_backbone(meta["backbone"])
+    model, _ = load_base(spec, recipe.quantization, quantized=quantized, dtype=dtype)
+    restore_projector(model, spec, adapter_dir)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    check_lora_loaded(model, adapter_dir)
+    model.eval()
+    return model, load_processor(str(adapter_dir)), meta
+
+
+def restore_projector(model, spec: BackboneSpec, adapter_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = adapter_dir / PROJECTOR_FILE
+    if not path.is_file():
+        return
+    proj = get_module(model, spec.projector)
+    state = load_file(path)
+    missing, unexpected = proj.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: projector weights do not fit the backbone (missing {missing}, unexpected {unexpected})"
+        )
+    prepare_projector(model, spec, trainable=False)
+
+
+def check_lora_loaded(model, adapter_dir: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        saved = len(list(f.keys()))
+    live = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+    if saved != live:
+        raise UserError(f"{adapter_dir}: adapter holds {saved} LoRA tensors but the model has {live} LoRA parameters")

@@ -1,0 +1,234 @@
+"""Train one recipe: data check -> model -> part policy -> trainer -> self-describing adapter.
+
+Usage::
+
+    recipe = load_recipe("recipes/quickstart.yaml", ["train.max_steps=20"])
+    result = train(recipe)          # {"adapter_dir", "train_loss", "steps", "seconds", ...}
+
+The run directory (``recipe.output_dir``) receives ``recipe.yaml`` (resolved), ``metrics.jsonl``,
+``rejected.jsonl`` (bad samples, when skipped) and ``adapter/``: LoRA weights, projector weights,
+processor with chat template, the resolved recipe and ``lora_llava.json`` naming the base backbone.
+The adapter directory is written to a temporary sibling and renamed into place: whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.config.load import recipe_to_dict, save_recipe
+from lora_llava.config.schema import Recipe
+from lora_llava.data.chat import chat_format
+from lora_llava.data.check import prepare_data
+from lora_llava.data.encode import Collator, EncodedDataset, Encoder
+from lora_llava.model.load import ADAPTER_META, PROJECTOR_FILE, attach_adapters, get_module, load_base, load_processor
+from lora_llava.model.parts import check_policy, format_part_table
+
+__all__ = ["train", "prepare_run"]
+
+
+def prepare_run(recipe: Recipe, run_dir: Path | None = None):
+    """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights)."""
+    spec = resolve_backbone(recipe.backbone)
+    processor = load_processor(spec.local_path())
+    fmt = chat_format(spec.chat_format, stop=processor.tokenizer.eos_token)
+    encoder = Encoder(processor, fmt, recipe.data.max_length)
+    report = prepare_data(recipe, encoder, run_dir)
+    return spec, processor, encoder, report
+
+
+class _MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text("")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _callbacks(log: _MetricsLog, collator_stats: dict):
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                if collator_stats["tokens"]:
+                    row["padding_fraction"] = round(collator_stats["pad"] / collator_stats["tokens"], 4)
+                log.write(row)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.log_history and not math.isfinite(state.log_history[-1].get("loss", 0.0)):
+                control.should_training_stop = True
+
+    return [Metrics()]
+
+
+class _CountingCollator(Collator):
+    def __init__(self, pad_id: int, stats: dict) -> None:
+        super().__init__(pad_id)
+        self.stats = stats
+
+    def __call__(self, items):
+        batch = super().__call__(items)
+        self.stats["tokens"] += batch["attention_mask"].numel()
+        self.stats["pad"] += int((batch["attention_mask"] == 0).sum())
+        return batch
+
+
+def _optimizer_groups(model, spec, recipe: Recipe):
+    proj = get_module(model, spec.projector)
+    proj_ids = {id(p) for p in proj.parameters()}
+    lora = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
+    projector = [p for p in proj.parameters() if p.requires_grad]
+    groups = [{"params": lora, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay}]
+    if projector:
+        groups.append(
+            {
+                "params": projector,
+                "lr": recipe.projector.learning_rate or recipe.train.learning_rate,
+                "weight_decay": 0.0,
+            }
+        )
+    return groups
+
+
+def _training_args(recipe: Recipe, run_dir: Path):
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and recipe.quantization.compute_dtype == "bfloat16"
+    fp16 = cuda and recipe.quantization.compute_dtype == "float16"
+    if t.report_to == "wandb" and t.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        gradient_checkpointing=False,  # enabled on the model itself (non-reentrant)
+        disable_tqdm=False,
+        logging_first_step=True,
+    )
+
+
+def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: dict) -> Path:
+    """Write the adapter artifact atomically to ``run_dir/adapter``."""
+    from safetensors.torch import save_file
+
+    target = run_dir / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        proj = get_module(model, spec.projector)
+        if recipe.projector.policy == "full":
+            save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}, tmp / PROJECTOR_FILE)
+        processor.chat_template = chat_format(spec.chat_format, stop=processor.tokenizer.eos_token).jinja
+        processor.save_pretrained(tmp)
+        save_recipe(recipe, tmp / "recipe.yaml")
+        meta = {
+            "format": "lora_llava-adapter/1",
+            "backbone": spec.name if not spec.builtin else spec.name,
+            "source": spec.source,
+            "family": spec.family,
+            "chat_format": spec.chat_format,
+            "quantization": recipe_to_dict(recipe)["quantization"],
+            "projector_trained": recipe.projector.policy == "full",
+            **extra,
+        }
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        old = run_dir / ".adapter-old"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train(recipe: Recipe, log=print) -> dict:
+    from transformers import Trainer, set_seed
+
+    run_dir = Path(recipe.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    t0 = time.time()
+    spec, processor, encoder, report = prepare_run(recipe, run_dir)
+    log(report.summary())
+    if report.bad:
+        log(f"skipped {len(report.bad)} bad sample(s); listed in {run_dir / 'rejected.jsonl'}")
+
+    set_seed(recipe.train.seed)
+    model, _ = load_base(spec, recipe.quantization)
+    model = attach_adapters(model, spec, recipe)
+    rows = check_policy(model, spec, recipe)
+    log(format_part_table(rows))
+
+    stats = {"tokens": 0, "pad": 0}
+    collator = _CountingCollator(processor.tokenizer.pad_token_id, stats)
+    metrics = _MetricsLog(run_dir / "metrics.jsonl")
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
+    trainer = Trainer(
+        model=model,
+        args=_training_args(recipe, run_dir),
+        train_dataset=EncodedDataset(report.train, encoder),
+        data_collator=collator,
+        optimizers=(optimizer, None),
+        callbacks=_callbacks(metrics, stats),
+    )
+    out = trainer.train()
+    loss = float(out.training_loss)
+    if not math.isfinite(loss) or any(not math.isfinite(r.get("loss", 0.0)) for r in trainer.state.log_history):
+        from lora_llava.errors import UserError
+
+        raise UserError(
+            "training loss became NaN/inf; no adapter was written",
+            hint="lower train.learning_rate, or use compute_dtype bfloat16/float32",
+        )
+    seconds = time.time() - t0
+    extra = {"train_loss": loss, "steps": trainer.state.global_step, "train_samples": len(report.train)}
+    adapter = save_adapter(model, processor, spec, recipe, run_dir, extra)
+    pad = stats["pad"] / max(stats["tokens"], 1)
+    log(
+        f"trained {trainer.state.global_step} steps in {seconds:.0f}s, mean loss {loss:.4f}, "
+        f"padding {pad:.1%}; adapter: {adapter}"
+    )
+    return {
+        "adapter_dir": str(adapter),
+        "train_loss": loss,
+        "steps": trainer.state.global_step,
+        "seconds": seconds,
+        "padding_fraction": pad,
+        "model": model,
+        "processor": processor,
+        "report": report,
+    }
