@@ -1,0 +1,96 @@
+"""Shared fixtures: the tiny backbone built once per session, a synthetic dataset, a recipe factory
+and one short trained run reused by the artifact, merge, eval and CLI tests. Everything is offline."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cache(tmp_path_factory):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.setdefault("LORA_LLAVA_CACHE", str(tmp_path_factory.mktemp("lora_llava_cache")))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_path(_offline_cache) -> Path:
+    from lora_llava.backbones.tiny import ensure_tiny
+
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    from lora_llava.data.synthetic import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=96, n_eval=16, seed=0)
+
+
+@pytest.fixture
+def make_recipe(shapes, tmp_path):
+    """make_recipe(**section_overrides) -> Recipe on tiny + shapes, writing into tmp_path/run."""
+    from lora_llava.config import load_recipe
+
+    def make(overrides: list[str] = (), **sections):
+        raw = {
+            "backbone": "tiny",
+            "output_dir": str(tmp_path / "run"),
+            "data": {
+                "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
+                "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
+                "max_length": 256,
+            },
+            "quantization": {"compute_dtype": "float32"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"max_steps": 2, "batch_size": 4, "grad_accum": 1, "learning_rate": 3e-3,
+                      "gradient_checkpointing": False, "logging_steps": 1, "warmup_ratio": 0.0},
+            "eval": {"batch_size": 16, "max_new_tokens": 4},
+        }
+        for k, v in sections.items():
+            raw.setdefault(k, {})
+            raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+        return load_recipe(raw, list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes, tmp_path_factory, tiny_path) -> Path:
+    """One short QLoRA run on tiny (shared, read-only for tests)."""
+    from lora_llava.config import load_recipe
+    from lora_llava.train.run import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    recipe = load_recipe({
+        "backbone": "tiny",
+        "output_dir": str(run),
+        "data": {
+            "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
+            "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
+            "max_length": 256,
+        },
+        "quantization": {"compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "projector": {"learning_rate": 3e-3},
+        "train": {"max_steps": 40, "batch_size": 8, "grad_accum": 1, "learning_rate": 3e-3,
+                  "gradient_checkpointing": False, "logging_steps": 10},
+        "eval": {"batch_size": 16, "max_new_tokens": 4},
+    })
+    train(recipe, log=lambda *_: None)
+    return run
