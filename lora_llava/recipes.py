@@ -15,7 +15,7 @@ from lora_llava.errors import UserError
 
 def recipes_root() -> Path:
     here = Path(__file__).resolve().parent
-    for cand in (here / "recipes", here.parent / "recipes"):
+    for cand in (here / "_recipes", here.parent / "recipes"):
         if cand.is_dir():
             return cand
     raise UserError("the built-in recipes folder is missing from this installation", hint="reinstall lora_llava")
