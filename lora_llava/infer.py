@@ -21,7 +21,7 @@ import torch
 
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
-from lora_llava.data.chat import chat_format
+from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.model.load import ADAPTER_META, load_adapter_model, load_base
@@ -45,7 +45,7 @@ def adapter_dir_of(ref: str | Path) -> Path | None:
 
 
 def _encoder(processor, fmt_name: str) -> Encoder:
-    return Encoder(processor, chat_format(fmt_name, stop=processor.tokenizer.eos_token))
+    return Encoder(processor, format_for(fmt_name, processor.tokenizer))
 
 
 def load_model(ref: str, dtype: torch.dtype | None = None) -> Loaded:
@@ -116,7 +116,7 @@ def generate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, ba
             do_sample=False,
             num_beams=1,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=sorted({tok.eos_token_id, loaded.encoder.stop_id} - {None}),
         )
         new = gen[:, inputs["input_ids"].shape[1] :]
         out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))

@@ -1,16 +1,20 @@
-"""Built-in offline backbones: a LLaVA-1.5-shaped model small enough for a laptop CPU.
+"""Built-in offline backbones, small enough for a laptop CPU.
 
 Usage::
 
     from lora_llava.backbones.tiny import ensure_tiny
-    path = ensure_tiny()            # builds once into the cache, then reuses it
+    path = ensure_tiny("tiny")      # builds once into the cache, then reuses it
     LlavaForConditionalGeneration.from_pretrained(path)
 
-Everything is made locally and deterministically: a byte-level BPE tokenizer trained on a fixed
-corpus (with ``<image>``, ``<s>``, ``</s>``, ``<pad>`` as special tokens and a BOS post-processor, as
-LLaMA tokenizers have), a CLIP image processor, and a random-init ``LlavaForConditionalGeneration``
-(CLIP vision tower, 2-layer GELU MLP projector, LLaMA language model) from a fixed seed. Building it
-twice gives bit-identical weights, so a run directory that names ``tiny`` is reproducible anywhere.
+- ``tiny``: LLaVA-1.5-shaped (CLIP 32 px / 8 px patches, 2-layer GELU MLP projector, LLaMA 64-d);
+- ``tiny-next``: LLaVA-NeXT-shaped, AnyRes over 32 px tiles (grid pinpoints up to 96 px), image newline;
+- ``tiny-clip`` and ``tiny-qwen2``: a stand-alone CLIP vision encoder and a Qwen2 causal LM with a
+  ChatML tokenizer, the parts from which a new LLaVA is assembled.
+
+Everything is made locally and deterministically: byte-level BPE tokenizers trained on a fixed
+corpus (LLaMA-style ``<s>``/``</s>``/``<image>`` specials with a BOS post-processor, or ChatML
+specials), CLIP image processors, and random-init models from fixed seeds. Building twice gives
+bit-identical files, so a run directory that names a built-in backbone is reproducible anywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
@@ -45,12 +49,20 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer():
-    """A LLaMA-like fast tokenizer (byte-level BPE, BOS added) trained on a fixed corpus."""
+def build_tokenizer(style: str = "llama"):
+    """A fast tokenizer (byte-level BPE) trained on a fixed corpus.
+
+    ``llama``: ``<s>`` added in front, ``</s>`` ends answers, ``<image>`` special (LLaVA-1.5/NeXT).
+    ``chatml``: no BOS, ``<|im_start|>``/``<|im_end|>`` specials, ``<|im_end|>`` is EOS (Qwen2-like
+    causal LM, no image token: assembling a LLaVA adds it).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    if style == "chatml":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    else:
+        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -61,6 +73,15 @@ def build_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if style == "chatml":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>"],
+            model_max_length=1024,
+            padding_side="right",
+        )
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -88,30 +109,30 @@ def build_image_processor():
     )
 
 
-def build_tiny(out_dir: str | os.PathLike) -> Path:
-    """Write the ``tiny`` backbone (model, tokenizer, processor, chat template) to ``out_dir``."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def _text_config(tokenizer, model_type: str = "llama", hidden: int = 64):
+    from transformers import LlamaConfig, Qwen2Config
 
-    from lora_llava.data.chat import chat_format
-
-    tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
+    return cls(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.1,  # logits sharp enough for a frozen random LM head to be steered
         tie_word_embeddings=False,
     )
-    vision = CLIPVisionConfig(
+
+
+def _vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -120,10 +141,34 @@ def build_tiny(out_dir: str | os.PathLike) -> Path:
         patch_size=PATCH_SIZE,
         projection_dim=64,
     )
+
+
+def _save(out_dir, model, processor) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _generation_ids(model, tokenizer) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+def build_tiny(out_dir: str | os.PathLike) -> Path:
+    """The ``tiny`` backbone: LLaVA-1.5-shaped (CLIP, 2-layer GELU MLP projector, LLaMA)."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from lora_llava.data.chat import chat_format
+
+    tokenizer = build_tokenizer()
     config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
+        vision_config=_vision_config(),
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -131,9 +176,7 @@ def build_tiny(out_dir: str | os.PathLike) -> Path:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).float().eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    _generation_ids(model, tokenizer)
     processor = LlavaProcessor(
         image_processor=build_image_processor(),
         tokenizer=tokenizer,
@@ -142,11 +185,83 @@ def build_tiny(out_dir: str | os.PathLike) -> Path:
         num_additional_image_tokens=1,
         chat_template=chat_format("vicuna_v1").jinja,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(out_dir, model, processor)
+
+
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def build_tiny_next(out_dir: str | os.PathLike) -> Path:
+    """The ``tiny-next`` backbone: LLaVA-NeXT-shaped, AnyRes tiling over 32 px tiles, image newline."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from lora_llava.data.chat import chat_format
+
+    tokenizer = build_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=_vision_config(),
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).float().eval()
+    _generation_ids(model, tokenizer)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_format("vicuna_v1").jinja,
+    )
+    return _save(out_dir, model, processor)
+
+
+def build_tiny_clip(out_dir: str | os.PathLike) -> Path:
+    """``tiny-clip``: a stand-alone CLIP vision encoder with its image processor (to assemble a LLaVA)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(1)
+    model = CLIPVisionModel(_vision_config()).float().eval()
+    return _save(out_dir, model, build_image_processor())
+
+
+def build_tiny_qwen2(out_dir: str | os.PathLike) -> Path:
+    """``tiny-qwen2``: a stand-alone Qwen2 causal LM (96-d) with a ChatML tokenizer (to assemble a LLaVA)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from lora_llava.data.chat import chat_format
+
+    tokenizer = build_tokenizer("chatml")
+    tokenizer.chat_template = chat_format("chatml").jinja
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(_text_config(tokenizer, "qwen2", hidden=96)).float().eval()
+    _generation_ids(model, tokenizer)
+    return _save(out_dir, model, tokenizer)
+
+
+BUILDERS = {
+    "tiny": build_tiny,
+    "tiny-next": build_tiny_next,
+    "tiny-clip": build_tiny_clip,
+    "tiny-qwen2": build_tiny_qwen2,
+}
 
 
 def cache_root() -> Path:
@@ -158,14 +273,13 @@ def cache_root() -> Path:
 
 def ensure_tiny(name: str = "tiny") -> Path:
     """Return the directory of a built-in offline backbone, building it (atomically) on first use."""
-    builders = {"tiny": build_tiny}
     target = cache_root() / f"{name}-v{TINY_VERSION}"
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        builders[name](tmp)
+        BUILDERS[name](tmp)
         (tmp / ".complete").write_text(json.dumps({"name": name, "version": TINY_VERSION, "sha": _digest(tmp)}))
         try:
             tmp.rename(target)

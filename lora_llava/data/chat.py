@@ -34,6 +34,7 @@ class ChatFormat:
     system_prefix: str = ""
     system_suffix: str = " "
     answer_lead: str = " "  # joins the generation prompt and the answer (part of the answer's first token)
+    assistant_suffix: str = ""  # rendered after the stop string, not trained (ChatML's newline)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """Return ``(text, target_spans)``; spans are [start, end) character ranges of answer + stop."""
@@ -56,6 +57,7 @@ class ChatFormat:
                 start = pos
                 emit(content + self.stop)
                 spans.append((start, pos))
+                emit(self.assistant_suffix)
             else:
                 raise UserError(f"unknown chat role {role!r}: expected system, user or assistant")
         if add_generation_prompt:
@@ -110,9 +112,38 @@ class ChatFormat:
 
 
 _FORMATS: dict[str, dict] = {
-    # LLaVA-1.5 / Vicuna v1: "USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
+    # LLaVA-1.5 / LLaVA-NeXT-Vicuna: "USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
     "vicuna_v1": dict(user_prefix="USER: ", user_suffix=" ", assistant_prefix="ASSISTANT:", stop="</s>"),
+    # LLaVA-NeXT-Mistral: "[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST] A2</s>"
+    "mistral_instruct": dict(
+        user_prefix="[INST] ", user_suffix=" [/INST]", assistant_prefix="", stop="</s>", system_suffix="\n\n"
+    ),
+    # ChatML (LLaVA-NeXT-34B / Yi, Qwen2): "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    "chatml": dict(
+        system_prefix="<|im_start|>system\n",
+        system_suffix="<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        answer_lead="",
+        stop="<|im_end|>",
+        assistant_suffix="\n",
+    ),
+    # Llama-3: "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant..."
+    "llama3": dict(
+        system_prefix="<|start_header_id|>system<|end_header_id|>\n\n",
+        system_suffix="<|eot_id|>",
+        user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
+        user_suffix="<|eot_id|>",
+        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        answer_lead="",
+        stop="<|eot_id|>",
+    ),
 }
+
+# The stop string each format ends an answer with is that format's own; only vicuna_v1 and
+# mistral_instruct use the tokenizer's EOS token.
+EOS_STOP_FORMATS = {"vicuna_v1", "mistral_instruct"}
 
 
 def chat_format(name: str, stop: str | None = None) -> ChatFormat:
@@ -148,3 +179,8 @@ def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], sto
         for i in hit:
             labels[i] = ids[i]
     return ids, labels
+
+
+def format_for(name: str, tokenizer) -> ChatFormat:
+    """The chat format ``name`` with the stop string this tokenizer ends answers with."""
+    return chat_format(name, stop=tokenizer.eos_token if name in EOS_STOP_FORMATS else None)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    enc = Encoder(processor, chat_format("vicuna_v1", stop=processor.tokenizer.eos_token))
+    enc = Encoder(processor, format_for("vicuna_v1", processor.tokenizer))
     item = enc.encode(sample)          # input_ids, labels, pixel_values
     enc.length(sample)                 # the exact token count the model will see
     batch = Collator(pad_id)([item, ...])
@@ -29,7 +29,9 @@ class Encoder:
         self.max_length = max_length
         self.image_token = processor.image_token
         stop_ids = self.tokenizer.encode(fmt.stop, add_special_tokens=False)
-        self.stop_id = stop_ids[0] if len(stop_ids) == 1 else None
+        # A stop string that is not one token of this tokenizer can never be emitted as a stop: check
+        # answers against the tokenizer's EOS then, so the mismatch fails loudly instead of unchecked.
+        self.stop_id = stop_ids[0] if len(stop_ids) == 1 else self.tokenizer.eos_token_id
 
     # -- image tokens -------------------------------------------------------------------------
     def image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.load import recipe_to_dict, save_recipe
 from lora_llava.config.schema import Recipe
-from lora_llava.data.chat import chat_format
+from lora_llava.data.chat import format_for
 from lora_llava.data.check import prepare_data
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder
 from lora_llava.model.load import ADAPTER_META, PROJECTOR_FILE, attach_adapters, get_module, load_base, load_processor
@@ -39,7 +39,7 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None):
     """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights)."""
     spec = resolve_backbone(recipe.backbone)
     processor = load_processor(spec.local_path())
-    fmt = chat_format(spec.chat_format, stop=processor.tokenizer.eos_token)
+    fmt = format_for(spec.chat_format, processor.tokenizer)
     encoder = Encoder(processor, fmt, recipe.data.max_length)
     report = prepare_data(recipe, encoder, run_dir)
     return spec, processor, encoder, report
@@ -150,7 +150,7 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
         proj = get_module(model, spec.projector)
         if recipe.projector.policy == "full":
             save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}, tmp / PROJECTOR_FILE)
-        processor.chat_template = chat_format(spec.chat_format, stop=processor.tokenizer.eos_token).jinja
+        processor.chat_template = format_for(spec.chat_format, processor.tokenizer).jinja
         processor.save_pretrained(tmp)
         save_recipe(recipe, tmp / "recipe.yaml")
         meta = {
