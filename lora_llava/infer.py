@@ -37,9 +37,11 @@ class Loaded:
 
 
 def adapter_dir_of(ref: str | Path) -> Path | None:
+    """The adapter directory of a run directory (or the adapter directory itself), else None."""
     p = Path(ref)
     for cand in (p / "adapter", p):
-        if (cand / ADAPTER_META).is_file() and (cand / "adapter_config.json").is_file():
+        meta = cand / ADAPTER_META
+        if meta.is_file() and json.loads(meta.read_text()).get("format", "").startswith("lora_llava-adapter"):
             return cand
     return None
 

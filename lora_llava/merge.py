@@ -31,10 +31,11 @@ from lora_llava.model.load import (
     ADAPTER_META,
     DTYPES,
     check_lora_loaded,
+    has_lora,
     load_base,
     load_processor,
     read_meta,
-    restore_projector,
+    restore_trained_parts,
 )
 
 
@@ -77,18 +78,22 @@ def fold(adapter_dir: Path, base_mode: str | None = None):
     spec = resolve_backbone(meta["backbone"])
     base_mode = base_mode or recipe.merge.base
     q = recipe.quantization
+    tiles = recipe.images.max_tiles
     if q.load_in_4bit and base_mode == "dequantized":
-        model, _ = load_base(spec, q, quantized=True)  # exactly the weights the adapter was trained on
+        model, _ = load_base(spec, q, quantized=True, max_tiles=tiles)  # exactly the weights trained on
         n = _dequantize_linear4bit(model)
         if not n:
             raise UserError("expected 4-bit layers to dequantize, found none")
     else:
-        model, _ = load_base(spec, q, quantized=False, dtype=torch.float32)
+        model, _ = load_base(spec, q, quantized=False, dtype=torch.float32, max_tiles=tiles)
     model = model.float()
-    restore_projector(model, spec, adapter_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    check_lora_loaded(model, adapter_dir)
-    merged = model.merge_and_unload()
+    restore_trained_parts(model, spec, adapter_dir)
+    if has_lora(adapter_dir):
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        check_lora_loaded(model, adapter_dir)
+        merged = model.merge_and_unload()
+    else:
+        merged = model
     leftovers = [n for n, _ in merged.named_modules() if "lora_" in n]
     if leftovers:
         raise UserError(f"merge left LoRA modules behind: {leftovers[:3]}")

@@ -58,8 +58,15 @@ def make_recipe(shapes, tmp_path):
             },
             "quantization": {"compute_dtype": "float32"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {"max_steps": 2, "batch_size": 4, "grad_accum": 1, "learning_rate": 3e-3,
-                      "gradient_checkpointing": False, "logging_steps": 1, "warmup_ratio": 0.0},
+            "train": {
+                "max_steps": 2,
+                "batch_size": 4,
+                "grad_accum": 1,
+                "learning_rate": 3e-3,
+                "gradient_checkpointing": False,
+                "logging_steps": 1,
+                "warmup_ratio": 0.0,
+            },
             "eval": {"batch_size": 16, "max_new_tokens": 4},
         }
         for k, v in sections.items():
@@ -77,20 +84,37 @@ def trained_run(shapes, tmp_path_factory, tiny_path) -> Path:
     from lora_llava.train.run import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    recipe = load_recipe({
-        "backbone": "tiny",
-        "output_dir": str(run),
-        "data": {
-            "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
-            "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
-            "max_length": 256,
-        },
-        "quantization": {"compute_dtype": "float32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "projector": {"learning_rate": 3e-3},
-        "train": {"max_steps": 40, "batch_size": 8, "grad_accum": 1, "learning_rate": 3e-3,
-                  "gradient_checkpointing": False, "logging_steps": 10},
-        "eval": {"batch_size": 16, "max_new_tokens": 4},
-    })
+    recipe = load_recipe(
+        {
+            "backbone": "tiny",
+            "output_dir": str(run),
+            "data": {
+                "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
+                "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
+                "max_length": 256,
+            },
+            "quantization": {"compute_dtype": "float32"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "projector": {"learning_rate": 3e-3},
+            "train": {
+                "max_steps": 40,
+                "batch_size": 8,
+                "grad_accum": 1,
+                "learning_rate": 3e-3,
+                "gradient_checkpointing": False,
+                "logging_steps": 10,
+            },
+            "eval": {"batch_size": 16, "max_new_tokens": 4},
+        }
+    )
     train(recipe, log=lambda *_: None)
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and stay fast when the CPUs are shared."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

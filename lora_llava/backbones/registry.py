@@ -7,8 +7,10 @@ Usage::
     spec.quantization_skip_modules()    # never 4-bit: vision tower, projector, LM head
     spec.lora_target_regex(["q_proj"])  # anchored to the language model's path
 
-A name that is not registered may still be a local directory holding a LLaVA checkpoint; its roles
-are then the standard transformers ones for its model type.
+A name that is not registered may still be a local directory holding a LLaVA or LLaVA-NeXT
+checkpoint (a merged model, an assembled model, a stage-1 run directory): its roles are then the
+standard transformers ones for its model type and its chat format is read from ``lora_llava.json``
+or inferred from its chat template (``describe_inferred`` says which).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lora_llava.errors import UserError
 class BackboneSpec:
     name: str
     source: str  # Hub id, local directory, or "builtin:<name>"
-    family: str  # "llava"
+    family: str  # "llava" | "llava_next"
     chat_format: str
     description: str
     image_token: str = "<image>"
@@ -34,6 +36,7 @@ class BackboneSpec:
     language_model: str = "model.language_model"
     lm_head: str = "lm_head"
     recipe: str | None = None  # built-in recipe that uses it
+    inferred: str = ""  # how an unregistered directory's roles and chat format were found
 
     @property
     def builtin(self) -> bool:
@@ -51,6 +54,16 @@ class BackboneSpec:
             "language_model": self.language_model,
             "lm_head": self.lm_head,
         }
+
+    @property
+    def image_newline(self) -> str | None:
+        """LLaVA-NeXT's learned row separator: a parameter, trained and saved with the projector."""
+        return "model.image_newline" if self.family == "llava_next" else None
+
+    def vision_lora_regex(self, names: list[str]) -> str:
+        """PEFT ``target_modules`` regex matching ``names`` only under the vision tower."""
+        alts = "|".join(re.escape(n) for n in names)
+        return rf"{re.escape(self.vision_tower)}\..*\.({alts})"
 
     def quantization_skip_modules(self) -> list[str]:
         """Full module paths bitsandbytes must leave in 16-bit (a bare "vision_tower" would not do)."""
@@ -70,8 +83,15 @@ class BackboneSpec:
         return self.source
 
 
-_FAMILIES = {"llava": "LlavaForConditionalGeneration"}
-_MODEL_TYPES = {"llava": "llava"}
+_FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+_MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next"}
+
+
+def _hub(name, source, family, fmt, description):
+    return BackboneSpec(
+        name=name, source=source, family=family, chat_format=fmt, description=description, recipe=f"{name}/qlora"
+    )
+
 
 _REGISTRY: dict[str, BackboneSpec] = {
     s.name: s
@@ -85,20 +105,54 @@ _REGISTRY: dict[str, BackboneSpec] = {
             recipe="quickstart",
         ),
         BackboneSpec(
-            name="llava-1.5-7b",
-            source="llava-hf/llava-1.5-7b-hf",
-            family="llava",
+            name="tiny-next",
+            source="builtin:tiny-next",
+            family="llava_next",
             chat_format="vicuna_v1",
-            description="LLaVA-1.5 7B: CLIP ViT-L/14-336 + MLP + Vicuna-7B",
-            recipe="llava-1.5-7b/qlora",
+            description="LLaVA-NeXT-shaped, random init, built offline (AnyRes over 32px tiles, image newline)",
+            recipe="tiny-next/qlora",
         ),
-        BackboneSpec(
-            name="llava-1.5-13b",
-            source="llava-hf/llava-1.5-13b-hf",
-            family="llava",
-            chat_format="vicuna_v1",
-            description="LLaVA-1.5 13B: CLIP ViT-L/14-336 + MLP + Vicuna-13B",
-            recipe="llava-1.5-13b/qlora",
+        _hub(
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            "llava",
+            "vicuna_v1",
+            "LLaVA-1.5 7B: CLIP ViT-L/14-336 + MLP + Vicuna-7B",
+        ),
+        _hub(
+            "llava-1.5-13b",
+            "llava-hf/llava-1.5-13b-hf",
+            "llava",
+            "vicuna_v1",
+            "LLaVA-1.5 13B: CLIP ViT-L/14-336 + MLP + Vicuna-13B",
+        ),
+        _hub(
+            "llava-v1.6-mistral-7b",
+            "llava-hf/llava-v1.6-mistral-7b-hf",
+            "llava_next",
+            "mistral_instruct",
+            "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Mistral-7B-Instruct",
+        ),
+        _hub(
+            "llava-v1.6-vicuna-7b",
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            "llava_next",
+            "vicuna_v1",
+            "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Vicuna-7B",
+        ),
+        _hub(
+            "llava-v1.6-vicuna-13b",
+            "llava-hf/llava-v1.6-vicuna-13b-hf",
+            "llava_next",
+            "vicuna_v1",
+            "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Vicuna-13B",
+        ),
+        _hub(
+            "llava-v1.6-34b",
+            "llava-hf/llava-v1.6-34b-hf",
+            "llava_next",
+            "chatml",
+            "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Nous-Hermes-2-Yi-34B",
         ),
     ]
 }
@@ -117,25 +171,7 @@ def resolve_backbone(name: str) -> BackboneSpec:
             return spec
     path = Path(name)
     if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise UserError(
-                f"backbone {name!r}: directory has no config.json", hint="point at a saved LLaVA checkpoint"
-            )
-        model_type = json.loads(cfg.read_text()).get("model_type")
-        family = next((f for f, t in _MODEL_TYPES.items() if t == model_type), None)
-        if family is None:
-            raise UserError(
-                f"backbone {name!r}: model_type {model_type!r} is not supported",
-                hint=f"supported model types: {', '.join(sorted(_MODEL_TYPES.values()))}",
-            )
-        return BackboneSpec(
-            name=str(path),
-            source=str(path),
-            family=family,
-            chat_format="vicuna_v1",
-            description=f"local {model_type} checkpoint",
-        )
+        return _local_spec(path)
     import difflib
 
     close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
@@ -143,4 +179,55 @@ def resolve_backbone(name: str) -> BackboneSpec:
     raise UserError(
         f"unknown backbone {name!r}: not a registered name, registered Hub id or local directory",
         hint=hint + "list them with: lora-llava recipes --backbones",
+    )
+
+
+def infer_chat_format(template: str | None) -> str:
+    """The chat format a tokenizer's chat template speaks (vicuna_v1 when it has none)."""
+    t = template or ""
+    if "<|im_start|>" in t:
+        return "chatml"
+    if "<|start_header_id|>" in t:
+        return "llama3"
+    if "[INST]" in t:
+        return "mistral_instruct"
+    return "vicuna_v1"
+
+
+def _local_spec(path: Path) -> BackboneSpec:
+    """A spec for a local LLaVA / LLaVA-NeXT checkpoint, or for a stage-1 run directory (its model/)."""
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UserError(
+            f"backbone {str(path)!r}: directory has no config.json",
+            hint="point at a saved LLaVA checkpoint, a merged model or a stage-1 run directory",
+        )
+    model_type = json.loads(cfg.read_text()).get("model_type")
+    family = next((f for f, t in _MODEL_TYPES.items() if t == model_type), None)
+    if family is None:
+        raise UserError(
+            f"backbone {str(path)!r}: model_type {model_type!r} is not a LLaVA model",
+            hint=f"supported: {', '.join(sorted(_MODEL_TYPES.values()))}; to build one from a vision encoder and "
+            "a causal LM use backbone: assemble",
+        )
+    meta = path / "lora_llava.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("chat_format"):
+        fmt, how = json.loads(meta.read_text())["chat_format"], "lora_llava.json"
+    else:
+        template = None
+        for f in ("chat_template.jinja", "chat_template.json"):
+            if (path / f).is_file():
+                template = (path / f).read_text()
+                break
+        fmt, how = infer_chat_format(template), "its chat template"
+    return BackboneSpec(
+        name=str(path),
+        source=str(path),
+        family=family,
+        chat_format=fmt,
+        description=f"local {model_type} checkpoint",
+        inferred=f"{model_type}: roles vision_tower=model.vision_tower, projector=model.multi_modal_projector, "
+        f"language_model=model.language_model, lm_head=lm_head; chat format {fmt} (from {how})",
     )

@@ -242,7 +242,7 @@ def build_tiny_clip(out_dir: str | os.PathLike) -> Path:
 
 
 def build_tiny_qwen2(out_dir: str | os.PathLike) -> Path:
-    """``tiny-qwen2``: a stand-alone Qwen2 causal LM (96-d) with a ChatML tokenizer (to assemble a LLaVA)."""
+    """``tiny-qwen2``: a stand-alone Qwen2 causal LM (128-d; bitsandbytes CPU inference needs widths divisible by 64) with a ChatML tokenizer (to assemble a LLaVA)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -251,7 +251,7 @@ def build_tiny_qwen2(out_dir: str | os.PathLike) -> Path:
     tokenizer = build_tokenizer("chatml")
     tokenizer.chat_template = chat_format("chatml").jinja
     torch.manual_seed(2)
-    model = Qwen2ForCausalLM(_text_config(tokenizer, "qwen2", hidden=96)).float().eval()
+    model = Qwen2ForCausalLM(_text_config(tokenizer, "qwen2", hidden=128)).float().eval()
     _generation_ids(model, tokenizer)
     return _save(out_dir, model, tokenizer)
 

@@ -50,10 +50,40 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
         _apply_override(data, override)
     problems: list[str] = []
     recipe = _convert_dataclass(Recipe, data, "", problems)
+    if not problems:
+        problems.extend(cross_check(recipe))
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         raise UserError(f"recipe {name}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
     return recipe
+
+
+def cross_check(recipe: Recipe) -> list[str]:
+    """Rules that involve several keys; each problem names the keys."""
+    out = []
+    if recipe.backbone == "assemble" and recipe.assemble is None:
+        out.append("assemble: required when backbone is `assemble` (vision_encoder, language_model, ...)")
+    if recipe.assemble is not None and recipe.backbone != "assemble":
+        out.append(f"assemble: only used with backbone: assemble (backbone is {recipe.backbone!r})")
+    if recipe.stage == "align":
+        if recipe.language_model.policy == "lora":
+            out.append("language_model.policy: stage align trains only the projector; use frozen (or stage: instruct)")
+        if recipe.projector.policy != "full":
+            out.append("projector.policy: stage align trains the projector; it must be full")
+        if recipe.vision_tower.policy != "frozen":
+            out.append("vision_tower.policy: stage align keeps the vision tower frozen")
+    if recipe.projector.policy == "frozen" and recipe.vision_tower.policy == "frozen" and lm_policy(recipe) == "frozen":
+        out.append(
+            "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"
+        )
+    return out
+
+
+def lm_policy(recipe: Recipe) -> str:
+    """The language model's policy, resolving the stage default."""
+    if recipe.language_model.policy is not None:
+        return recipe.language_model.policy
+    return "frozen" if recipe.stage == "align" else "lora"
 
 
 def _read_yaml(path: Path) -> dict:

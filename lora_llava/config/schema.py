@@ -80,7 +80,50 @@ class ProjectorConfig:
 
 @dataclass
 class VisionTowerConfig:
-    policy: Literal["frozen"] = _f("frozen", "The vision tower is kept frozen.")
+    policy: Literal["frozen", "lora", "full"] = _f(
+        "frozen", "frozen (LLaVA's choice), lora (LoRA on its attention/MLP), or full (every weight trains)."
+    )
+    learning_rate: float | None = _f(None, "Vision tower learning rate (default: train.learning_rate).", min=0.0)
+    target_modules: list[str] = _f(
+        lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+        "policy lora: linear layer names inside the vision tower.",
+        min_items=1,
+    )
+
+
+@dataclass
+class LanguageModelConfig:
+    policy: Literal["lora", "frozen"] | None = _f(
+        None, "lora or frozen; default: lora for stage instruct, frozen for stage align."
+    )
+
+
+@dataclass
+class ImagesConfig:
+    max_tiles: int | None = _f(
+        None,
+        "LLaVA-NeXT: keep only AnyRes grids of at most this many tiles (caps image tokens per image).",
+        min=1,
+    )
+
+
+@dataclass
+class AssembleConfig:
+    vision_encoder: str = _req("CLIP or SigLIP vision model: built-in part (tiny-clip), Hub id or directory.")
+    language_model: str = _req(
+        "Causal LM (Llama, Mistral, Qwen2, Phi, ...): built-in part (tiny-qwen2), Hub id or directory."
+    )
+    projector: Literal["mlp2x_gelu", "linear"] = _f(
+        "mlp2x_gelu", "LLaVA-1.5's 2-layer GELU MLP, or LLaVA's linear map."
+    )
+    vision_feature_layer: int = _f(-2, "Hidden layer of the vision encoder whose features are projected.")
+    vision_feature_select: Literal["default", "full"] = _f(
+        "default", "default: drop the CLS token (CLIP); full: keep every token (SigLIP has no CLS)."
+    )
+    chat_format: Literal["vicuna_v1", "mistral_instruct", "chatml", "llama3"] | None = _f(
+        None, "Chat format; default: inferred from the language model's tokenizer."
+    )
+    seed: int = _f(0, "Seed of the projector's initialization.")
 
 
 @dataclass
@@ -125,13 +168,22 @@ class MergeConfig:
 
 @dataclass
 class Recipe:
-    backbone: str = _req("A registered backbone name (lora-llava recipes --backbones), a Hub id or a local directory.")
+    backbone: str = _req(
+        "A registered backbone name (lora-llava recipes --backbones), a Hub id, a local directory, a stage-1 "
+        "run directory, or `assemble` (build a new LLaVA from the assemble section)."
+    )
     data: DataConfig = _req("Training and evaluation data.")
     output_dir: str = _req("Run directory: adapter, metrics and the resolved recipe are written here.")
+    stage: Literal["align", "instruct"] = _f(
+        "instruct", "align: stage 1, only the projector trains; instruct: stage 2, projector + LoRA on the LLM."
+    )
+    assemble: AssembleConfig | None = _f(None, "With backbone: assemble, the parts of the new LLaVA.")
     quantization: QuantizationConfig = _f(QuantizationConfig, "How the language model is loaded.")
     lora: LoraConfig = _f(LoraConfig, "LoRA adapters on the language model.")
     projector: ProjectorConfig = _f(ProjectorConfig, "The vision-to-language projector.")
     vision_tower: VisionTowerConfig = _f(VisionTowerConfig, "The vision encoder.")
+    language_model: LanguageModelConfig = _f(LanguageModelConfig, "The language model.")
+    images: ImagesConfig = _f(ImagesConfig, "Image handling.")
     train: TrainConfig = _f(TrainConfig, "Optimization.")
     eval: EvalConfig = _f(EvalConfig, "Generation-based evaluation.")
     merge: MergeConfig = _f(MergeConfig, "Folding the adapter into deployable weights.")

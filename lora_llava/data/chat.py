@@ -104,7 +104,9 @@ class ChatFormat:
             + q(self.assistant_prefix + self.answer_lead)
             + "' }}{% generation %}{{ ns.c + '"
             + q(self.stop)
-            + "' }}{% endgeneration %}{% endif %}{% endfor %}"
+            + "' }}{% endgeneration %}{{ '"
+            + q(self.assistant_suffix)
+            + "' }}{% endif %}{% endfor %}"
             + "{% if add_generation_prompt %}{{ '"
             + q(self.assistant_prefix)
             + "' }}{% endif %}"

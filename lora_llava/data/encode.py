@@ -88,6 +88,15 @@ class Encoder:
         return text, sample.messages[-1][1], images
 
 
+def cat_pixels(pix: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-sample pixel tensors; AnyRes tensors (images, tiles, C, H, W) are zero-padded
+    to the most tiles in the batch (the model reads each image's real tile count from image_sizes)."""
+    if pix[0].dim() == 5:
+        most = max(p.shape[1] for p in pix)
+        pix = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pix]
+    return torch.cat(pix)
+
+
 class Collator:
     """Pads a list of encoded items into a batch; padding never carries loss."""
 
@@ -109,7 +118,7 @@ class Collator:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         pix = [it["pixel_values"] for it in items if "pixel_values" in it]
         if pix:
-            batch["pixel_values"] = torch.cat(pix)
+            batch["pixel_values"] = cat_pixels(pix)
         sizes = [it["image_sizes"] for it in items if "image_sizes" in it]
         if sizes:
             batch["image_sizes"] = torch.cat(sizes)

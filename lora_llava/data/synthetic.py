@@ -27,6 +27,12 @@ QUESTIONS = (
     "Which color is the shape drawn in the image?",
     "Tell me the color of the shape.",
 )
+BRIEF_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of the picture.",
+    "Summarize what the image shows in a few words.",
+    "What is in this image? Answer briefly.",
+)
 SIZE = 64
 
 
@@ -46,7 +52,9 @@ def _draw(rng: random.Random, color: tuple[int, int, int], shape: str) -> Image.
     return img
 
 
-def _samples(rng: random.Random, n: int, prefix: str, folder: Path, multi_turn: bool) -> list[dict]:
+def _samples(
+    rng: random.Random, n: int, prefix: str, folder: Path, multi_turn: bool, task: str = "color"
+) -> list[dict]:
     names = list(COLORS)
     out = []
     for i in range(n):
@@ -54,6 +62,13 @@ def _samples(rng: random.Random, n: int, prefix: str, folder: Path, multi_turn: 
         shape = rng.choice(SHAPES)
         image = f"{prefix}_{i:04d}.png"
         _draw(rng, COLORS[color], shape).save(folder / image)
+        if task == "caption":  # stage-1 alignment data: brief-description prompt -> caption
+            conv = [
+                {"from": "human", "value": f"<image>\n{rng.choice(BRIEF_PROMPTS)}"},
+                {"from": "gpt", "value": f"A {color} {shape}."},
+            ]
+            out.append({"id": f"{prefix}-{i}", "image": image, "conversations": conv})
+            continue
         q = rng.choice(QUESTIONS)
         conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": color.capitalize()}]
         if multi_turn and i % 4 == 3:
@@ -69,7 +84,11 @@ def _samples(rng: random.Random, n: int, prefix: str, folder: Path, multi_turn: 
 
 
 def write_shapes_dataset(folder: str | Path, n_train: int = 320, n_eval: int = 64, seed: int = 0) -> Path:
-    """Write the dataset into ``folder``; the same seed writes the same files."""
+    """Write the dataset into ``folder``; the same seed writes the same files.
+
+    Also writes ``align.json``: caption pairs ("Describe the image briefly." -> "A red circle.") on
+    the training images, the stage-1 (feature alignment) data of an assembled LLaVA.
+    """
     folder = Path(folder)
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -78,4 +97,6 @@ def write_shapes_dataset(folder: str | Path, n_train: int = 320, n_eval: int = 6
     evals = _samples(rng, n_eval, "eval", images, multi_turn=False)
     (folder / "train.json").write_text(json.dumps(train, indent=1))
     (folder / "eval.json").write_text(json.dumps(evals, indent=1))
+    align = _samples(random.Random(seed + 1), n_train, "align", images, multi_turn=False, task="caption")
+    (folder / "align.json").write_text(json.dumps(align, indent=1))
     return folder

@@ -25,6 +25,7 @@ from lora_llava.errors import UserError
 
 ADAPTER_META = "lora_llava.json"
 PROJECTOR_FILE = "projector.safetensors"
+VISION_FILE = "vision_tower.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -67,8 +68,37 @@ def _offline_hint(path: str) -> str:
     return "Hub backbones need network access or a local copy (HF_HOME cache, or a directory path as backbone)"
 
 
+def cap_tiles(pinpoints: list, tile: int, max_tiles: int | None) -> list:
+    """AnyRes grid resolutions with at most ``max_tiles`` tiles of ``tile`` pixels."""
+    if not max_tiles:
+        return pinpoints
+    kept = [p for p in pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
+    if not kept:
+        raise UserError(
+            f"images.max_tiles={max_tiles} leaves no AnyRes grid (smallest has "
+            f"{min((p[0] // tile) * (p[1] // tile) for p in pinpoints)} tiles)"
+        )
+    return kept
+
+
+def apply_max_tiles(model, processor, max_tiles: int | None) -> None:
+    """Cap LLaVA-NeXT's AnyRes grids on the model config and the processor together (they must agree)."""
+    ip = getattr(processor, "image_processor", None)
+    if not max_tiles or ip is None or not getattr(ip, "image_grid_pinpoints", None):
+        return
+    tile = ip.crop_size["height"] if isinstance(ip.crop_size, dict) else ip.crop_size.height
+    kept = cap_tiles(ip.image_grid_pinpoints, tile, max_tiles)
+    ip.image_grid_pinpoints = kept
+    if model is not None:
+        model.config.image_grid_pinpoints = kept
+
+
 def load_base(
-    spec: BackboneSpec, q: QuantizationConfig, quantized: bool | None = None, dtype: torch.dtype | None = None
+    spec: BackboneSpec,
+    q: QuantizationConfig,
+    quantized: bool | None = None,
+    dtype: torch.dtype | None = None,
+    max_tiles: int | None = None,
 ):
     """Load the backbone; 4-bit LM when ``quantized`` (default: ``q.load_in_4bit``)."""
     _quiet_transformers()
@@ -85,7 +115,9 @@ def load_base(
     except OSError as e:
         raise UserError(f"cannot load backbone {spec.name!r} from {path!r}: {e}", hint=_offline_hint(path)) from None
     model.config.use_cache = False
-    return model, load_processor(path)
+    processor = load_processor(path)
+    apply_max_tiles(model, processor, max_tiles)
+    return model, processor
 
 
 def get_module(model, dotted: str) -> torch.nn.Module:
@@ -99,43 +131,87 @@ def _cast_input_hook(module, args):
     return tuple(a.to(w.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
+def _newline(model, spec: BackboneSpec) -> torch.nn.Parameter | None:
+    if not spec.image_newline:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    owner, _, name = spec.image_newline.rpartition(".")
+    return getattr(base.get_submodule(owner), name)
+
+
+def connector_state(model, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """The projector's weights, plus LLaVA-NeXT's image newline (key ``image_newline``)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in get_module(model, spec.projector).state_dict().items()}
+    nl = _newline(model, spec)
+    if nl is not None:
+        state["image_newline"] = nl.detach().cpu().contiguous()
+    return state
+
+
 def prepare_projector(model, spec: BackboneSpec, trainable: bool) -> None:
-    """Projector in float32 (trained fully) or frozen; its inputs follow its dtype."""
+    """Projector (and image newline) in float32 when trained, frozen otherwise; inputs follow its dtype."""
     proj = get_module(model, spec.projector)
     if trainable:
         proj.float()
     for p in proj.parameters():
         p.requires_grad_(trainable)
+    nl = _newline(model, spec)
+    if nl is not None:
+        if trainable:
+            nl.data = nl.data.float()
+        nl.requires_grad_(trainable)
     if not getattr(proj, "_lora_llava_hook", False):
         proj.register_forward_pre_hook(_cast_input_hook)
         proj._lora_llava_hook = True
 
 
+def lora_targets(spec: BackboneSpec, recipe: Recipe) -> str | None:
+    """One regex for every LoRA target: the LM's layers (policy lora) and the vision tower's (policy lora)."""
+    from lora_llava.config.load import lm_policy
+
+    parts = []
+    if lm_policy(recipe) == "lora":
+        parts.append(spec.lora_target_regex(recipe.lora.target_modules))
+    if recipe.vision_tower.policy == "lora":
+        parts.append(spec.vision_lora_regex(recipe.vision_tower.target_modules))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
+
+
 def attach_adapters(model, spec: BackboneSpec, recipe: Recipe):
-    """Freeze everything, add LoRA on the language model's linear layers, make the projector trainable."""
+    """Apply the recipe's part policies: freeze everything, then LoRA where asked, full training where asked."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=spec.lora_target_regex(recipe.lora.target_modules),
-        bias="none",
-    )
-    try:
-        model = get_peft_model(model, cfg)
-    except ValueError as e:
-        raise UserError(
-            f"lora.target_modules {recipe.lora.target_modules} match no linear layer under {spec.language_model!r}: {e}",
-            hint="use the layer names of the language model, e.g. q_proj, v_proj",
-        ) from None
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
+    targets = lora_targets(spec, recipe)
+    if targets is not None:
+        cfg = LoraConfig(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=targets,
+            bias="none",
+        )
+        try:
+            model = get_peft_model(model, cfg)
+        except ValueError as e:
+            raise UserError(
+                f"LoRA targets (lora.target_modules {recipe.lora.target_modules}, vision_tower.target_modules "
+                f"{recipe.vision_tower.target_modules}) match no linear layer: {e}",
+                hint="use layer names of that part, e.g. q_proj, v_proj",
+            ) from None
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    if recipe.vision_tower.policy == "full":
+        vt = get_module(model, spec.vision_tower)
+        vt.float()
+        for p in vt.parameters():
+            p.requires_grad_(True)
     prepare_projector(model, spec, recipe.projector.policy == "full")
     return model
 
@@ -145,6 +221,10 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{str(adapter_dir)!r} is not a lora_llava adapter (no {ADAPTER_META})")
     return json.loads(path.read_text())
+
+
+def has_lora(adapter_dir: Path) -> bool:
+    return (Path(adapter_dir) / "adapter_config.json").is_file()
 
 
 def load_adapter_model(adapter_dir: str | os.PathLike, quantized: bool | None = None, dtype: torch.dtype | None = None):
@@ -157,28 +237,42 @@ def load_adapter_model(adapter_dir: str | os.PathLike, quantized: bool | None = 
     meta = read_meta(adapter_dir)
     recipe = load_recipe(adapter_dir / "recipe.yaml")
     spec = resolve_backbone(meta["backbone"])
-    model, _ = load_base(spec, recipe.quantization, quantized=quantized, dtype=dtype)
-    restore_projector(model, spec, adapter_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    check_lora_loaded(model, adapter_dir)
+    model, _ = load_base(spec, recipe.quantization, quantized=quantized, dtype=dtype, max_tiles=recipe.images.max_tiles)
+    restore_trained_parts(model, spec, adapter_dir)
+    if has_lora(adapter_dir):
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        check_lora_loaded(model, adapter_dir)
     model.eval()
     return model, load_processor(str(adapter_dir)), meta
 
 
-def restore_projector(model, spec: BackboneSpec, adapter_dir: Path) -> None:
+def restore_trained_parts(model, spec: BackboneSpec, adapter_dir: Path) -> None:
+    """Load the trained projector (+ image newline) and, when trained fully, the vision tower."""
     from safetensors.torch import load_file
 
     path = adapter_dir / PROJECTOR_FILE
-    if not path.is_file():
-        return
-    proj = get_module(model, spec.projector)
-    state = load_file(path)
-    missing, unexpected = proj.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{path}: projector weights do not fit the backbone (missing {missing}, unexpected {unexpected})"
-        )
-    prepare_projector(model, spec, trainable=False)
+    if path.is_file():
+        state = load_file(path)
+        nl_saved = state.pop("image_newline", None)
+        nl = _newline(model, spec)
+        if (nl_saved is None) != (nl is None):
+            raise UserError(f"{path}: image_newline {'missing' if nl is not None else 'unexpected'} for this backbone")
+        missing, unexpected = get_module(model, spec.projector).load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"{path}: projector weights do not fit the backbone (missing {missing}, unexpected {unexpected})"
+            )
+        if nl is not None:
+            nl.data = nl_saved.to(nl.device, nl.dtype)
+        prepare_projector(model, spec, trainable=False)
+    vpath = adapter_dir / VISION_FILE
+    if vpath.is_file():
+        vt = get_module(model, spec.vision_tower)
+        missing, unexpected = vt.load_state_dict(load_file(vpath), strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"{vpath}: vision tower weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
 
 
 def check_lora_loaded(model, adapter_dir: Path) -> None:

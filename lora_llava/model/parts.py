@@ -24,9 +24,9 @@ from lora_llava.errors import UserError
 
 
 def _is_4bit(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Params4bit") or any(
-        type(p).__name__ == "Params4bit" for p in module.parameters(recurse=False)
-    )
+    """A module holding 4-bit weights itself. PEFT's LoRA wrapper of a bitsandbytes layer is also
+    named ``Linear4bit`` but holds none (its ``base_layer`` does), so it is not counted twice."""
+    return any(type(p).__name__ == "Params4bit" for p in module.parameters(recurse=False))
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -65,6 +65,20 @@ def part_table(model, spec: BackboneSpec) -> list[PartRow]:
                 lora_layers=sum(1 for n, _ in mod.named_modules() if n.endswith("lora_A")),
             )
         )
+    if spec.image_newline:
+        owner, _, name = spec.image_newline.rpartition(".")
+        p = getattr(base.get_submodule(owner), name)
+        rows.append(
+            PartRow(
+                "image_newline",
+                spec.image_newline,
+                p.numel(),
+                p.numel() if p.requires_grad else 0,
+                str(p.dtype).replace("torch.", ""),
+                0,
+                0,
+            )
+        )
     return rows
 
 
@@ -89,26 +103,45 @@ def format_part_table(rows: list[PartRow]) -> str:
 
 
 def check_policy(model, spec: BackboneSpec, recipe: Recipe) -> list[PartRow]:
+    """Raise UserError listing every way the loaded model breaks the recipe's part policies."""
+    from lora_llava.config.load import lm_policy
+
     rows = {r.role: r for r in part_table(model, spec)}
+    vt, proj, lm, head = rows["vision_tower"], rows["projector"], rows["language_model"], rows["lm_head"]
     problems = []
-    for role in ("vision_tower", "projector", "lm_head"):
-        if rows[role].linear_4bit:
-            problems.append(
-                f"{role} ({rows[role].path}) has {rows[role].linear_4bit} 4-bit layers; it must stay 16-bit"
-            )
-    for role in ("vision_tower", "projector", "lm_head"):
-        if rows[role].lora_layers:
-            problems.append(f"{role} has {rows[role].lora_layers} LoRA layers; LoRA belongs to the language model only")
-    if rows["vision_tower"].trainable:
-        problems.append("vision tower has trainable parameters; vision_tower.policy is frozen")
-    if recipe.projector.policy == "full" and rows["projector"].trainable != rows["projector"].params:
+    for r in (vt, proj, head):
+        if r.linear_4bit:
+            problems.append(f"{r.role} ({r.path}) has {r.linear_4bit} 4-bit layers; it must stay 16-bit")
+    for r in (proj, head):
+        if r.lora_layers:
+            problems.append(f"{r.role} has {r.lora_layers} LoRA layers; LoRA belongs to the language model only")
+    vpol = recipe.vision_tower.policy
+    if vpol == "frozen" and (vt.trainable or vt.lora_layers):
+        problems.append("vision tower has trainable parameters or LoRA layers; vision_tower.policy is frozen")
+    if vpol == "lora" and not vt.lora_layers:
+        problems.append("vision_tower.policy is lora but the vision tower has no LoRA layer")
+    if vpol == "full" and vt.trainable != vt.params:
+        problems.append("vision_tower.policy is full but not every vision tower parameter is trainable")
+    if recipe.projector.policy == "full" and proj.trainable != proj.params:
         problems.append("projector.policy is full but not every projector parameter is trainable")
-    if recipe.projector.policy == "frozen" and rows["projector"].trainable:
+    if recipe.projector.policy == "frozen" and proj.trainable:
         problems.append("projector.policy is frozen but the projector has trainable parameters")
-    if recipe.quantization.load_in_4bit and not rows["language_model"].linear_4bit:
+    if head.trainable:
+        problems.append("lm_head has trainable parameters; it stays frozen")
+    if recipe.quantization.load_in_4bit and not lm.linear_4bit:
         problems.append("quantization.load_in_4bit is true but the language model has no 4-bit layer")
-    if not rows["language_model"].lora_layers:
-        problems.append("the language model has no LoRA layer")
+    lpol = lm_policy(recipe)
+    if lpol == "lora" and not lm.lora_layers:
+        problems.append("the language model has no LoRA layer (language_model.policy lora)")
+    if lpol == "frozen" and (lm.trainable or lm.lora_layers):
+        problems.append("the language model has trainable parameters; language_model.policy is frozen")
+    if (
+        lpol == "lora"
+        and lm.trainable
+        and lm.trainable
+        > sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and spec.language_model in n)
+    ):
+        problems.append("the language model has trainable parameters outside its LoRA layers")
     if problems:
         raise UserError("part policy violated:\n  " + "\n  ".join(problems))
     return list(rows.values())

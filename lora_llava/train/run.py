@@ -29,16 +29,43 @@ from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import format_for
 from lora_llava.data.check import prepare_data
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder
-from lora_llava.model.load import ADAPTER_META, PROJECTOR_FILE, attach_adapters, get_module, load_base, load_processor
+from lora_llava.model.load import (
+    ADAPTER_META,
+    PROJECTOR_FILE,
+    VISION_FILE,
+    _newline,
+    apply_max_tiles,
+    attach_adapters,
+    connector_state,
+    get_module,
+    load_base,
+    load_processor,
+)
 from lora_llava.model.parts import check_policy, format_part_table
 
 __all__ = ["train", "prepare_run"]
 
 
-def prepare_run(recipe: Recipe, run_dir: Path | None = None):
-    """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights)."""
+def backbone_for(recipe: Recipe, log=print):
+    """The recipe's backbone spec; ``backbone: assemble`` builds (or reuses) ``<output_dir>/assembled``."""
+    if recipe.backbone == "assemble":
+        from lora_llava.backbones.assemble import assemble
+        from lora_llava.model.load import DTYPES
+
+        dtype = DTYPES[recipe.quantization.compute_dtype]
+        path = assemble(recipe.assemble, Path(recipe.output_dir) / "assembled", dtype=dtype, log=log)
+        return resolve_backbone(str(path.resolve()))
     spec = resolve_backbone(recipe.backbone)
+    if spec.inferred:
+        log(f"backbone {spec.name}: {spec.inferred}")
+    return spec
+
+
+def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print):
+    """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights)."""
+    spec = backbone_for(recipe, log)
     processor = load_processor(spec.local_path())
+    apply_max_tiles(None, processor, recipe.images.max_tiles)
     fmt = format_for(spec.chat_format, processor.tokenizer)
     encoder = Encoder(processor, fmt, recipe.data.max_length)
     report = prepare_data(recipe, encoder, run_dir)
@@ -86,20 +113,24 @@ class _CountingCollator(Collator):
 
 
 def _optimizer_groups(model, spec, recipe: Recipe):
-    proj = get_module(model, spec.projector)
-    proj_ids = {id(p) for p in proj.parameters()}
-    lora = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
-    projector = [p for p in proj.parameters() if p.requires_grad]
-    groups = [{"params": lora, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay}]
-    if projector:
-        groups.append(
-            {
-                "params": projector,
-                "lr": recipe.projector.learning_rate or recipe.train.learning_rate,
-                "weight_decay": 0.0,
-            }
-        )
-    return groups
+    """LoRA of the LM at train.learning_rate; projector (+ image newline) and vision tower at their own rates."""
+    proj_ids = {id(p) for p in get_module(model, spec.projector).parameters()}
+    nl = _newline(model, spec)
+    if nl is not None:
+        proj_ids.add(id(nl))
+    vision_ids = {id(p) for p in get_module(model, spec.vision_tower).parameters()}
+    lr = recipe.train.learning_rate
+    buckets: dict[str, list] = {"language_model": [], "projector": [], "vision_tower": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = "projector" if id(p) in proj_ids else "vision_tower" if id(p) in vision_ids else "language_model"
+            buckets[key].append(p)
+    rates = {
+        "language_model": (lr, recipe.train.weight_decay),
+        "projector": (recipe.projector.learning_rate or lr, 0.0),
+        "vision_tower": (recipe.vision_tower.learning_rate or lr, recipe.train.weight_decay),
+    }
+    return [{"params": ps, "lr": rates[k][0], "weight_decay": rates[k][1]} for k, ps in buckets.items() if ps]
 
 
 def _training_args(recipe: Recipe, run_dir: Path):
@@ -146,16 +177,20 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
     target = run_dir / "adapter"
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        proj = get_module(model, spec.projector)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp, safe_serialization=True)
         if recipe.projector.policy == "full":
-            save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}, tmp / PROJECTOR_FILE)
+            save_file(connector_state(model, spec), tmp / PROJECTOR_FILE)
+        if recipe.vision_tower.policy == "full":
+            vt = get_module(model, spec.vision_tower)
+            save_file({k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}, tmp / VISION_FILE)
         processor.chat_template = format_for(spec.chat_format, processor.tokenizer).jinja
         processor.save_pretrained(tmp)
         save_recipe(recipe, tmp / "recipe.yaml")
         meta = {
             "format": "lora_llava-adapter/1",
-            "backbone": spec.name if not spec.builtin else spec.name,
+            "backbone": spec.name,
+            "stage": recipe.stage,
             "source": spec.source,
             "family": spec.family,
             "chat_format": spec.chat_format,
@@ -182,13 +217,13 @@ def train(recipe: Recipe, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     t0 = time.time()
-    spec, processor, encoder, report = prepare_run(recipe, run_dir)
+    spec, processor, encoder, report = prepare_run(recipe, run_dir, log)
     log(report.summary())
     if report.bad:
         log(f"skipped {len(report.bad)} bad sample(s); listed in {run_dir / 'rejected.jsonl'}")
 
     set_seed(recipe.train.seed)
-    model, _ = load_base(spec, recipe.quantization)
+    model, _ = load_base(spec, recipe.quantization, max_tiles=recipe.images.max_tiles)
     model = attach_adapters(model, spec, recipe)
     rows = check_policy(model, spec, recipe)
     log(format_part_table(rows))
@@ -197,6 +232,10 @@ def train(recipe: Recipe, log=print) -> dict:
     collator = _CountingCollator(processor.tokenizer.pad_token_id, stats)
     metrics = _MetricsLog(run_dir / "metrics.jsonl")
     optimizer = torch.optim.AdamW(_optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
+    if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
+        # stage align on a 4-bit LM: only 16-bit parts train (checked by check_policy above), which
+        # transformers' "no training of purely quantized models" guard cannot tell apart
+        model._hf_peft_config_loaded = True
     trainer = Trainer(
         model=model,
         args=_training_args(recipe, run_dir),
@@ -218,6 +257,12 @@ def train(recipe: Recipe, log=print) -> dict:
     extra = {"train_loss": loss, "steps": trainer.state.global_step, "train_samples": len(report.train)}
     adapter = save_adapter(model, processor, spec, recipe, run_dir, extra)
     pad = stats["pad"] / max(stats["tokens"], 1)
+    if recipe.stage == "align":
+        from lora_llava.merge import merge
+
+        # the LM was frozen: keep its original weights, so stage 2 quantizes exactly what stage 1 saw
+        merge(str(run_dir), str(run_dir / "model"), base_mode="original", log=log)
+        log(f"stage 1 done: {run_dir / 'model'} is the aligned LLaVA; start stage 2 with backbone: {run_dir}")
     log(
         f"trained {trainer.state.global_step} steps in {seconds:.0f}s, mean loss {loss:.4f}, "
         f"padding {pad:.1%}; adapter: {adapter}"
