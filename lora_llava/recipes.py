@@ -50,3 +50,38 @@ def recipe_path(ref: str) -> Path:
         f"no recipe {ref!r}: not a file and not a built-in recipe",
         hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava recipes",
     )
+
+
+def check_builtin_recipes() -> dict[str, str]:
+    """Validate every built-in recipe without downloading weights; returns {name: how its backbone resolves}.
+
+    A backbone must be a registered name or Hub id, ``assemble`` with known parts (built-in parts or
+    Hub ids), or the ``output_dir`` of a built-in stage-1 (align) recipe. Every registered backbone
+    must have its recipe. Raises UserError listing every problem.
+    """
+    from lora_llava.backbones.assemble import PARTS
+    from lora_llava.backbones.registry import registered_backbones, resolve_backbone
+    from lora_llava.config import load_recipe
+
+    recipes = {name: load_recipe(recipe_path(name)) for name, _ in list_recipes()}
+    stage1 = {r.output_dir: n for n, r in recipes.items() if r.stage == "align"}
+    out, problems = {}, []
+    for name, r in recipes.items():
+        if r.backbone == "assemble":
+            bad = [p for p in (r.assemble.vision_encoder, r.assemble.language_model) if p not in PARTS and "/" not in p]
+            if bad:
+                problems.append(f"{name}: assemble parts {bad} are neither built-in parts nor Hub ids")
+            out[name] = f"assemble {r.assemble.vision_encoder} + {r.assemble.language_model}"
+        elif r.backbone in stage1:
+            out[name] = f"stage-1 output of {stage1[r.backbone]}"
+        else:
+            try:
+                out[name] = resolve_backbone(r.backbone).name
+            except UserError as e:
+                problems.append(f"{name}: {e}")
+    for spec in registered_backbones():
+        if spec.recipe not in recipes:
+            problems.append(f"backbone {spec.name} has no built-in recipe ({spec.recipe!r})")
+    if problems:
+        raise UserError("built-in recipes:\n  " + "\n  ".join(problems))
+    return out

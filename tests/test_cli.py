@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lora_llava.cli.main import VERBS, main
+from lora_llava.errors import UserError
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -282,10 +283,39 @@ def test_shipped_recipe_loads_and_backbone_resolves(path):
     from lora_llava.config import load_recipe
 
     recipe = load_recipe(path)  # structural validation only: no weights, no network
+    assert path.read_text().startswith("# ")  # the first comment line is its description in `recipes`
+    if recipe.backbone == "assemble" or recipe.stage == "instruct" and recipe.backbone.startswith("runs/"):
+        return  # checked by test_builtin_recipes_check below (assembled / stage-2-from-stage-1)
     spec = resolve_backbone(recipe.backbone)
     assert recipe.backbone in (spec.name, spec.source)
     assert spec.model_class().__name__.endswith("ForConditionalGeneration")
-    assert path.read_text().startswith("# ")  # the first comment line is its description in `recipes`
+
+
+def test_builtin_recipes_check():
+    from lora_llava.backbones.registry import registered_backbones
+    from lora_llava.recipes import check_builtin_recipes
+
+    how = check_builtin_recipes()
+    assert how["tiny-assembled/align"] == "assemble tiny-clip + tiny-qwen2"
+    assert how["tiny-assembled/instruct"] == "stage-1 output of tiny-assembled/align"
+    assert how["assemble-clip-qwen2/instruct"] == "stage-1 output of assemble-clip-qwen2/align"
+    assert {s.recipe for s in registered_backbones()} <= set(how)
+    assert how["llava-v1.6-34b/qlora"] == "llava-v1.6-34b"
+
+
+def test_builtin_recipes_check_reports_a_missing_stage1(monkeypatch, tmp_path):
+    import lora_llava.recipes as rec
+
+    root = tmp_path / "recipes"
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "instruct.yaml").write_text(
+        "# x\nbackbone: runs/nowhere\ndata: {train: [{path: a.json}]}\noutput_dir: runs/x\n"
+    )
+    monkeypatch.setattr(rec, "recipes_root", lambda: root)
+    with pytest.raises(UserError) as e:
+        rec.check_builtin_recipes()
+    assert "x/instruct: unknown backbone 'runs/nowhere'" in str(e.value)
+    assert "backbone tiny has no built-in recipe ('quickstart')" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------- eval

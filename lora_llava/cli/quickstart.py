@@ -14,8 +14,8 @@ EPILOG = """examples:
   lora-llava quickstart quickstart data.train.0.path=d/train.json data.train.0.image_folder=d/images \\
       data.eval.0.path=d/eval.json data.eval.0.image_folder=d/images output_dir=runs/mine
 
-with the built-in quickstart recipe, the synthetic dataset is written first (to the folder of
-data.train.0.path) unless its files already exist"""
+when a recipe reads from the quickstart's synthetic data folder (runs/quickstart/data) and a file
+is missing there, the synthetic shapes dataset is written first"""
 
 
 def add_arguments(p) -> None:
@@ -36,12 +36,11 @@ def run(args) -> int:
 
     rest = list(args.args)
     name = rest.pop(0) if rest and "=" not in rest[0] else "quickstart"
-    builtin = load_recipe(recipe_path("quickstart"))
     recipe = load_recipe(recipe_path(name), rest)
-    default_train = builtin.data.train[0].path
-    if recipe.data.train[0].path == default_train and not Path(default_train).is_file():
-        folder = Path(default_train).parent
-        write_shapes_dataset(folder)
-        print(f"wrote the synthetic shapes dataset to {folder}")
+    synthetic = Path(load_recipe(recipe_path("quickstart")).data.train[0].path).parent
+    wanted = [Path(s.path) for s in [*recipe.data.train, *recipe.data.eval]]
+    if any(p.parent == synthetic and not p.is_file() for p in wanted):
+        write_shapes_dataset(synthetic)
+        print(f"wrote the synthetic shapes dataset to {synthetic}")
     run_pipeline(recipe)
     return 0

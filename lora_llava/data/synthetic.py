@@ -71,10 +71,10 @@ def _samples(
             continue
         q = rng.choice(QUESTIONS)
         conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": color.capitalize()}]
-        if multi_turn and i % 4 == 3:
+        if multi_turn and rng.random() < 0.25:  # independent of the color
             conv = [
-                {"from": "human", "value": "<image>\nIs there a shape in the image?"},
-                {"from": "gpt", "value": "Yes."},
+                {"from": "human", "value": "<image>\nHow many shapes are in the image?"},
+                {"from": "gpt", "value": "One."},
                 {"from": "human", "value": q},
                 {"from": "gpt", "value": color.capitalize()},
             ]
