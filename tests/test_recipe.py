@@ -326,7 +326,18 @@ def test_save_and_load_round_trip(tmp_path):
     assert load_recipe(recipe_to_dict(recipe)) == recipe
     plain = yaml.safe_load(saved.read_text())
     assert list(plain) == [f.name for f in dataclasses.fields(Recipe)]  # schema order, not sorted
-    assert plain["data"]["train"][1] == {"path": "b.json", "image_folder": None, "max_samples": 3}
+    assert plain["data"]["train"][1] == {
+        "path": "b.json",
+        "format": "auto",
+        "image_folder": None,
+        "split": None,
+        "columns": {"id": None, "conversations": None, "image": None, "role": None, "text": None},
+        "roles": {"user": [], "assistant": [], "system": []},
+        "max_samples": 3,
+        "fraction": None,
+        "repeats": 1,
+        "prompt_style": "plain",
+    }
 
 
 def test_describe_keys_covers_every_leaf():

@@ -8,8 +8,10 @@ HELP = "validate a recipe and every data sample (no model weights are loaded)"
 EPILOG = """examples:
   lora-llava check quickstart
   lora-llava check my.yaml data.on_bad_sample=skip
+  lora-llava check my.yaml data.overlength=truncate_turns data.max_length=1024
 
-prints the data table and length summary, then "ok", or every problem found (exit status 2)"""
+prints the sources, the mixture table, the length histogram and what each over-length policy would
+do, then "ok", or every bad sample found (exit status 2 with data.on_bad_sample=error)"""
 
 
 def add_arguments(p) -> None:
@@ -18,15 +20,21 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     quiet()
+    from lora_llava.data.check import enforce_policy
     from lora_llava.train.run import prepare_run
 
     recipe = recipe_from_args(args)
-    spec, _, _, report = prepare_run(recipe, run_dir=None)
+    spec, _, _, report = prepare_run(recipe, run_dir=None, enforce=False)
     print(f"backbone: {spec.name} ({spec.source}), chat format {spec.chat_format}")
     print(report.summary())
-    if report.bad:
+    if report.dropped:
+        print(f"{len(report.dropped)} sample(s) over data.max_length would be left out (data.overlength):")
+        for b in report.dropped:
+            print(f"  {b.describe()}")
+    if report.bad and recipe.data.on_bad_sample == "skip":
         print(f"{len(report.bad)} bad sample(s) would be skipped (data.on_bad_sample=skip):")
         for b in report.bad:
             print(f"  {b.describe()}")
+    enforce_policy(report, recipe.data, run_dir=None, max_listed=None)  # every bad sample, then exit 2
     print("ok")
     return 0

@@ -17,10 +17,10 @@ each sample's last answer is the reference; case, quotes and trailing punctuatio
 
 def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="run directory, adapter directory, merged directory or backbone name")
-    p.add_argument("--data", required=True, help="LLaVA-Instruct JSON/JSONL file")
+    p.add_argument("--data", required=True, help="data file or datasets folder (any format a recipe source reads)")
     p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=int, default=None, help="score the first N samples")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
 
@@ -32,7 +32,7 @@ def run(args) -> int:
     from lora_llava.errors import UserError
     from lora_llava.infer import evaluate, format_predictions, load_model
 
-    samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder, max_samples=args.max_samples))
+    samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder), limit=args.max_samples)
     if bad:
         listing = "\n  ".join(b.describe() for b in bad[:50])
         raise UserError(f"{len(bad)} bad sample(s) in {args.data}:\n  {listing}")

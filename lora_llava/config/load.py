@@ -76,6 +76,21 @@ def cross_check(recipe: Recipe) -> list[str]:
         out.append(
             "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"
         )
+    return out + _data_problems(recipe)
+
+
+def _data_problems(recipe: Recipe) -> list[str]:
+    """Data keys whose valid range one type and bound cannot say."""
+    out = []
+    split = recipe.data.eval_split
+    if isinstance(split, float) and not 0.0 < split < 1.0:
+        out.append(f"data.eval_split: a fraction must be between 0 and 1 (exclusive), got {split}; or give a count")
+    if isinstance(split, int) and split < 1:
+        out.append(f"data.eval_split: a number of samples must be >= 1, got {split}")
+    for name in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, name)):
+            if src.fraction == 0.0:
+                out.append(f"data.{name}.{i}.fraction: 0 would use no sample; remove the source or raise it")
     return out
 
 

@@ -31,17 +31,69 @@ def _req(help: str, **meta):
 
 
 @dataclass
+class Columns:
+    id: str | None = _f(None, "Field holding the sample id (default: id; without one, the sample's position).")
+    conversations: str | None = _f(
+        None, "Field holding the list of turns (default: conversations; messages for format messages)."
+    )
+    image: str | None = _f(
+        None, "Field holding the image or list of images (default: image; images for format messages)."
+    )
+    role: str | None = _f(None, "Key in each turn naming the speaker (default: from, else role).")
+    text: str | None = _f(None, "Key in each turn holding its text (default: value, else content).")
+
+
+@dataclass
+class RoleNames:
+    user: list[str] = _f(list, "More speaker names read as the user (built in: human, user).")
+    assistant: list[str] = _f(list, "More speaker names read as the assistant (built in: gpt, assistant).")
+    system: list[str] = _f(list, "More speaker names read as the system prompt (built in: system).")
+
+
+@dataclass
 class DataSource:
-    path: str = _req("LLaVA-Instruct JSON file: a list of {id, image, conversations: [{from, value}]}.")
-    image_folder: str | None = _f(None, "Folder the samples' `image` paths are relative to.")
-    max_samples: int | None = _f(None, "Use at most this many samples of this source (first N).", min=1)
+    path: str = _req("Data: a JSON or JSONL file, a parquet file, or a folder written by datasets' save_to_disk.")
+    format: Literal["auto", "llava", "sharegpt", "messages"] = _f(
+        "auto",
+        "llava: {id, image, conversations: [{from, value}]}; sharegpt: the same, text-only; messages: "
+        "TRL/OpenAI {messages: [{role, content}], images}; auto: messages if records have `messages`, else llava.",
+    )
+    image_folder: str | None = _f(None, "Folder the samples' image paths are relative to.")
+    split: str | None = _f(None, "Split of a saved DatasetDict folder (default: train, or its only split).")
+    columns: Columns = _f(Columns, "Other field names, mapped without code: columns: {conversations: dialog, ...}.")
+    roles: RoleNames = _f(RoleNames, "Other speaker names, mapped without code: roles: {user: [customer]}.")
+    max_samples: int | None = _f(
+        None, "Use at most this many samples of this source, drawn at random (seeded by data.seed).", min=1
+    )
+    fraction: float | None = _f(
+        None, "Use this share of the source's samples, drawn at random (seeded by data.seed).", min=0.0, max=1.0
+    )
+    repeats: int = _f(1, "Each used sample appears this many times per epoch (upsampling a small source).", min=1)
+    prompt_style: Literal["plain", "short_answer", "multiple_choice"] = _f(
+        "plain",
+        "plain: questions as written; short_answer: LLaVA-1.5's VQA prompt, every human turn gets "
+        "'\\nAnswer the question using a single word or phrase.'; multiple_choice: "
+        "'\\nAnswer with the option's letter from the given choices directly.'",
+    )
 
 
 @dataclass
 class DataConfig:
     train: list[DataSource] = _req("Training mixture: one or more sources.", min_items=1)
     eval: list[DataSource] = _f(list, "Evaluation sources (exact-match accuracy after training).")
+    eval_split: int | float | None = _f(
+        None,
+        "Carve an eval set out of the training mixture: a fraction (0.05) or a number of samples (200); "
+        "seeded, no sample in both.",
+    )
+    seed: int | None = _f(None, "Seed of source sampling (fraction, max_samples) and eval_split (default: train.seed).")
     max_length: int = _f(2048, "Longest sample in tokens, counted after image-token expansion.", min=8)
+    overlength: Literal["bad_sample", "drop", "truncate_turns"] = _f(
+        "bad_sample",
+        "A sample over max_length: bad_sample (on_bad_sample decides), drop (leave it out, listed in "
+        "rejected.jsonl), truncate_turns (drop whole later exchanges; never inside image tokens; dropped if the "
+        "first exchange alone is too long).",
+    )
     on_bad_sample: Literal["error", "skip"] = _f(
         "error",
         "error: list every bad sample and stop before any model work; "
@@ -142,6 +194,11 @@ class TrainConfig:
     logging_steps: int = _f(10, "Log loss every N optimizer steps.", min=1)
     save_steps: int | None = _f(None, "Write a resumable checkpoint every N optimizer steps.", min=1)
     dataloader_workers: int = _f(0, "Worker processes preparing batches.", min=0)
+    group_by_length: bool = _f(
+        True,
+        "Batch samples of similar length together, image and text-only samples apart (LLaVA's modality-length "
+        "grouping, seeded); cuts padding.",
+    )
     report_to: Literal["none", "wandb"] = _f("none", "Where metrics go besides the console and metrics.jsonl.")
     wandb_project: str | None = _f(
         None, "wandb project (report_to: wandb). WANDB_MODE=offline works without an account."

@@ -2,12 +2,17 @@
 
 Usage::
 
-    report = prepare_data(recipe, encoder)      # UserError listing every bad sample (on_bad_sample=error)
-    print(report.summary())
-    report.train, report.eval                    # good samples, ready for EncodedDataset
+    report = prepare_data(recipe, encoder)       # UserError listing every bad sample (on_bad_sample=error)
+    print(report.summary())                      # sources, mixture, lengths + histogram, over-length, warnings
+    report.train, report.eval                    # samples ready for EncodedDataset (train: repeats included)
+
+    report = prepare_data(recipe, encoder, enforce=False)   # collect everything, raise nothing ...
+    enforce_policy(report, recipe.data, run_dir)             # ... then apply on_bad_sample (what `check` does)
 
 With ``on_bad_sample: skip`` the bad samples are left out, written to ``<output_dir>/rejected.jsonl``
 with their reasons, and counted in the summary; more than ``max_bad_fraction`` bad aborts the run.
+Samples over ``max_length`` follow ``data.overlength``: bad samples (default), dropped, or cut by
+whole turns; dropped ones are listed in ``rejected.jsonl`` too.
 """
 
 from __future__ import annotations
@@ -18,8 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_llava.config.schema import DataSource, Recipe
+from lora_llava.data.budget import fit_sample, histogram
 from lora_llava.data.encode import Encoder
-from lora_llava.data.formats import BadSample, Sample, read_source
+from lora_llava.data.formats import BadSample, Sample, open_source
+from lora_llava.data.mixture import (
+    MixtureRow,
+    carve_eval_split,
+    eval_split_size,
+    finish_rows,
+    format_mixture,
+    select_indices,
+)
 from lora_llava.errors import UserError
 
 MAX_LISTED = 200
@@ -33,6 +47,20 @@ class SourceStats:
     bad: int
     tokens: int = 0
     supervised: int = 0
+    format: str = ""
+    records: int = 0
+    used: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+@dataclass
+class OverLength:
+    """How many samples are over max_length, and what each policy would do with them."""
+
+    samples: int = 0
+    truncatable: int = 0  # truncate_turns would shorten these ...
+    untruncatable: int = 0  # ... and drop these (the first exchange alone is too long)
 
 
 @dataclass
@@ -40,87 +68,170 @@ class DataReport:
     train: list[Sample] = field(default_factory=list)
     eval: list[Sample] = field(default_factory=list)
     lengths: dict[int, int] = field(default_factory=dict)  # id(sample) -> tokens
+    supervised: dict[int, int] = field(default_factory=dict)  # id(sample) -> answer tokens
     bad: list[BadSample] = field(default_factory=list)
+    dropped: list[BadSample] = field(default_factory=list)  # over max_length, left out by data.overlength
     stats: list[SourceStats] = field(default_factory=list)
+    mixture: list[MixtureRow] = field(default_factory=list)
+    full_lengths: list[int] = field(default_factory=list)  # every readable sample, before the length policy
+    over: OverLength = field(default_factory=OverLength)
+    warnings: list[str] = field(default_factory=list)
+    eval_split: int = 0
     max_length: int = 0
+    overlength: str = "bad_sample"
+    seed: int = 0
+    total: int = 0  # samples read (good + bad), for max_bad_fraction
+
+    def length_of(self, sample: Sample) -> int:
+        return self.lengths[id(sample)]
 
     def summary(self) -> str:
         lines = [f"{'split':<6} {'samples':>8} {'bad':>5} {'tokens':>9} {'answer tokens':>14}  source"]
         for s in self.stats:
             lines.append(f"{s.split:<6} {s.samples:>8} {s.bad:>5} {s.tokens:>9} {s.supervised:>14}  {s.path}")
-        lens = sorted(self.lengths.values())
+        lens = sorted(self.lengths[id(s)] for s in {id(s): s for s in self.train + self.eval}.values())
         if lens:
             lines.append(
                 f"lengths (tokens, after image expansion): min {lens[0]}, median {lens[len(lens) // 2]}, "
                 f"max {lens[-1]}; data.max_length {self.max_length}"
             )
+        if self.mixture:
+            lines.append(format_mixture(self.mixture, self.seed))
+        if self.eval_split:
+            lines.append(f"eval split: {self.eval_split} samples carved from the training mixture (seed {self.seed})")
+        if self.full_lengths:
+            lines.append(f"length histogram ({len(self.full_lengths)} readable samples, before data.overlength):")
+            lines.append(histogram(self.full_lengths, self.max_length))
+        lines.append(self.overlength_line())
+        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
+    def overlength_line(self) -> str:
+        o = self.over
+        if not o.samples:
+            return f"over data.max_length={self.max_length}: none"
+        return (
+            f"over data.max_length={self.max_length}: {o.samples} sample(s); overlength=bad_sample: {o.samples} bad, "
+            f"drop: {o.samples} dropped, truncate_turns: {o.truncatable} shortened + {o.untruncatable} dropped "
+            f"(first exchange too long); using {self.overlength}"
+        )
 
-def _read(split: str, sources: list[DataSource], encoder: Encoder, max_length: int, report: DataReport) -> list[Sample]:
-    good: list[Sample] = []
+
+def _read(
+    split: str, sources: list[DataSource], encoder: Encoder, recipe: Recipe, report: DataReport
+) -> list[tuple[DataSource, SourceStats, list[Sample]]]:
+    """Read, budget and count every source of ``split``; returns (source, stats, good unique samples)."""
+    d = recipe.data
+    out = []
     for src in sources:
-        samples, bad = read_source(src)
-        st = SourceStats(split, src.path, 0, len(bad))
-        for s in samples:
+        reader = open_source(src)
+        indices = select_indices(len(reader), src, report.seed)
+        read = reader.read(indices)
+        st = SourceStats(split, src.path, 0, len(read.bad), format=reader.format, records=len(reader))
+        st.used = len(indices)
+        bad, good = list(read.bad), []
+        for s in read.samples:
             try:
-                ids, labels = encoder.tokens(s, _sizes(s))
+                fit = fit_sample(encoder, s, d.max_length, d.overlength)
             except ValueError as e:
                 bad.append(BadSample(s.source, s.index, s.id, str(e), s.line))
-                st.bad += 1
                 continue
-            n_sup = sum(1 for x in labels if x != -100)
-            if not n_sup:
-                reason = "no answer tokens to learn from"
-            elif len(ids) > max_length:
-                reason = f"{len(ids)} tokens after image expansion, over data.max_length={max_length}"
-            else:
-                reason = None
-            if reason:
-                bad.append(BadSample(s.source, s.index, s.id, reason, s.line))
-                st.bad += 1
+            report.full_lengths.append(fit.full_length)
+            if fit.full_length > d.max_length:
+                report.over.samples += 1
+                if fit.action == "truncated" or (d.overlength != "truncate_turns" and _truncatable(encoder, s, d)):
+                    report.over.truncatable += 1
+                else:
+                    report.over.untruncatable += 1
+            if fit.sample is None:
+                reason = f"{fit.full_length} tokens after image expansion, over data.max_length={d.max_length}"
+                if d.overlength == "bad_sample":
+                    bad.append(BadSample(s.source, s.index, s.id, reason, s.line))
+                else:
+                    why = "first exchange alone is too long" if d.overlength == "truncate_turns" else "dropped"
+                    report.dropped.append(BadSample(s.source, s.index, s.id, f"{reason}; {why}", s.line))
+                    st.dropped += 1
                 continue
-            report.lengths[id(s)] = len(ids)
+            if fit.action == "truncated":
+                st.truncated += 1
+            report.lengths[id(fit.sample)] = fit.length
+            report.supervised[id(fit.sample)] = fit.supervised
             st.samples += 1
-            st.tokens += len(ids)
-            st.supervised += n_sup
-            good.append(s)
+            st.tokens += fit.length
+            st.supervised += fit.supervised
+            good.append(fit.sample)
+        st.bad = len(bad)
+        report.total += len(read.samples) + len(read.bad)
         report.bad.extend(bad)
+        report.warnings.extend(read.warnings)
         report.stats.append(st)
-    return good
+        out.append((src, st, good))
+    return out
 
 
-def _sizes(sample: Sample) -> list[tuple[int, int]]:
-    from lora_llava.data.images import image_size
+def _truncatable(encoder: Encoder, sample: Sample, d) -> bool:
+    """Whether truncate_turns would keep part of ``sample`` (for the what-if counts)."""
+    return fit_sample(encoder, sample, d.max_length, "truncate_turns").action == "truncated"
 
-    return [image_size(p) for p in sample.images]
 
-
-def prepare_data(recipe: Recipe, encoder: Encoder, run_dir: str | os.PathLike | None = None) -> DataReport:
+def prepare_data(
+    recipe: Recipe, encoder: Encoder, run_dir: str | os.PathLike | None = None, enforce: bool = True
+) -> DataReport:
+    """Read every source, apply the mixture and length policy; with ``enforce``, apply on_bad_sample too."""
     d = recipe.data
-    report = DataReport(max_length=d.max_length)
-    report.train = _read("train", d.train, encoder, d.max_length, report)
-    report.eval = _read("eval", d.eval, encoder, d.max_length, report)
-    total = len(report.train) + len(report.eval) + len(report.bad)
-    if report.bad:
-        listing = "\n  ".join(b.describe() for b in report.bad[:MAX_LISTED])
-        more = f"\n  ... and {len(report.bad) - MAX_LISTED} more" if len(report.bad) > MAX_LISTED else ""
-        if d.on_bad_sample == "error":
-            raise UserError(
-                f"{len(report.bad)} bad sample(s) of {total}:\n  {listing}{more}",
-                hint="fix them, or set data.on_bad_sample=skip to leave them out (they are then listed in rejected.jsonl)",
+    seed = d.seed if d.seed is not None else recipe.train.seed
+    report = DataReport(max_length=d.max_length, overlength=d.overlength, seed=seed)
+    train_parts = _read("train", d.train, encoder, recipe, report)
+    eval_parts = _read("eval", d.eval, encoder, recipe, report)
+    pools = [good for _, _, good in train_parts]
+    k = eval_split_size(d.eval_split, sum(len(p) for p in pools))
+    if k and k >= sum(len(p) for p in pools):
+        raise UserError(
+            f"data.eval_split={d.eval_split} would take all {sum(len(p) for p in pools)} usable training samples",
+            hint="lower data.eval_split",
+        )
+    pools, carved = carve_eval_split(pools, k, seed)
+    report.eval_split = len(carved)
+    report.eval = [s for _, _, good in eval_parts for s in good] + carved
+    for (src, st, _), pool in zip(train_parts, pools):
+        report.train.extend(pool * src.repeats)
+        report.mixture.append(
+            MixtureRow(
+                src.path,
+                st.format,
+                st.records,
+                st.used,
+                src.repeats,
+                len(pool) * src.repeats,
+                sum(report.supervised[id(s)] for s in pool) * src.repeats,
             )
-        frac = len(report.bad) / max(total, 1)
-        if run_dir is not None:
-            write_rejected(report.bad, Path(run_dir) / "rejected.jsonl")
-        if frac > d.max_bad_fraction:
-            raise UserError(
-                f"{len(report.bad)} of {total} samples are bad ({frac:.1%}), over data.max_bad_fraction="
-                f"{d.max_bad_fraction}:\n  {listing}{more}"
-            )
+        )
+    finish_rows(report.mixture)
+    if enforce:
+        enforce_policy(report, d, run_dir)
+    return report
+
+
+def enforce_policy(report: DataReport, d, run_dir: str | os.PathLike | None, max_listed: int | None = MAX_LISTED):
+    """Apply ``data.on_bad_sample``: raise UserError listing bad samples, or write rejected.jsonl (skip)."""
+    listed = report.bad if max_listed is None else report.bad[:max_listed]
+    listing = "\n  ".join(b.describe() for b in listed)
+    more = f"\n  ... and {len(report.bad) - len(listed)} more" if len(report.bad) > len(listed) else ""
+    if report.bad and d.on_bad_sample == "error":
+        raise UserError(
+            f"{len(report.bad)} bad sample(s) of {report.total}:\n  {listing}{more}",
+            hint="fix them, or set data.on_bad_sample=skip to leave them out (they are then listed in rejected.jsonl)",
+        )
+    if run_dir is not None and (report.bad or report.dropped):
+        write_rejected(report.bad + report.dropped, Path(run_dir) / "rejected.jsonl")
+    frac = len(report.bad) / max(report.total, 1)
+    if report.bad and frac > d.max_bad_fraction:
+        raise UserError(
+            f"{len(report.bad)} of {report.total} samples are bad ({frac:.1%}), over data.max_bad_fraction="
+            f"{d.max_bad_fraction}:\n  {listing}{more}"
+        )
     if not report.train:
         raise UserError("no usable training samples", hint="check data.train paths and the bad-sample list above")
-    return report
 
 
 def write_rejected(bad: list[BadSample], path: Path) -> None:

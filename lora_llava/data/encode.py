@@ -60,9 +60,13 @@ class Encoder:
         text, spans = self.fmt.render(messages)
         return tokenize_with_labels(self.tokenizer, text, spans, self.stop_id)
 
+    def image_sizes(self, sample: Sample) -> list[tuple[int, int]]:
+        """(width, height) of each of the sample's images, from their headers only."""
+        return [image_size(p) for p in sample.images]
+
     def length(self, sample: Sample) -> int:
         """Exact token count after image expansion (reads image headers only)."""
-        ids, labels = self.tokens(sample, [image_size(p) for p in sample.images])
+        ids, labels = self.tokens(sample, self.image_sizes(sample))
         if all(x == -100 for x in labels):
             raise ValueError("no answer tokens to learn from")
         return len(ids)

@@ -4,6 +4,7 @@ Usage::
 
     path = resolve_image_path("cats/1.jpg", image_folder="data/images")   # confined to the folder
     img = load_image(path)                                                # RGB PIL image
+    img = load_image(embedded)          # or any object with .read_bytes() and .name (an image stored in a dataset)
 
 Rules, the same every time:
 - the path is relative to the image folder and may not leave it (no absolute paths, ``..``,
@@ -17,8 +18,10 @@ Rules, the same every time:
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from PIL import Image, ImageOps
 
@@ -30,6 +33,26 @@ BACKGROUND = (255, 255, 255)
 
 class ImageError(ValueError):
     """A sample's image cannot be used; the message says why."""
+
+
+@runtime_checkable
+class EmbeddedImage(Protocol):
+    """An image whose encoded bytes live inside a dataset (a `datasets` row), read on demand."""
+
+    name: str
+
+    def read_bytes(self) -> bytes: ...
+
+
+ImageRef = Path | EmbeddedImage  # what a Sample holds per image
+
+
+def _open(src: str | os.PathLike | EmbeddedImage) -> tuple[int, object]:
+    """(size in bytes, something Image.open reads) for a file path or an embedded image."""
+    if isinstance(src, (str, os.PathLike)):
+        return Path(src).stat().st_size, Path(src)
+    data = src.read_bytes()
+    return len(data), io.BytesIO(data)
 
 
 def resolve_image_path(name: str, image_folder: str | os.PathLike | None) -> Path:
@@ -68,14 +91,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open ``path`` and return an RGB image, or raise ImageError naming the problem."""
-    path = Path(path)
-    size = path.stat().st_size
+def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
+    """Open ``src`` (a path or an embedded image) and return an RGB image, or raise ImageError naming the problem."""
+    try:
+        size, handle = _open(src)
+    except (OSError, ValueError, TypeError) as e:
+        raise ImageError(f"image cannot be read ({type(e).__name__}: {e})") from None
     if size > MAX_FILE_BYTES:
         raise ImageError(f"image file is {size} bytes, over the {MAX_FILE_BYTES}-byte cap")
     try:
-        with Image.open(path) as img:
+        with Image.open(handle) as img:
             if img.format not in ALLOWED_FORMATS:
                 raise ImageError(f"image format {img.format} is not allowed ({', '.join(sorted(ALLOWED_FORMATS))})")
             w, h = img.size
@@ -94,9 +119,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
+def image_size(src: str | os.PathLike | EmbeddedImage) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
-    with Image.open(path) as img:
+    with Image.open(_open(src)[1]) as img:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

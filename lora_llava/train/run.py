@@ -61,14 +61,17 @@ def backbone_for(recipe: Recipe, log=print):
     return spec
 
 
-def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print):
-    """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights)."""
+def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print, enforce: bool = True):
+    """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights).
+
+    ``enforce=False`` returns the report without applying data.on_bad_sample (see ``enforce_policy``).
+    """
     spec = backbone_for(recipe, log)
     processor = load_processor(spec.local_path())
     apply_max_tiles(None, processor, recipe.images.max_tiles)
     fmt = format_for(spec.chat_format, processor.tokenizer)
     encoder = Encoder(processor, fmt, recipe.data.max_length)
-    report = prepare_data(recipe, encoder, run_dir)
+    report = prepare_data(recipe, encoder, run_dir, enforce=enforce)
     return spec, processor, encoder, report
 
 
@@ -170,6 +173,27 @@ def _training_args(recipe: Recipe, run_dir: Path):
     )
 
 
+def _trainer_class(recipe: Recipe, report):
+    """transformers' Trainer, or (train.group_by_length) one whose training sampler groups by length and modality."""
+    from transformers import Trainer
+
+    from lora_llava.data.sampler import ModalityLengthGroupedSampler
+
+    if not recipe.train.group_by_length:
+        return Trainer
+    lengths = [report.length_of(s) for s in report.train]
+    has_image = [bool(s.images) for s in report.train]
+
+    class LengthGroupedTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            n = len(train_dataset if train_dataset is not None else self.train_dataset)
+            if n != len(lengths):
+                raise RuntimeError(f"length-grouped sampler built for {len(lengths)} samples, dataset has {n}")
+            return ModalityLengthGroupedSampler(lengths, has_image, self._train_batch_size, self.args.seed)
+
+    return LengthGroupedTrainer
+
+
 def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: dict) -> Path:
     """Write the adapter artifact atomically to ``run_dir/adapter``."""
     from safetensors.torch import save_file
@@ -211,7 +235,7 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
 
 
 def train(recipe: Recipe, log=print) -> dict:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     run_dir = Path(recipe.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +243,11 @@ def train(recipe: Recipe, log=print) -> dict:
     t0 = time.time()
     spec, processor, encoder, report = prepare_run(recipe, run_dir, log)
     log(report.summary())
-    if report.bad:
-        log(f"skipped {len(report.bad)} bad sample(s); listed in {run_dir / 'rejected.jsonl'}")
+    if report.bad or report.dropped:
+        left_out = len(report.bad) + len(report.dropped)
+        log(f"left out {left_out} sample(s) ({len(report.bad)} bad); listed in {run_dir / 'rejected.jsonl'}")
+    if recipe.train.group_by_length:
+        log(f"batches grouped by length, image and text-only apart (seed {recipe.train.seed})")
 
     set_seed(recipe.train.seed)
     model, _ = load_base(spec, recipe.quantization, max_tiles=recipe.images.max_tiles)
@@ -236,7 +263,7 @@ def train(recipe: Recipe, log=print) -> dict:
         # stage align on a 4-bit LM: only 16-bit parts train (checked by check_policy above), which
         # transformers' "no training of purely quantized models" guard cannot tell apart
         model._hf_peft_config_loaded = True
-    trainer = Trainer(
+    trainer = _trainer_class(recipe, report)(
         model=model,
         args=_training_args(recipe, run_dir),
         train_dataset=EncodedDataset(report.train, encoder),

@@ -1,0 +1,200 @@
+"""One record (a mapping) -> ``(id, messages, images)``, or ``ValueError`` naming what is wrong with it.
+
+Usage::
+
+    spec = RecordSpec.for_source(DataSource(path="x.json"), "llava")
+    sid, messages, images = parse_record(record, spec, image_folder="images", check_images=True)
+
+A record holds a list of turns (``conversations``; ``messages`` in format messages). A turn names
+its speaker under ``from`` (else ``role``) and holds its text under ``value`` (else ``content``);
+``columns`` and ``roles`` in the recipe map other names. Text is a string, or a list of content
+items ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` (TRL/OpenAI style); each image item
+becomes an ``<image>`` placeholder at the start of its turn, texts are joined as they are, which is
+how the chat template saved with every adapter renders such content.
+
+The ``<image>`` rule: a sample with N images needs N placeholders in its human turns, or none at
+all, in which case they are put at the start of the first human turn. A single image's placeholder
+is moved to the start of the first human turn (LLaVA-1.5's "image first"). A placeholder without
+an image, or in an answer, is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_llava.config.schema import DataSource
+from lora_llava.data.formats.sample import IMAGE
+from lora_llava.data.images import EmbeddedImage, ImageError, ImageRef, load_image, resolve_image_path
+from lora_llava.errors import UserError
+
+BUILTIN_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMATS = ("llava", "sharegpt", "messages")
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """Where a format (and the recipe's ``columns``/``roles``) finds each part of a record."""
+
+    format: str  # llava | sharegpt | messages
+    id_key: str
+    conversations_key: str
+    image_key: str | None  # None: text-only (sharegpt)
+    role_key: str | None  # None: from, else role
+    text_key: str | None  # None: value, else content
+    roles: dict[str, str]
+
+    @classmethod
+    def for_source(cls, src: DataSource, fmt: str) -> RecordSpec:
+        c = src.columns
+        if fmt == "sharegpt" and c.image is not None:
+            raise UserError(
+                f"data source {src.path!r}: columns.image is set but format sharegpt is text-only",
+                hint="use format: llava (or messages) for samples with images",
+            )
+        roles = dict(BUILTIN_ROLES)
+        for role in ("user", "assistant", "system"):
+            for name in getattr(src.roles, role):
+                roles[name] = role
+        default_conv, default_image = ("messages", "images") if fmt == "messages" else ("conversations", "image")
+        return cls(
+            format=fmt,
+            id_key=c.id or "id",
+            conversations_key=c.conversations or default_conv,
+            image_key=None if fmt == "sharegpt" else c.image or default_image,
+            role_key=c.role,
+            text_key=c.text,
+            roles=roles,
+        )
+
+    def turn_keys(self, turn: dict) -> tuple[str, str]:
+        """The (speaker, text) keys of one turn: the mapped ones, else from/value or role/content."""
+        first, second = (
+            (("role", "content"), ("from", "value"))
+            if self.format == "messages"
+            else (
+                ("from", "value"),
+                ("role", "content"),
+            )
+        )
+        role = self.role_key or (
+            second[0] if turn.get(first[0]) is None and turn.get(second[0]) is not None else first[0]
+        )
+        text = self.text_key or (
+            second[1] if turn.get(first[1]) is None and turn.get(second[1]) is not None else first[1]
+        )
+        return role, text
+
+
+def _content_text(content: Any, t: int, key: str) -> str:
+    """A turn's text: a string as is; a content list as '<image>\\n' per image item, then its texts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"turn {t}: {key!r} must be a string or a list of content items, got {type(content).__name__}")
+    images, texts = 0, []
+    for k, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "image":
+            images += 1
+        elif kind == "text":
+            if not isinstance(item.get("text"), str):
+                raise ValueError(f"turn {t}: content item {k} of type text needs a string 'text'")
+            texts.append(item["text"])
+        else:
+            raise ValueError(f"turn {t}: content item {k} has type {kind!r}; expected 'text' or 'image'")
+    return (IMAGE + "\n") * images + "".join(texts)
+
+
+def _messages(rec: dict, spec: RecordSpec) -> list[tuple[str, str]]:
+    key = spec.conversations_key
+    conv = rec.get(key)
+    if conv is None:
+        raise ValueError(f"missing field {key!r}")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{key!r} is empty or not a list")
+    messages: list[tuple[str, str]] = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {t} must be an object, got {type(turn).__name__}")
+        role_key, text_key = spec.turn_keys(turn)
+        if turn.get(role_key) is None or text_key not in turn or turn[text_key] is None:
+            raise ValueError(f"turn {t} needs {role_key!r} and {text_key!r}")
+        speaker = turn[role_key]
+        role = spec.roles.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise ValueError(
+                f"turn {t}: unknown speaker {speaker!r} (human, gpt, system; map others with data.*.roles)"
+            )
+        if isinstance(turn[text_key], list):
+            messages.append((role, _content_text(turn[text_key], t, text_key)))
+        elif not isinstance(turn[text_key], str):
+            raise ValueError(f"turn {t}: {text_key!r} must be a string, got {type(turn[text_key]).__name__}")
+        else:
+            messages.append((role, turn[text_key]))
+    body = messages[1:] if messages[0][0] == "system" else messages
+    if any(r == "system" for r, _ in body):
+        raise ValueError("a system turn may only come first")
+    for t, (role, _) in enumerate(body):
+        if role != ("user" if t % 2 == 0 else "assistant"):
+            raise ValueError(
+                f"wrong role order at turn {t + len(messages) - len(body)}: turns must alternate human, gpt, ..."
+            )
+    if not body or body[-1][0] != "assistant":
+        raise ValueError("no answer to learn: the conversation must end with a gpt turn")
+    if any(not v.strip() for r, v in body if r == "assistant"):
+        raise ValueError("an answer is empty: nothing to learn")
+    return messages
+
+
+def _image_values(rec: dict, spec: RecordSpec) -> list:
+    if spec.image_key is None:
+        found = [k for k in ("image", "images") if rec.get(k) not in (None, [])]
+        if found:
+            raise ValueError(f"has {found[0]!r} but format sharegpt is text-only; use format llava or messages")
+        return []
+    value = rec.get(spec.image_key)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (str, EmbeddedImage)) for v in values):
+        raise ValueError(f"{spec.image_key!r} must be a path or a list of paths")
+    return values
+
+
+def parse_record(
+    rec: object, spec: RecordSpec, image_folder: str | None, check_images: bool
+) -> tuple[str | None, list[tuple[str, str]], list[ImageRef]]:
+    """Validate one record; return (id, messages, images) or raise ValueError with the reason."""
+    if isinstance(rec, ValueError):
+        raise rec
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object, got {type(rec).__name__}")
+    sid = rec.get(spec.id_key)
+    sid = None if sid is None else str(sid)
+    messages = _messages(rec, spec)
+    values = _image_values(rec, spec)
+    placeholders = sum(v.count(IMAGE) for r, v in messages if r != "assistant")
+    if any(IMAGE in v for r, v in messages if r == "assistant"):
+        raise ValueError(f"{IMAGE} in an answer")
+    if placeholders and placeholders != len(values):
+        what = "no image" if not values else f"{len(values)} image(s)"
+        raise ValueError(f"{placeholders} {IMAGE} placeholder(s) but {what}")
+    images: list[ImageRef] = []
+    for v in values:
+        try:
+            ref = v if isinstance(v, EmbeddedImage) else resolve_image_path(v, image_folder)
+        except ImageError as e:
+            raise ValueError(str(e)) from None
+        if check_images:
+            try:
+                load_image(ref)
+            except ImageError as e:
+                raise ValueError(f"image {v if isinstance(v, str) else v.name!r}: {e}") from None
+        images.append(ref)
+    if images:
+        if len(images) == 1:  # image first: move the single placeholder to the start
+            messages = [(r, v.replace(IMAGE, "").strip()) if IMAGE in v else (r, v) for r, v in messages]
+        if len(images) == 1 or placeholders == 0:
+            first = next(i for i, (r, _) in enumerate(messages) if r == "user")
+            role, text = messages[first]
+            messages[first] = (role, (IMAGE + "\n") * len(images) + text)
+    return sid, messages, images

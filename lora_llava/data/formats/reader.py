@@ -1,0 +1,100 @@
+"""Open a data source, decide its format, and read the records asked for into Samples and BadSamples.
+
+Usage::
+
+    reader = open_source(DataSource(path="train.jsonl", image_folder="images"))
+    len(reader), reader.format           # number of records; "llava" | "sharegpt" | "messages"
+    read = reader.read()                 # every record (or reader.read([0, 7, 9]))
+    read.samples, read.bad, read.warnings
+    samples, bad = read_source(src)      # shorthand: everything (limit=N: the first N records)
+
+``format: auto`` reads records holding ``messages`` (or ``images``) and no ``conversations`` as
+format messages, everything else as llava. The source's ``prompt_style`` is applied to every sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from lora_llava.config.schema import DataSource
+from lora_llava.data.formats.conversation import RecordSpec, parse_record
+from lora_llava.data.formats.sample import BadSample, Sample
+from lora_llava.data.formats.storage import open_storage
+from lora_llava.data.prompts import apply_prompt_style
+
+_SNIFF = 20  # records looked at to decide format auto
+
+
+@dataclass
+class SourceRead:
+    samples: list[Sample] = field(default_factory=list)
+    bad: list[BadSample] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class SourceReader:
+    def __init__(self, src: DataSource, check_images: bool = True) -> None:
+        self.src = src
+        self.check_images = check_images
+        self.storage = open_storage(src)
+        self.format = src.format if src.format != "auto" else self._detect()
+        self.spec = RecordSpec.for_source(src, self.format)
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+    def _detect(self) -> str:
+        c = self.src.columns
+        for _, _, rec in self.storage.records(range(min(_SNIFF, len(self.storage)))):
+            if isinstance(rec, dict):
+                if c.conversations is None:
+                    return "messages" if "messages" in rec and "conversations" not in rec else "llava"
+                return "messages" if c.image is None and "images" in rec and "image" not in rec else "llava"
+        return "llava"
+
+    def read(self, indices: Iterable[int] | None = None) -> SourceRead:
+        out = SourceRead()
+        source = str(self.src.path)
+        indices = range(len(self.storage)) if indices is None else indices
+        counts: Counter[str] = Counter()
+        for index, line, rec in self.storage.records(indices):
+            sid = rec.get(self.spec.id_key) if isinstance(rec, dict) else None
+            sid = None if sid is None else str(sid)
+            try:
+                sid, messages, images = parse_record(rec, self.spec, self.src.image_folder, self.check_images)
+            except ValueError as e:
+                out.bad.append(BadSample(source, index, sid, str(e), line))
+                continue
+            if sid is not None:
+                counts[sid] += 1
+            messages = apply_prompt_style(messages, self.src.prompt_style)
+            out.samples.append(Sample(source, index, sid if sid is not None else str(index), messages, images, line))
+        dups = sorted(k for k, v in counts.items() if v > 1)
+        if dups:
+            out.warnings.append(
+                f"{source}: {len(dups)} duplicate id(s) ({sum(counts[d] for d in dups)} samples), "
+                f"e.g. {', '.join(dups[:3])}"
+            )
+        return out
+
+
+def open_source(src: DataSource, check_images: bool = True) -> SourceReader:
+    """A reader of ``src``; raises UserError when the file itself is unusable (missing, not JSON, ...)."""
+    return SourceReader(src, check_images)
+
+
+def read_source(
+    src: DataSource, check_images: bool = True, limit: int | None = None
+) -> tuple[list[Sample], list[BadSample]]:
+    """Read ``src`` (its first ``limit`` records, or all); duplicate ids are warned with ``warnings.warn``."""
+    reader = open_source(src, check_images)
+    read = reader.read(range(min(limit, len(reader))) if limit is not None else None)
+    for w in read.warnings:
+        warnings.warn(w, stacklevel=2)
+    return read.samples, read.bad
+
+
+__all__ = ["SourceRead", "SourceReader", "open_source", "read_source"]

@@ -1,0 +1,51 @@
+"""The one conversation type every format is read into, and the record of a bad sample.
+
+Usage::
+
+    s = Sample(source="train.json", index=0, id="1", messages=[("user", "<image>\\nQ"), ("assistant", "A")],
+               images=[Path("images/1.jpg")])
+    s.where()                   # 'train.json sample 0 (id 1)'
+    BadSample("train.jsonl", 3, "x", "broken JSON line (...)", line=4).describe()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lora_llava.data.images import ImageRef
+
+IMAGE = "<image>"  # the placeholder of one image in a user turn
+
+
+@dataclass
+class Sample:
+    source: str
+    index: int
+    id: str
+    messages: list[tuple[str, str]]  # (role, text); role in system | user | assistant
+    images: list[ImageRef] = field(default_factory=list)  # one per <image> placeholder, in order
+    line: int | None = None
+
+    def where(self) -> str:
+        return where(self.source, self.index, self.id, self.line)
+
+
+@dataclass
+class BadSample:
+    source: str
+    index: int
+    id: str | None
+    reason: str
+    line: int | None = None
+
+    def describe(self) -> str:
+        return f"{where(self.source, self.index, self.id, self.line)}: {self.reason}"
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "index": self.index, "id": self.id, "line": self.line, "reason": self.reason}
+
+
+def where(source: str, index: int, id: str | None, line: int | None) -> str:
+    """``train.jsonl line 4 (id x)`` for line-based files, ``train.json sample 3 (id x)`` otherwise."""
+    loc = f"line {line}" if line is not None else f"sample {index}"
+    return f"{source} {loc}" + (f" (id {id})" if id is not None else "")

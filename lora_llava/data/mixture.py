@@ -1,0 +1,91 @@
+"""Mixtures: which records of each source are used, how often, and the eval split carved from them.
+
+Usage::
+
+    indices = select_indices(len(reader), src, seed=42)    # all, or a seeded draw (fraction / max_samples)
+    train, carved = carve_eval_split(pools, eval_split=0.05, seed=42)   # pools: per source, good samples
+    rows = mixture_rows(sources, train_per_source, supervised)          # the table ``check`` prints
+
+Every draw is seeded: the same recipe (and data) gives the same samples on every machine. A
+source's draw depends on the seed and its path only, so adding a source leaves the others' draws
+unchanged. The eval split is drawn from the unique training samples before ``repeats``, so no
+training sample (or repeat of one) is in the split.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from lora_llava.config.schema import DataSource
+from lora_llava.data.formats import Sample
+
+
+def select_indices(n: int, src: DataSource, seed: int) -> list[int]:
+    """Record indices of ``src`` to read: all of them, or a seeded draw of ``fraction`` / ``max_samples``."""
+    k = n
+    if src.fraction is not None:
+        k = max(1, round(src.fraction * n)) if n else 0
+    if src.max_samples is not None:
+        k = min(k, src.max_samples)
+    if k >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}:{src.path}").sample(range(n), k))
+
+
+def eval_split_size(eval_split: int | float | None, pool: int) -> int:
+    """How many samples ``data.eval_split`` carves from ``pool`` unique training samples."""
+    if eval_split is None or pool == 0:
+        return 0
+    if isinstance(eval_split, float):
+        return max(1, round(eval_split * pool))
+    return eval_split
+
+
+def carve_eval_split(pools: list[list[Sample]], k: int, seed: int) -> tuple[list[list[Sample]], list[Sample]]:
+    """Take ``k`` samples (seeded) out of the pooled sources; return (remaining per source, carved)."""
+    flat = [(i, j) for i, pool in enumerate(pools) for j in range(len(pool))]
+    chosen = set(random.Random(f"{seed}:eval_split").sample(range(len(flat)), k)) if k else set()
+    keep: list[list[Sample]] = [[] for _ in pools]
+    carved: list[Sample] = []
+    for n, (i, j) in enumerate(flat):
+        (carved if n in chosen else keep[i]).append(pools[i][j])
+    return keep, carved
+
+
+@dataclass
+class MixtureRow:
+    source: str
+    format: str
+    records: int  # records in the source
+    used: int  # records drawn (fraction / max_samples)
+    repeats: int
+    samples: int  # training samples from this source, repeats included
+    supervised: int  # answer tokens of those samples, repeats included
+    sample_share: float = 0.0
+    token_share: float = 0.0
+
+
+def finish_rows(rows: list[MixtureRow]) -> list[MixtureRow]:
+    """Fill in each row's share of the training samples and of the answer (supervised) tokens."""
+    samples = sum(r.samples for r in rows) or 1
+    tokens = sum(r.supervised for r in rows) or 1
+    for r in rows:
+        r.sample_share = r.samples / samples
+        r.token_share = r.supervised / tokens
+    return rows
+
+
+def format_mixture(rows: list[MixtureRow], seed: int) -> str:
+    width = max([len(r.source) for r in rows] + [6])
+    head = (
+        f"  {'source':<{width}}  {'format':<8} {'records':>8} {'used':>7} {'repeats':>7} {'samples':>8} "
+        f"{'share':>6} {'answer-token share':>18}"
+    )
+    lines = [f"mixture (seed {seed}): {sum(r.samples for r in rows)} training samples", head]
+    for r in rows:
+        lines.append(
+            f"  {r.source:<{width}}  {r.format:<8} {r.records:>8} {r.used:>7} {r.repeats:>7} {r.samples:>8} "
+            f"{r.sample_share:>6.1%} {r.token_share:>18.1%}"
+        )
+    return "\n".join(lines)
