@@ -103,6 +103,10 @@ def load_base(
     """Load the backbone; 4-bit LM when ``quantized`` (default: ``q.load_in_4bit``)."""
     _quiet_transformers()
     path = spec.local_path()
+    if spec.builtin and not torch.cuda.is_available():
+        # the built-ins' 64-wide matmuls gain nothing from threads, and spinning OpenMP threads
+        # slow them down many times over when the CPUs are shared
+        torch.set_num_threads(1)
     quantized = q.load_in_4bit if quantized is None else quantized
     dtype = dtype or DTYPES[q.compute_dtype]
     kwargs: dict = {"dtype": dtype}
