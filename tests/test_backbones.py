@@ -303,3 +303,28 @@ def test_every_registered_backbone_has_a_known_family_and_chat_format():
     assert resolve_backbone("llava-hf/llava-v1.6-mistral-7b-hf").chat_format == "mistral_instruct"
     assert resolve_backbone("llava-hf/llava-v1.6-34b-hf").chat_format == "chatml"
     assert resolve_backbone("llava-v1.6-vicuna-13b").model_class().__name__ == "LlavaNextForConditionalGeneration"
+
+
+def test_unregistered_hub_id_is_read_from_its_config(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    repo = {"config.json": json.dumps({"model_type": "llava_next"}),
+            "chat_template.jinja": "{{ '[INST] ' }}{{ ' [/INST]' }}"}
+
+    def fake_download(repo_id, filename, **kw):
+        assert repo_id == "someone/my-llava-next"
+        if filename not in repo:
+            raise FileNotFoundError(filename)
+        (tmp_path / filename).write_text(repo[filename])
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    spec = resolve_backbone("someone/my-llava-next")
+    assert (spec.family, spec.chat_format, spec.source) == ("llava_next", "mistral_instruct", "someone/my-llava-next")
+    assert "chat format mistral_instruct (from its chat template)" in spec.inferred
+    repo["config.json"] = json.dumps({"model_type": "qwen2"})
+    with pytest.raises(UserError, match="model_type 'qwen2' is not a LLaVA model"):
+        resolve_backbone("someone/my-llava-next")
+    del repo["config.json"]
+    with pytest.raises(UserError, match="its config.json could not be read from the Hub"):
+        resolve_backbone("someone/my-llava-next")

@@ -172,6 +172,8 @@ def resolve_backbone(name: str) -> BackboneSpec:
     path = Path(name)
     if path.is_dir():
         return _local_spec(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(("runs/", "./", "../")):
+        return _hub_spec(name)
     import difflib
 
     close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
@@ -198,36 +200,59 @@ def _local_spec(path: Path) -> BackboneSpec:
     """A spec for a local LLaVA / LLaVA-NeXT checkpoint, or for a stage-1 run directory (its model/)."""
     if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         path = path / "model"
-    cfg = path / "config.json"
-    if not cfg.is_file():
+    if not (path / "config.json").is_file():
         raise UserError(
             f"backbone {str(path)!r}: directory has no config.json",
             hint="point at a saved LLaVA checkpoint, a merged model or a stage-1 run directory",
         )
-    model_type = json.loads(cfg.read_text()).get("model_type")
+
+    def read(filename: str) -> str | None:
+        f = path / filename
+        return f.read_text() if f.is_file() else None
+
+    return _spec_from_files(str(path), read, "local")
+
+
+def _hub_spec(repo_id: str) -> BackboneSpec:
+    """A spec for an unregistered Hub id, from its config and chat template (Hub cache or network)."""
+    from huggingface_hub import hf_hub_download
+
+    def read(filename: str) -> str | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename)).read_text()
+        except Exception:  # missing file, offline, gated, unknown repo: all mean "not available"
+            return None
+
+    if read("config.json") is None:
+        raise UserError(
+            f"unknown backbone {repo_id!r}: not registered, and its config.json could not be read from the Hub "
+            "(offline, private or misspelt?)",
+            hint="list registered backbones with: lora-llava recipes --backbones; or give a local directory",
+        )
+    return _spec_from_files(repo_id, read, "Hub")
+
+
+def _spec_from_files(source: str, read, where: str) -> BackboneSpec:
+    model_type = json.loads(read("config.json")).get("model_type")
     family = next((f for f, t in _MODEL_TYPES.items() if t == model_type), None)
     if family is None:
         raise UserError(
-            f"backbone {str(path)!r}: model_type {model_type!r} is not a LLaVA model",
+            f"backbone {source!r}: model_type {model_type!r} is not a LLaVA model",
             hint=f"supported: {', '.join(sorted(_MODEL_TYPES.values()))}; to build one from a vision encoder and "
             "a causal LM use backbone: assemble",
         )
-    meta = path / "lora_llava.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("chat_format"):
-        fmt, how = json.loads(meta.read_text())["chat_format"], "lora_llava.json"
+    meta = read("lora_llava.json")
+    if meta and json.loads(meta).get("chat_format"):
+        fmt, how = json.loads(meta)["chat_format"], "lora_llava.json"
     else:
-        template = None
-        for f in ("chat_template.jinja", "chat_template.json"):
-            if (path / f).is_file():
-                template = (path / f).read_text()
-                break
+        template = read("chat_template.jinja") or read("chat_template.json")
         fmt, how = infer_chat_format(template), "its chat template"
     return BackboneSpec(
-        name=str(path),
-        source=str(path),
+        name=source,
+        source=source,
         family=family,
         chat_format=fmt,
-        description=f"local {model_type} checkpoint",
+        description=f"{where} {model_type} checkpoint",
         inferred=f"{model_type}: roles vision_tower=model.vision_tower, projector=model.multi_modal_projector, "
         f"language_model=model.language_model, lm_head=lm_head; chat format {fmt} (from {how})",
     )
