@@ -17,8 +17,6 @@ loads it with no missing or unexpected weights, which the verification checks.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.load import load_recipe
 from lora_llava.errors import UserError
+from lora_llava.fsutil import atomic_dir
 from lora_llava.model.load import (
     ADAPTER_META,
     DTYPES,
@@ -128,9 +127,7 @@ def merge(
     dtype_name = dtype or recipe.merge.dtype
     merged = merged.to(DTYPES[dtype_name])
     merged.config.use_cache = True
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         info = {
@@ -145,12 +142,6 @@ def merge(
             "base": base_mode,
         }
         (tmp / ADAPTER_META).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     del merged
     log(f"merged {adapter_dir} into {out} ({dtype_name}, base: {base_mode}) in {time.time() - t0:.1f}s")
     parity = verify(adapter_dir, out, spec, recipe, verify_samples)

@@ -23,8 +23,6 @@ What happens:
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 
 from lora_llava.config.schema import AssembleConfig
 from lora_llava.errors import UserError
+from lora_llava.fsutil import atomic_dir
 
 PARTS = ("tiny-clip", "tiny-qwen2")
 
@@ -141,9 +140,7 @@ def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torc
         num_additional_image_tokens=extra_tokens,
         chat_template=format_for(fmt_name, tokenizer).jinja,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         meta = {
@@ -153,12 +150,6 @@ def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torc
             "added_tokens": added,
         }
         (tmp / "lora_llava.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(
         f"assembled {cfg.vision_encoder} + {cfg.language_model} ({cfg.projector}, chat format {fmt_name}, "
         f"added tokens {added or 'none'}) into {out}"
