@@ -9,8 +9,10 @@ Usage::
 Rules, the same every time:
 - the path is relative to the image folder and may not leave it (no absolute paths, ``..``,
   URLs, or symlinks pointing outside);
-- formats: JPEG, PNG, WebP, GIF, BMP, TIFF; files over ``MAX_FILE_BYTES`` and images over
-  ``MAX_PIXELS`` pixels (decompression bombs) are rejected, and the limit is never disabled;
+- formats: JPEG, PNG, WebP, GIF, BMP, TIFF; files over ``MAX_FILE_BYTES``, images over
+  ``MAX_PIXELS`` pixels (decompression bombs; the limit is never disabled) and images more than
+  ``MAX_ASPECT`` times longer than wide (a processor resizing the short side would explode) are
+  rejected; a file any decoder fails on is rejected with the decoder's message;
 - EXIF orientation is applied; animated images use their first frame;
 - every mode becomes RGB: transparency is flattened onto white, palette, CMYK, grayscale and
   16-bit images are converted.
@@ -28,6 +30,8 @@ from PIL import Image, ImageOps
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_ASPECT = 100  # longest side / shortest side
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 BACKGROUND = (255, 255, 255)
 
 
@@ -106,16 +110,24 @@ def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image is {w}x{h} pixels, over the {MAX_PIXELS}-pixel limit")
+            if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+                raise ImageError(
+                    f"image is {w}x{h} pixels, more than {MAX_ASPECT} times longer than wide "
+                    "(resizing its short side would take unbounded memory)"
+                )
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            if img.getexif().get(_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return img if img.mode == "RGB" else _to_rgb(img)  # loaded: usable after the file is closed
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"image rejected as a decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # a malformed file can make any decoder fail in its own way
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -123,7 +135,7 @@ def image_size(src: str | os.PathLike | EmbeddedImage) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
     with Image.open(_open(src)[1]) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        orientation = img.getexif().get(_ORIENTATION, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
