@@ -127,11 +127,16 @@ def _messages(rec: dict, spec: RecordSpec) -> list[tuple[str, str]]:
                 f"turn {t}: unknown speaker {speaker!r} (human, gpt, system; map others with data.*.roles)"
             )
         if isinstance(turn[text_key], list):
-            messages.append((role, _content_text(turn[text_key], t, text_key)))
+            text = _content_text(turn[text_key], t, text_key)
         elif not isinstance(turn[text_key], str):
             raise ValueError(f"turn {t}: {text_key!r} must be a string, got {type(turn[text_key]).__name__}")
         else:
-            messages.append((role, turn[text_key]))
+            text = turn[text_key]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON escapes can hold lone surrogates, which no tokenizer takes
+            raise ValueError(f"turn {t}: text is not valid Unicode ({e.reason} at character {e.start})") from None
+        messages.append((role, text))
     body = messages[1:] if messages[0][0] == "system" else messages
     if any(r == "system" for r, _ in body):
         raise ValueError("a system turn may only come first")

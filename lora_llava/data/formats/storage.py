@@ -26,6 +26,7 @@ from lora_llava.errors import UserError
 
 Record = tuple[int, int | None, object]  # (index, line or None, record dict | ValueError)
 _BATCH = 256
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write; skipped
 
 
 class JsonStorage:
@@ -36,6 +37,7 @@ class JsonStorage:
     def __init__(self, path: Path, lines: bool) -> None:
         self.path = path
         raw = path.read_bytes()
+        raw = raw[3:] if raw.startswith(_BOM) else raw
         if lines:
             self.kind = "jsonl"
             self._records = list(_jsonl(raw))
@@ -222,6 +224,11 @@ def _open_dataset(src: DataSource, path: Path):
 def open_storage(src: DataSource) -> JsonStorage | DatasetsStorage:
     """The storage of ``src.path`` by its kind: folder or .parquet -> datasets, .json/.jsonl -> JSON."""
     path = Path(src.path)
+    if src.image_folder is not None and not Path(src.image_folder).is_dir():
+        raise UserError(
+            f"image folder {src.image_folder!r} of data source {src.path!r} is not a folder",
+            hint="check data.*.image_folder (relative paths start at the current directory)",
+        )
     if not path.exists():
         raise UserError(
             f"data file {str(path)!r} not found",

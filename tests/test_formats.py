@@ -1,0 +1,329 @@
+"""Every data format read from real files written here: LLaVA-Instruct lists of images, TRL/OpenAI
+``messages`` in JSON/JSONL, parquet and ``datasets`` folders (images as bytes or paths), ShareGPT
+text-only conversations, column and speaker mapping without code, and bad samples named in each.
+
+Usage: ``python -m pytest -q tests/test_formats.py``
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_llava.config import load_recipe
+from lora_llava.config.schema import Columns, DataSource, RoleNames
+from lora_llava.data.formats import open_source, read_source
+from lora_llava.data.formats.storage import DatasetImage
+from lora_llava.data.images import load_image
+from lora_llava.errors import UserError
+
+RED, BLUE = (220, 30, 30), (30, 60, 220)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """tmp_path with images/red.png (64x64) and images/blue.png (48x40)."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), RED).save(tmp_path / "images" / "red.png")
+    Image.new("RGB", (48, 40), BLUE).save(tmp_path / "images" / "blue.png")
+    return tmp_path
+
+
+def png_bytes(color, size=(20, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def user(*items) -> dict:
+    return {"role": "user", "content": list(items)}
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+IMG = {"type": "image"}
+
+
+# ------------------------------------------------------------------------------------------------ llava
+
+
+def test_llava_jsonl_with_a_list_of_images(root):
+    records = [
+        {  # placeholders where the text puts them: they stay there, images in order
+            "id": "two",
+            "image": ["red.png", "blue.png"],
+            "conversations": [
+                {"from": "human", "value": "First <image> then <image>: which is red?"},
+                {"from": "gpt", "value": "The first."},
+            ],
+        },
+        {  # no placeholders: one per image at the start of the first human turn
+            "id": "none",
+            "image": ["blue.png", "red.png"],
+            "conversations": [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Blue, red."}],
+        },
+    ]
+    path = write_jsonl(root / "multi.jsonl", records)
+    reader = open_source(DataSource(path=str(path), image_folder=str(root / "images")))
+    assert reader.format == "llava" and len(reader) == 2
+    read = reader.read()
+    assert read.bad == [] and read.warnings == []
+    two, none = read.samples
+    assert two.messages == [("user", "First <image> then <image>: which is red?"), ("assistant", "The first.")]
+    assert [p.name for p in two.images] == ["red.png", "blue.png"] and two.line == 1
+    assert none.messages[0] == ("user", "<image>\n<image>\nCompare.")
+    assert [p.name for p in none.images] == ["blue.png", "red.png"] and none.line == 2
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+MESSAGES = [
+    {
+        "id": "m0",
+        "messages": [
+            {"role": "system", "content": [text("Be brief.")]},
+            user(IMG, text("What color is it?")),
+            {"role": "assistant", "content": [text("Red")]},
+            {"role": "user", "content": "Sure?"},  # plain string content works too
+            {"role": "assistant", "content": "Yes."},
+        ],
+        "images": ["red.png"],
+    },
+    {"id": "m1", "messages": [user(text("Hi")), {"role": "assistant", "content": [text("Hello")]}], "images": []},
+]
+EXPECTED_M0 = [
+    ("system", "Be brief."),
+    ("user", "<image>\nWhat color is it?"),
+    ("assistant", "Red"),
+    ("user", "Sure?"),
+    ("assistant", "Yes."),
+]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_messages_format_from_json_and_jsonl(root, kind):
+    path = root / f"m.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(MESSAGES))
+    else:
+        write_jsonl(path, MESSAGES)
+    reader = open_source(DataSource(path=str(path), image_folder=str(root / "images")))
+    assert reader.format == "messages"  # auto: records hold `messages`
+    read = reader.read()
+    assert read.bad == []
+    m0, m1 = read.samples
+    assert m0.messages == EXPECTED_M0 and [p.name for p in m0.images] == ["red.png"]
+    assert m1.messages == [("user", "Hi"), ("assistant", "Hello")] and m1.images == []
+    assert (m0.line, m1.line) == ((1, 2) if kind == "jsonl" else (None, None))
+
+
+def _hf_rows(images: list) -> dict:
+    return {
+        "id": ["a", "b", "c"],
+        "messages": [
+            [user(IMG, text("Color?")), {"role": "assistant", "content": [text("Red")]}],
+            [user(text("Left or right?"), IMG, IMG), {"role": "assistant", "content": [text("Left")]}],
+            [user(text("Hi")), {"role": "assistant", "content": [text("Hello")]}],
+        ],
+        "images": images,
+    }
+
+
+def _check_embedded(samples):
+    a, b, c = samples
+    assert a.messages == [("user", "<image>\nColor?"), ("assistant", "Red")]
+    assert b.messages == [("user", "<image>\n<image>\nLeft or right?"), ("assistant", "Left")]  # images first
+    assert c.messages == [("user", "Hi"), ("assistant", "Hello")] and c.images == []
+    assert all(isinstance(im, DatasetImage) for im in a.images + b.images)
+    assert [im.name for im in b.images] == ["row 1 images[0]", "row 1 images[1]"]
+    assert load_image(a.images[0]).getpixel((0, 0)) == RED
+    assert [load_image(im).getpixel((3, 3)) for im in b.images] == [BLUE, RED]
+
+
+def test_messages_parquet_with_images_stored_in_the_rows(root):
+    from datasets import Dataset
+
+    rows = _hf_rows([[Image.new("RGB", (20, 10), RED)], [Image.new("RGB", (8, 8), BLUE), png_bytes(RED)], []])
+    rows["images"][1][1] = Image.open(io.BytesIO(rows["images"][1][1]))
+    Dataset.from_dict(rows).to_parquet(str(root / "vqa.parquet"))
+    reader = open_source(DataSource(path=str(root / "vqa.parquet")))
+    assert reader.format == "messages" and reader.storage.kind == "datasets" and len(reader) == 3
+    read = reader.read()
+    assert read.bad == []
+    assert [s.id for s in read.samples] == ["a", "b", "c"] and [s.index for s in read.samples] == [0, 1, 2]
+    _check_embedded(read.samples)
+
+
+def test_datasets_folder_dataset_and_datasetdict(root):
+    from datasets import Dataset, DatasetDict
+
+    rows = _hf_rows([[png_bytes(RED)], [png_bytes(BLUE, (8, 8)), png_bytes(RED)], []])
+    ds = Dataset.from_dict(rows)  # images as raw bytes (a binary column)
+    ds.save_to_disk(str(root / "one"))
+    _check_embedded(read_source(DataSource(path=str(root / "one")))[0])
+
+    DatasetDict({"train": ds, "test": ds.select([2])}).save_to_disk(str(root / "dict"))
+    assert len(open_source(DataSource(path=str(root / "dict")))) == 3  # train by default
+    (only,), _ = read_source(DataSource(path=str(root / "dict"), split="test"))
+    assert only.messages == [("user", "Hi"), ("assistant", "Hello")]
+    with pytest.raises(UserError, match=r"holds splits train, test, not 'dev'"):
+        open_source(DataSource(path=str(root / "dict"), split="dev"))
+    with pytest.raises(UserError, match="holds one Dataset; data.\\*.split applies to a DatasetDict"):
+        open_source(DataSource(path=str(root / "one"), split="train"))
+
+
+def test_datasets_images_given_as_paths_stay_confined(root):
+    from datasets import Dataset
+
+    Image.new("RGB", (8, 8)).save(root / "outside.png")
+    rows = {
+        "messages": [[user(IMG, text("Q")), {"role": "assistant", "content": [text("A")]}]] * 2,
+        "images": [["red.png"], ["../outside.png"]],
+    }
+    Dataset.from_dict(rows).to_parquet(str(root / "paths.parquet"))
+    good, bad = read_source(DataSource(path=str(root / "paths.parquet"), image_folder=str(root / "images")))
+    assert [p.name for p in good[0].images] == ["red.png"]
+    assert [(b.index, b.id) for b in bad] == [(1, None)]
+    assert (
+        bad[0].describe() == f"{root / 'paths.parquet'} sample 1: image '../outside.png' leaves the image folder ('..')"
+    )
+
+
+# --------------------------------------------------------------------------------------------- sharegpt
+
+
+def test_sharegpt_text_only_both_turn_styles(root):
+    records = [
+        {"id": "fv", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "rc", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        {
+            "id": "img",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+        },
+        {"id": "ph", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+    ]
+    path = write_jsonl(root / "chat.jsonl", records)
+    good, bad = read_source(DataSource(path=str(path), format="sharegpt", image_folder=str(root / "images")))
+    assert [(s.id, s.messages, s.images) for s in good] == [
+        ("fv", [("user", "Hi"), ("assistant", "Hello")], []),
+        ("rc", [("user", "Hi"), ("assistant", "Yo")], []),
+    ]
+    assert [(b.id, b.line, b.reason) for b in bad] == [
+        ("img", 3, "has 'image' but format sharegpt is text-only; use format llava or messages"),
+        ("ph", 4, "1 <image> placeholder(s) but no image"),
+    ]
+    with pytest.raises(UserError, match="columns.image is set but format sharegpt is text-only"):
+        open_source(DataSource(path=str(path), format="sharegpt", columns=Columns(image="img")))
+
+
+# -------------------------------------------------------------------------------------- column mapping
+
+
+def test_columns_and_roles_map_other_names_without_code(root):
+    records = [
+        {
+            "qid": 7,
+            "img_path": "blue.png",
+            "dialog": [
+                {"speaker": "customer", "text": "Which color?"},
+                {"speaker": "agent", "text": "Blue."},
+                {"speaker": "client", "text": "Thanks"},
+                {"speaker": "agent", "text": "Welcome."},
+            ],
+        }
+    ]
+    path = write_jsonl(root / "custom.jsonl", records)
+    src = {
+        "path": str(path),
+        "image_folder": str(root / "images"),
+        "columns": {"id": "qid", "conversations": "dialog", "image": "img_path", "role": "speaker", "text": "text"},
+        "roles": {"user": ["customer", "client"], "assistant": ["agent"]},
+    }
+    recipe = load_recipe({"backbone": "tiny", "output_dir": "x", "data": {"train": [src]}})  # a recipe says it all
+    (sample,), bad = read_source(recipe.data.train[0])
+    assert bad == []
+    assert sample.id == "7" and [p.name for p in sample.images] == ["blue.png"]
+    assert sample.messages == [
+        ("user", "<image>\nWhich color?"),
+        ("assistant", "Blue."),
+        ("user", "Thanks"),
+        ("assistant", "Welcome."),
+    ]
+    unmapped = DataSource(
+        path=str(path), image_folder=str(root / "images"), columns=recipe.data.train[0].columns, roles=RoleNames()
+    )
+    _, (b,) = read_source(unmapped)
+    assert b.reason == "turn 0: unknown speaker 'customer' (human, gpt, system; map others with data.*.roles)"
+
+
+# ----------------------------------------------------------------------------------------- bad samples
+
+
+def test_bad_samples_in_the_new_formats_name_sample_and_reason(root):
+    from datasets import Dataset
+
+    rows = {
+        "id": ["ok", "video", "corrupt", "nomsg"],
+        "messages": [
+            [user(IMG, text("Q")), {"role": "assistant", "content": [text("A")]}],
+            [user({"type": "video", "text": None}, text("Q")), {"role": "assistant", "content": [text("A")]}],
+            [user(IMG, text("Q")), {"role": "assistant", "content": [text("A")]}],
+            None,
+        ],
+        "images": [[png_bytes(RED)], [], [b"\x89PNG\r\n\x1a\nnot really"], []],
+    }
+    Dataset.from_dict(rows).to_parquet(str(root / "bad.parquet"))
+    good, bad = read_source(DataSource(path=str(root / "bad.parquet")))
+    assert [s.id for s in good] == ["ok"]
+    where = str(root / "bad.parquet")
+    described = [b.describe() for b in bad]
+    assert (
+        described[0]
+        == f"{where} sample 1 (id video): turn 0: content item 0 has type 'video'; expected 'text' or 'image'"
+    )
+    assert described[1].startswith(f"{where} sample 2 (id corrupt): image 'row 2 images[0]': not a readable image (")
+    assert described[2] == f"{where} sample 3 (id nomsg): missing field 'messages'"
+
+    lines = [json.dumps(MESSAGES[1]), '{"id": "cut", "messages": [', json.dumps({**MESSAGES[1], "id": "x"})]
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    good, bad = read_source(DataSource(path=str(root / "m.jsonl")))
+    assert [s.id for s in good] == ["m1", "x"]
+    assert bad[0].describe().startswith(f"{root / 'm.jsonl'} line 2: broken JSON line (")
+
+
+def test_text_that_is_not_unicode_and_a_byte_order_mark(root):
+    raw = '[{"id": "s", "conversations": [{"from": "human", "value": "bad \\udc80"}, {"from": "gpt", "value": "A"}]},'
+    raw += ' {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]'
+    (root / "bom.json").write_bytes(b"\xef\xbb\xbf" + raw.encode())
+    good, bad = read_source(DataSource(path=str(root / "bom.json")))
+    assert [s.id for s in good] == ["t"]
+    assert bad[0].reason == "turn 0: text is not valid Unicode (surrogates not allowed at character 4)"
+
+
+def test_unusable_sources_are_user_errors(root):
+    (root / "folder").mkdir()
+    with pytest.raises(UserError, match="is not a datasets save_to_disk folder"):
+        open_source(DataSource(path=str(root / "folder")))
+    (root / "x.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="is not a readable parquet file"):
+        open_source(DataSource(path=str(root / "x.parquet")))
+    (root / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="cannot tell its kind from the extension '.txt'"):
+        open_source(DataSource(path=str(root / "notes.txt")))
+    write_jsonl(root / "data.lines", MESSAGES)  # another extension: JSONL told by its first character
+    assert len(open_source(DataSource(path=str(root / "data.lines")))) == 2
+    with pytest.raises(UserError, match="image folder .*nope.* is not a folder"):
+        open_source(DataSource(path=str(root / "data.lines"), image_folder=str(root / "nope")))
