@@ -80,7 +80,7 @@ def histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 3
     over = sum(n > max_length for n in lengths)
     rows = [(f"{lo}-{hi}", c) for (lo, hi), c in zip(edges, counts)] + [(f">{max_length}", over)]
     top = max([c for _, c in rows] + [1])
-    label = max(len(r) for r, _ in rows)
+    label = max([len(r) for r, _ in rows] + [len("tokens")])
     lines = [f"  {'tokens':<{label}}  {'samples':>8}"]
     for r, c in rows:
         bar = "#" * (round(c / top * width) if c else 0)

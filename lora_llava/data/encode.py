@@ -54,6 +54,10 @@ class Encoder:
         return [self._counts[tuple(s)] for s in sizes]
 
     def expand(self, messages: list[tuple[str, str]], counts: list[int]) -> list[tuple[str, str]]:
+        """``messages`` with the k-th ``<image>`` replaced by ``counts[k]`` image tokens."""
+        found = sum(text.count(IMAGE) for _, text in messages)
+        if found != len(counts):
+            raise ValueError(f"{found} {IMAGE} placeholder(s) for {len(counts)} image(s)")
         out, k = [], 0
         for role, text in messages:
             pieces = text.split(IMAGE)
@@ -62,8 +66,6 @@ class Encoder:
                 buf += self.image_token * counts[k] + piece
                 k += 1
             out.append((role, buf))
-        if k != len(counts):
-            raise ValueError(f"{k} {IMAGE} placeholder(s) for {len(counts)} image(s)")
         return out
 
     # -- training -----------------------------------------------------------------------------
