@@ -327,3 +327,38 @@ def test_unusable_sources_are_user_errors(root):
     assert len(open_source(DataSource(path=str(root / "data.lines")))) == 2
     with pytest.raises(UserError, match="image folder .*nope.* is not a folder"):
         open_source(DataSource(path=str(root / "data.lines"), image_folder=str(root / "nope")))
+
+
+# ----------------------------------------------------------------------- bad LLaVA data nobody planned for
+
+GOOD_TURNS = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+ODD_CASES = {
+    "nul-in-path": ({"image": "a\x00.png"}, "image 'a\\x00.png' holds a NUL character"),
+    "symlink-loop": ({"image": "loop1.png"}, "image 'loop1.png' in '<F>' cannot be opened ("),
+    "thin": ({"image": "thin.png"}, "image is 1x500 pixels, more than 100 times longer than wide"),
+    "zero-bytes": ({"image": "zero.png"}, "image 'zero.png': not a readable image (UnidentifiedImageError"),
+    "directory": ({"image": "dir.png"}, "image 'dir.png' is not a file"),
+    "turn-is-text": ({"conversations": ["human: hi", "gpt: yo"]}, "turn 0 must be an object, got str"),
+    "speaker-is-list": ({"conversations": [{"from": ["human"], "value": "Q"}]}, "turn 0: unknown speaker ['human']"),
+    "nested-image-list": ({"image": [["ok.png"]]}, "'image' must be a path or a list of paths"),
+    "name-too-long": ({"image": "x" * 5000 + ".png"}, "'" + "x" * 75 + "...' in '<F>' cannot be opened ("),
+    "system-only": ({"conversations": [{"from": "system", "value": "S"}]}, "no answer to learn"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_CASES))
+def test_odd_bad_samples_get_a_reason_not_a_traceback(root, case):
+    import os
+
+    folder = root / "images"
+    Image.new("RGB", (1, 500)).save(folder / "thin.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "dir.png").mkdir()
+    os.symlink("loop2.png", folder / "loop1.png")
+    os.symlink("loop1.png", folder / "loop2.png")
+    fields, reason = ODD_CASES[case]
+    record = {"id": case, "image": "red.png", "conversations": GOOD_TURNS, **fields}
+    (root / "one.json").write_text(json.dumps([record]))
+    good, (bad,) = read_source(DataSource(path=str(root / "one.json"), image_folder=str(folder)))
+    assert good == [] and bad.id == case
+    assert reason.replace("<F>", str(folder)) in bad.reason, bad.reason

@@ -136,6 +136,9 @@ def _read(
             except ValueError as e:
                 bad.append(BadSample(s.source, s.index, s.id, str(e), s.line))
                 continue
+            except Exception as e:  # e.g. a tokenizer failing on some text: reported like any bad sample
+                bad.append(BadSample(s.source, s.index, s.id, f"cannot be tokenized ({type(e).__name__}: {e})", s.line))
+                continue
             report.full_lengths.append(fit.full_length)
             if fit.full_length > d.max_length:
                 report.over.samples += 1
@@ -162,7 +165,7 @@ def _read(
             good.append(fit.sample)
         st.bad = len(bad)
         report.total += len(read.samples) + len(read.bad)
-        report.bad.extend(bad)
+        report.bad.extend(sorted(bad, key=lambda b: b.index))
         report.warnings.extend(read.warnings)
         report.stats.append(st)
         out.append((src, st, good))

@@ -59,26 +59,38 @@ def _open(src: str | os.PathLike | EmbeddedImage) -> tuple[int, object]:
     return len(data), io.BytesIO(data)
 
 
+def quoted(name: str, limit: int = 80) -> str:
+    """``repr(name)``, shortened to ``limit`` characters for messages."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def resolve_image_path(name: str, image_folder: str | os.PathLike | None) -> Path:
     if not isinstance(name, str) or not name.strip():
         raise ImageError("image path is empty or not a string")
+    shown = quoted(name)
     if "://" in name:
-        raise ImageError(f"image {name!r} is a URL; download it into the image folder first")
+        raise ImageError(f"image {shown} is a URL; download it into the image folder first")
     rel = Path(name)
     if rel.is_absolute():
-        raise ImageError(f"image {name!r} is an absolute path; give it relative to image_folder")
+        raise ImageError(f"image {shown} is an absolute path; give it relative to image_folder")
     if ".." in rel.parts:
-        raise ImageError(f"image {name!r} leaves the image folder ('..')")
+        raise ImageError(f"image {shown} leaves the image folder ('..')")
+    if "\x00" in name:
+        raise ImageError(f"image {shown} holds a NUL character")
     folder = Path(image_folder) if image_folder else Path(".")
     path = folder / rel
     try:
         real = path.resolve(strict=True)
-    except (FileNotFoundError, OSError):
-        raise ImageError(f"image {name!r} not found in {str(folder)!r}") from None
+    except FileNotFoundError:
+        raise ImageError(f"image {shown} not found in {str(folder)!r}") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13), a name too long, ...
+        why = getattr(e, "strerror", None) or str(e)
+        raise ImageError(f"image {shown} in {str(folder)!r} cannot be opened ({why})") from None
     if not real.is_relative_to(folder.resolve()):
-        raise ImageError(f"image {name!r} is a link to {str(real)!r}, outside the image folder")
+        raise ImageError(f"image {shown} is a link to {str(real)!r}, outside the image folder")
     if not real.is_file():
-        raise ImageError(f"image {name!r} is not a file")
+        raise ImageError(f"image {shown} is not a file")
     return path
 
 

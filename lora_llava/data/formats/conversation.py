@@ -25,7 +25,7 @@ from typing import Any
 
 from lora_llava.config.schema import DataSource
 from lora_llava.data.formats.sample import IMAGE
-from lora_llava.data.images import EmbeddedImage, ImageError, ImageRef, load_image, resolve_image_path
+from lora_llava.data.images import EmbeddedImage, ImageError, ImageRef, load_image, quoted, resolve_image_path
 from lora_llava.errors import UserError
 
 BUILTIN_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -193,7 +193,7 @@ def parse_record(
             try:
                 load_image(ref)
             except ImageError as e:
-                raise ValueError(f"image {v if isinstance(v, str) else v.name!r}: {e}") from None
+                raise ValueError(f"image {quoted(v if isinstance(v, str) else v.name)}: {e}") from None
         images.append(ref)
     if images:
         if len(images) == 1:  # image first: move the single placeholder to the start

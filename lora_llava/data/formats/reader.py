@@ -68,6 +68,9 @@ class SourceReader:
             except ValueError as e:
                 out.bad.append(BadSample(source, index, sid, str(e), line))
                 continue
+            except Exception as e:  # data no rule foresaw still gets a line with its reason, never a traceback
+                out.bad.append(BadSample(source, index, sid, f"unreadable sample ({type(e).__name__}: {e})", line))
+                continue
             if sid is not None:
                 counts[sid] += 1
             messages = apply_prompt_style(messages, self.src.prompt_style)
