@@ -103,6 +103,8 @@ def _trainer(recipe, report, encoder, processor, tmp_path):
     )  # fmt: skip
     cls = _trainer_class(recipe, report)
     return cls(
+        spec=None,
+        recipe=recipe,
         model=torch.nn.Linear(1, 1),
         args=args,
         train_dataset=EncodedDataset(report.train, encoder),

@@ -192,7 +192,10 @@ class TrainConfig:
     seed: int = _f(42, "Seed for initialization, shuffling and dropout.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
     logging_steps: int = _f(10, "Log loss every N optimizer steps.", min=1)
-    save_steps: int | None = _f(None, "Write a resumable checkpoint every N optimizer steps.", min=1)
+    save_steps: int | None = _f(
+        None, "Write a resumable checkpoint (whole or absent) to <output_dir>/checkpoints every N steps.", min=1
+    )
+    resume: bool = _f(False, "Continue from the latest complete checkpoint in <output_dir>/checkpoints.")
     dataloader_workers: int = _f(0, "Worker processes preparing batches.", min=0)
     group_by_length: bool = _f(
         True,

@@ -250,6 +250,19 @@ def load_adapter_model(adapter_dir: str | os.PathLike, quantized: bool | None = 
     return model, load_processor(str(adapter_dir)), meta
 
 
+def save_trained_parts(model, spec: BackboneSpec, recipe: Recipe, out: Path) -> None:
+    """Write what training changed: LoRA (PEFT files), projector (+ image newline), vision tower if full."""
+    from safetensors.torch import save_file
+
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out, safe_serialization=True)
+    if recipe.projector.policy == "full":
+        save_file(connector_state(model, spec), out / PROJECTOR_FILE)
+    if recipe.vision_tower.policy == "full":
+        vt = get_module(model, spec.vision_tower)
+        save_file({k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}, out / VISION_FILE)
+
+
 def restore_trained_parts(model, spec: BackboneSpec, adapter_dir: Path) -> None:
     """Load the trained projector (+ image newline) and, when trained fully, the vision tower."""
     from safetensors.torch import load_file

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,19 +27,20 @@ from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import format_for
 from lora_llava.data.check import prepare_data
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder
+from lora_llava.errors import UserError
+from lora_llava.fsutil import atomic_dir
 from lora_llava.model.load import (
     ADAPTER_META,
-    PROJECTOR_FILE,
-    VISION_FILE,
     _newline,
     apply_max_tiles,
     attach_adapters,
-    connector_state,
     get_module,
     load_base,
     load_processor,
+    save_trained_parts,
 )
 from lora_llava.model.parts import check_policy, format_part_table
+from lora_llava.train.checkpoint import latest_checkpoint
 
 __all__ = ["train", "prepare_run"]
 
@@ -146,7 +145,7 @@ def _training_args(recipe: Recipe, run_dir: Path):
     if t.report_to == "wandb" and t.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / "checkpoints"),  # created only when a checkpoint is saved
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
@@ -174,10 +173,9 @@ def _training_args(recipe: Recipe, run_dir: Path):
 
 
 def _trainer_class(recipe: Recipe, report):
-    """transformers' Trainer, or (train.group_by_length) one whose training sampler groups by length and modality."""
-    from transformers import Trainer
-
+    """The checkpointing Trainer, or (train.group_by_length) one whose sampler groups by length and modality."""
     from lora_llava.data.sampler import ModalityLengthGroupedSampler
+    from lora_llava.train.checkpoint import CheckpointingTrainer as Trainer
 
     if not recipe.train.group_by_length:
         return Trainer
@@ -196,18 +194,9 @@ def _trainer_class(recipe: Recipe, report):
 
 def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: dict) -> Path:
     """Write the adapter artifact atomically to ``run_dir/adapter``."""
-    from safetensors.torch import save_file
-
     target = run_dir / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
-    try:
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp, safe_serialization=True)
-        if recipe.projector.policy == "full":
-            save_file(connector_state(model, spec), tmp / PROJECTOR_FILE)
-        if recipe.vision_tower.policy == "full":
-            vt = get_module(model, spec.vision_tower)
-            save_file({k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}, tmp / VISION_FILE)
+    with atomic_dir(target, replace=True) as tmp:
+        save_trained_parts(model, spec, recipe, tmp)
         processor.chat_template = format_for(spec.chat_format, processor.tokenizer).jinja
         processor.save_pretrained(tmp)
         save_recipe(recipe, tmp / "recipe.yaml")
@@ -223,14 +212,6 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
             **extra,
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-        old = run_dir / ".adapter-old"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -263,7 +244,16 @@ def train(recipe: Recipe, log=print) -> dict:
         # stage align on a 4-bit LM: only 16-bit parts train (checked by check_policy above), which
         # transformers' "no training of purely quantized models" guard cannot tell apart
         model._hf_peft_config_loaded = True
+    resume = None
+    if recipe.train.resume:
+        resume = latest_checkpoint(run_dir)
+        if resume is None:
+            raise UserError(f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}",
+                            hint="train once with train.save_steps set, or drop train.resume")
+        log(f"resuming from {resume}")
     trainer = _trainer_class(recipe, report)(
+        spec=spec,
+        recipe=recipe,
         model=model,
         args=_training_args(recipe, run_dir),
         train_dataset=EncodedDataset(report.train, encoder),
@@ -271,11 +261,11 @@ def train(recipe: Recipe, log=print) -> dict:
         optimizers=(optimizer, None),
         callbacks=_callbacks(metrics, stats),
     )
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if (run_dir / "checkpoints").is_dir() and not any((run_dir / "checkpoints").iterdir()):
+        (run_dir / "checkpoints").rmdir()  # the Trainer makes it up front; keep it only when it holds some
     loss = float(out.training_loss)
     if not math.isfinite(loss) or any(not math.isfinite(r.get("loss", 0.0)) for r in trainer.state.log_history):
-        from lora_llava.errors import UserError
-
         raise UserError(
             "training loss became NaN/inf; no adapter was written",
             hint="lower train.learning_rate, or use compute_dtype bfloat16/float32",

@@ -1,0 +1,65 @@
+"""Checkpoints are whole or absent, hold only the trained parts, and resuming gives the same result."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from lora_llava.train.checkpoint import latest_checkpoint
+from lora_llava.train.run import train
+
+QUIET = {"log": lambda *_: None}
+
+
+def _tensors(folder):
+    out = load_file(folder / "adapter_model.safetensors")
+    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
+    return out
+
+
+def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_path):
+    full = make_recipe(output_dir=str(tmp_path / "a"), train={"max_steps": 4, "save_steps": 2})
+    train(full, **QUIET)
+    ckpts = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no staging left
+    files = {p.name for p in (ckpts / "checkpoint-2").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "projector.safetensors", "optimizer.pt",
+            "scheduler.pt", "trainer_state.json"} <= files
+    assert not {"model.safetensors", "vision_tower.safetensors"} & files  # frozen base weights are not copied
+    assert latest_checkpoint(tmp_path / "a") == ckpts / "checkpoint-4"
+
+    # an interrupted run: checkpoint-2 survived, a later save died half-way (no trainer_state.json)
+    run_b = tmp_path / "b"
+    (run_b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts / "checkpoint-2", run_b / "checkpoints" / "checkpoint-2")
+    (run_b / "checkpoints" / "checkpoint-3").mkdir()
+    (run_b / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(run_b) == run_b / "checkpoints" / "checkpoint-2"
+
+    resumed = make_recipe(output_dir=str(run_b), train={"max_steps": 4, "save_steps": 2, "resume": True})
+    result = train(resumed, **QUIET)
+    assert result["steps"] == 4
+    a, b = _tensors(tmp_path / "a" / "adapter"), _tensors(run_b / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # and the resumed run really continued: its weights differ from checkpoint-2's
+    c2 = _tensors(ckpts / "checkpoint-2")
+    assert any(not torch.equal(c2[k], b[k]) for k in c2)
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(make_recipe, tmp_path):
+    import pytest
+
+    from lora_llava.errors import UserError
+
+    recipe = make_recipe(output_dir=str(tmp_path / "c"), train={"max_steps": 2, "resume": True})
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train(recipe, **QUIET)
+
+
+def test_no_checkpoint_folder_without_save_steps(make_recipe, tmp_path):
+    train(make_recipe(output_dir=str(tmp_path / "d"), train={"max_steps": 1}), **QUIET)
+    assert not (tmp_path / "d" / "checkpoints").exists()
