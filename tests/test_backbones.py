@@ -10,14 +10,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from lora_llava.backbones.registry import registered_backbones, resolve_backbone
-from lora_llava.config import load_recipe
 from lora_llava.config.schema import AssembleConfig, DataSource
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import read_source
 from lora_llava.errors import UserError
 from lora_llava.model.load import attach_adapters, load_base, load_processor
-from lora_llava.model.parts import check_policy, part_table
+from lora_llava.model.parts import check_policy
 
 
 def _image(path, w, h):
@@ -34,8 +33,16 @@ def aspect_data(tmp_path_factory):
     recs = []
     for i, (w, h) in enumerate(sizes):
         _image(root / f"{i}.png", w, h)
-        recs.append({"id": f"{w}x{h}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "Red"}]})
+        recs.append(
+            {
+                "id": f"{w}x{h}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the shape?"},
+                    {"from": "gpt", "value": "Red"},
+                ],
+            }
+        )
     (root / "d.json").write_text(json.dumps(recs))
     samples, bad = read_source(DataSource(path=str(root / "d.json"), image_folder=str(root)))
     assert not bad
@@ -67,8 +74,10 @@ def test_anyres_lengths_equal_what_the_model_consumes(aspect_data, max_tiles):
         assert enc.length(s) == len(item["input_ids"])  # header-only length == the encoded sample
         with torch.no_grad():
             feats = model.model.get_image_features(
-                pixel_values=item["pixel_values"], image_sizes=item["image_sizes"],
-                vision_feature_layer=-2, vision_feature_select_strategy="default",
+                pixel_values=item["pixel_values"],
+                image_sizes=item["image_sizes"],
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
             )
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         consumed = sum(f.shape[0] for f in feats)
@@ -114,10 +123,13 @@ def assembled(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("asm")
     return {
-        "mlp": assemble(AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2"), out / "mlp", log=print),
+        "mlp": assemble(
+            AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2"), out / "mlp", log=print
+        ),
         "linear": assemble(
             AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2", projector="linear"),
-            out / "linear", log=print,
+            out / "linear",
+            log=print,
         ),
     }
 
@@ -170,8 +182,10 @@ def test_assemble_reuses_same_config_and_refuses_a_different_one(assembled):
     from lora_llava.backbones.assemble import assemble
 
     before = (assembled["mlp"] / "model.safetensors").stat().st_mtime_ns
-    assert assemble(AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2"), assembled["mlp"]) \
+    assert (
+        assemble(AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2"), assembled["mlp"])
         == assembled["mlp"]
+    )
     assert (assembled["mlp"] / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="holds a different assembled model"):
         assemble(AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2", seed=5), assembled["mlp"])
@@ -250,9 +264,17 @@ def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path)
     )
     train(align, log=lambda *_: None)
     run = tmp_path / "align"
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == sorted([
-        "chat_template.jinja", "lora_llava.json", "processor_config.json", "projector.safetensors",
-        "recipe.yaml", "tokenizer.json", "tokenizer_config.json"])  # no LoRA: only the projector trained
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == sorted(
+        [
+            "chat_template.jinja",
+            "lora_llava.json",
+            "processor_config.json",
+            "projector.safetensors",
+            "recipe.yaml",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )  # no LoRA: only the projector trained
     assembled = LlavaForConditionalGeneration.from_pretrained(run / "assembled")
     aligned, info = LlavaForConditionalGeneration.from_pretrained(run / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -277,8 +299,9 @@ def test_merge_of_a_next_run_loads_with_its_class(make_recipe, tmp_path):
     from lora_llava.merge import merge
     from lora_llava.train.run import train
 
-    recipe = make_recipe(backbone="tiny-next", output_dir=str(tmp_path / "run"), images={"max_tiles": 2},
-                         train={"max_steps": 2})
+    recipe = make_recipe(
+        backbone="tiny-next", output_dir=str(tmp_path / "run"), images={"max_tiles": 2}, train={"max_steps": 2}
+    )
     train(recipe, log=lambda *_: None)
     report = merge(str(tmp_path / "run"), str(tmp_path / "merged"), log=lambda *_: None)
     assert AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["LlavaNextForConditionalGeneration"]
@@ -308,8 +331,10 @@ def test_every_registered_backbone_has_a_known_family_and_chat_format():
 def test_unregistered_hub_id_is_read_from_its_config(monkeypatch, tmp_path):
     import huggingface_hub
 
-    repo = {"config.json": json.dumps({"model_type": "llava_next"}),
-            "chat_template.jinja": "{{ '[INST] ' }}{{ ' [/INST]' }}"}
+    repo = {
+        "config.json": json.dumps({"model_type": "llava_next"}),
+        "chat_template.jinja": "{{ '[INST] ' }}{{ ' [/INST]' }}",
+    }
 
     def fake_download(repo_id, filename, **kw):
         assert repo_id == "someone/my-llava-next"

@@ -25,8 +25,14 @@ def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_pa
     ckpts = tmp_path / "a" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no staging left
     files = {p.name for p in (ckpts / "checkpoint-2").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "projector.safetensors", "optimizer.pt",
-            "scheduler.pt", "trainer_state.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "projector.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    } <= files
     assert not {"model.safetensors", "vision_tower.safetensors"} & files  # frozen base weights are not copied
     assert latest_checkpoint(tmp_path / "a") == ckpts / "checkpoint-4"
 

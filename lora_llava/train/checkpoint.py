@@ -29,7 +29,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the most steps, or None."""
     folder = Path(run_dir) / "checkpoints"
     done = [p for p in folder.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
 
 
 class CheckpointingTrainer(Trainer):

@@ -248,8 +248,10 @@ def train(recipe: Recipe, log=print) -> dict:
     if recipe.train.resume:
         resume = latest_checkpoint(run_dir)
         if resume is None:
-            raise UserError(f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}",
-                            hint="train once with train.save_steps set, or drop train.resume")
+            raise UserError(
+                f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}",
+                hint="train once with train.save_steps set, or drop train.resume",
+            )
         log(f"resuming from {resume}")
     trainer = _trainer_class(recipe, report)(
         spec=spec,
