@@ -4,6 +4,7 @@ Usage::
 
     python bench/data_throughput.py                                  # tiny backbone, 512 synthetic samples
     python bench/data_throughput.py --backbone tiny-next --samples 256 --workers 0 1 2
+    python bench/data_throughput.py --image-size 336 --patch-size 14   # LLaVA-1.5's 576 image tokens per image
 
 Both sides turn the same samples (the synthetic shapes task, one image each, 1 or 2 exchanges)
 into padded batches through a ``torch.utils.data.DataLoader`` with 0, 1 and 2 worker processes,
@@ -96,13 +97,19 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--image-size", type=int, help="resize/crop images to this size (LLaVA-1.5: 336)")
+    p.add_argument("--patch-size", type=int, help="vision patch size (LLaVA-1.5: 14); with --image-size")
     args = p.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     spec = resolve_backbone(args.backbone)
     processor = load_processor(spec.local_path())
+    if args.image_size:  # the tiny backbone's processor shaped like a bigger one: same code, more image tokens
+        processor.image_processor.size = {"shortest_edge": args.image_size}
+        processor.image_processor.crop_size = {"height": args.image_size, "width": args.image_size}
+        processor.patch_size = args.patch_size or processor.patch_size
     fmt = format_for(spec.chat_format, processor.tokenizer)
     encoder = Encoder(processor, fmt)
     with tempfile.TemporaryDirectory() as tmp:
