@@ -362,3 +362,33 @@ def test_odd_bad_samples_get_a_reason_not_a_traceback(root, case):
     good, (bad,) = read_source(DataSource(path=str(root / "one.json"), image_folder=str(folder)))
     assert good == [] and bad.id == case
     assert reason.replace("<F>", str(folder)) in bad.reason, bad.reason
+
+
+def test_llava_records_in_a_datasets_folder_and_embedded_images_pickle(root):
+    """LLaVA records stored with `datasets` (one Image per row, as LLaVA-OneVision-style sets ship);
+    images travel to DataLoader workers by pickling a reference, not the bytes of the whole set."""
+    import pickle
+
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
+
+    turns = [{"from": "human", "value": "What color?"}, {"from": "gpt", "value": "Red"}]
+    features = Features(
+        {
+            "id": Value("string"),
+            "image": HFImage(),
+            "conversations": List({"from": Value("string"), "value": Value("string")}),
+        }
+    )
+    rows = {"id": ["x", "y"], "image": [Image.new("RGB", (20, 10), RED), None], "conversations": [turns, turns]}
+    Dataset.from_dict(rows, features=features).save_to_disk(str(root / "llava_ds"))
+    reader = open_source(DataSource(path=str(root / "llava_ds")))
+    assert reader.format == "llava"
+    read = reader.read()
+    (x, y), bad = read.samples, read.bad
+    assert bad == [] and y.images == [] and y.messages == [("user", "What color?"), ("assistant", "Red")]
+    assert x.messages == [("user", "<image>\nWhat color?"), ("assistant", "Red")] and x.images[0].name == "row 0 image"
+    copy = pickle.loads(pickle.dumps(x))
+    assert len(pickle.dumps(x)) < 20_000
+    assert load_image(copy.images[0]).getpixel((0, 0)) == RED
+    assert load_image(copy.images[0]).tobytes() == load_image(x.images[0]).tobytes()
