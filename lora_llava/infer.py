@@ -46,16 +46,22 @@ def adapter_dir_of(ref: str | Path) -> Path | None:
     return None
 
 
-def _encoder(processor, fmt_name: str) -> Encoder:
-    return Encoder(processor, format_for(fmt_name, processor.tokenizer))
+def _encoder(processor, fmt_name: str, pad_to_square: bool = False) -> Encoder:
+    return Encoder(processor, format_for(fmt_name, processor.tokenizer), pad_to_square=pad_to_square)
 
 
-def load_model(ref: str, dtype: torch.dtype | None = None) -> Loaded:
+def load_model(ref: str, dtype: torch.dtype | None = None, pad_to_square: bool | None = None) -> Loaded:
     """Load a run/adapter dir (as trained), a merged/plain checkpoint dir, or a backbone name."""
     adapter = adapter_dir_of(ref)
     if adapter is not None:
         model, processor, meta = load_adapter_model(adapter, dtype=dtype)
-        return Loaded(model, processor, _encoder(processor, meta["chat_format"]), "adapter", str(adapter))
+        return Loaded(
+            model,
+            processor,
+            _encoder(processor, meta["chat_format"], meta.get("pad_to_square", False)),
+            "adapter",
+            str(adapter),
+        )
     path = Path(ref)
     if path.is_dir() and (path / "config.json").is_file():
         meta_path = path / ADAPTER_META
@@ -65,12 +71,18 @@ def load_model(ref: str, dtype: torch.dtype | None = None) -> Loaded:
             spec, QuantizationConfig(load_in_4bit=False), quantized=False, dtype=dtype or _stored_dtype(path)
         )
         model.eval()
-        return Loaded(model, processor, _encoder(processor, meta.get("chat_format", spec.chat_format)), "merged", ref)
+        return Loaded(
+            model,
+            processor,
+            _encoder(processor, meta.get("chat_format", spec.chat_format), meta.get("pad_to_square", False)),
+            "merged",
+            ref,
+        )
     spec: BackboneSpec = resolve_backbone(ref)
     q = QuantizationConfig(load_in_4bit=False, compute_dtype="float32" if not torch.cuda.is_available() else "bfloat16")
     model, processor = load_base(spec, q, quantized=False, dtype=dtype)
     model.eval()
-    return Loaded(model, processor, _encoder(processor, spec.chat_format), "backbone", ref)
+    return Loaded(model, processor, _encoder(processor, spec.chat_format, bool(pad_to_square)), "backbone", ref)
 
 
 def _stored_dtype(path: Path) -> torch.dtype:

@@ -140,6 +140,7 @@ def merge(
             "chat_format": meta["chat_format"],
             "dtype": dtype_name,
             "base": base_mode,
+            "pad_to_square": recipe.images.pad_to_square,
         }
         (tmp / ADAPTER_META).write_text(json.dumps(info, indent=2))
     del merged

@@ -40,7 +40,9 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
     e = recipe.eval
 
     log(f"== 1/5 base model ({spec.name}) on {len(samples)} eval samples")
-    base = evaluate(load_model(recipe.backbone), samples, e.max_new_tokens, e.batch_size)
+    base = evaluate(
+        load_model(recipe.backbone, pad_to_square=recipe.images.pad_to_square), samples, e.max_new_tokens, e.batch_size
+    )
     log(format_predictions(base, 4))
     log(f"base accuracy {base['accuracy']:.3f}")
 

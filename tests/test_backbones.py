@@ -353,3 +353,23 @@ def test_unregistered_hub_id_is_read_from_its_config(monkeypatch, tmp_path):
     del repo["config.json"]
     with pytest.raises(UserError, match="its config.json could not be read from the Hub"):
         resolve_backbone("someone/my-llava-next")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-next"])
+def test_pad_to_square_pads_with_the_mean_color_and_counts_the_padded_size(name, aspect_data):
+    processor = load_processor(resolve_backbone(name).local_path())
+    fmt = format_for("vicuna_v1", processor.tokenizer)
+    plain, padded = Encoder(processor, fmt), Encoder(processor, fmt, pad_to_square=True)
+    wide = next(s for s in aspect_data if s.id == "100x40")
+    img = padded.load(wide.images[0])
+    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    assert img.size == (100, 100) and img.getpixel((50, 2)) == mean and img.getpixel((50, 97)) == mean
+    assert padded.image_sizes(wide) == [(100, 100)] and plain.image_sizes(wide) == [(100, 40)]
+    item = padded.encode(wide)
+    assert padded.length(wide) == len(item["input_ids"])
+    if name == "tiny-next":  # AnyRes token counts follow the padded (square) size
+        assert padded.length(wide) != plain.length(wide)
+        assert item["image_sizes"].tolist() == [[100, 100]]
+    else:
+        assert padded.length(wide) == plain.length(wide)
+        assert not torch.equal(item["pixel_values"], plain.encode(wide)["pixel_values"])

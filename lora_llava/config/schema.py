@@ -157,6 +157,11 @@ class ImagesConfig:
         "LLaVA-NeXT: keep only AnyRes grids of at most this many tiles (caps image tokens per image).",
         min=1,
     )
+    pad_to_square: bool = _f(
+        False,
+        "LLaVA-1.5's `pad` handling: center each image on a square of the processor's mean color before "
+        "processing (instead of the center crop). Applied in training, eval and merge checks alike.",
+    )
 
 
 @dataclass

@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lora_llava.data.chat import ChatFormat, tokenize_with_labels
 from lora_llava.data.formats import IMAGE, Sample
-from lora_llava.data.images import image_size, load_image
+from lora_llava.data.images import image_size, load_image, pad_to_square
 
 
 class Encoder:
-    def __init__(self, processor, fmt: ChatFormat, max_length: int | None = None) -> None:
+    def __init__(self, processor, fmt: ChatFormat, max_length: int | None = None, pad_to_square: bool = False) -> None:
         self.processor = processor
+        self.pad_to_square = pad_to_square
+        mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.pad_color = tuple(int(round(255 * m)) for m in mean)  # the processor's mean color, as LLaVA-1.5
         self.tokenizer = processor.tokenizer
         self.fmt = fmt
         self.max_length = max_length
@@ -97,9 +101,15 @@ class Encoder:
             start = i + 1
         return out_ids + ids[start:], out_labels + labels[start:]
 
+    def load(self, src) -> Image.Image:
+        """A sample's image as the model sees it (padded to a square when ``pad_to_square``)."""
+        img = load_image(src)
+        return pad_to_square(img, self.pad_color) if self.pad_to_square else img
+
     def image_sizes(self, sample: Sample) -> list[tuple[int, int]]:
-        """(width, height) of each of the sample's images, from their headers only."""
-        return [image_size(p) for p in sample.images]
+        """(width, height) of each of the sample's images as the model sees them, from their headers only."""
+        sizes = [image_size(p) for p in sample.images]
+        return [(max(w, h), max(w, h)) for w, h in sizes] if self.pad_to_square else sizes
 
     def length(self, sample: Sample) -> int:
         """Exact token count after image expansion (reads image headers only)."""
@@ -113,7 +123,7 @@ class Encoder:
 
     def encode_batch(self, samples: list[Sample]) -> list[dict]:
         """``encode`` for each sample; every image of the batch goes through one image-processor call."""
-        images = [[load_image(p) for p in s.images] for s in samples]
+        images = [[self.load(p) for p in s.images] for s in samples]
         items = []
         for sample, ims in zip(samples, images):
             ids, labels = self.tokens(sample, [im.size for im in ims])
@@ -135,7 +145,7 @@ class Encoder:
     def prompt(self, sample: Sample) -> tuple[str, str, list]:
         """(prompt text, reference answer, images) for scoring the sample's last answer."""
         messages = sample.messages[:-1]
-        images = [load_image(p) for p in sample.images]
+        images = [self.load(p) for p in sample.images]
         messages = self.expand(messages, self.image_token_counts([im.size for im in images]))
         text, _ = self.fmt.render(messages, add_generation_prompt=True)
         return text, sample.messages[-1][1], images

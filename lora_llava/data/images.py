@@ -152,3 +152,14 @@ def image_size(src: str | os.PathLike | EmbeddedImage) -> tuple[int, int]:
 
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def pad_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's ``pad`` image handling: center the image on a square canvas of ``color``."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas

@@ -69,7 +69,7 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print, enforce:
     processor = load_processor(spec.local_path())
     apply_max_tiles(None, processor, recipe.images.max_tiles)
     fmt = format_for(spec.chat_format, processor.tokenizer)
-    encoder = Encoder(processor, fmt, recipe.data.max_length)
+    encoder = Encoder(processor, fmt, recipe.data.max_length, pad_to_square=recipe.images.pad_to_square)
     report = prepare_data(recipe, encoder, run_dir, enforce=enforce)
     return spec, processor, encoder, report
 
@@ -209,6 +209,7 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
             "chat_format": spec.chat_format,
             "quantization": recipe_to_dict(recipe)["quantization"],
             "projector_trained": recipe.projector.policy == "full",
+            "pad_to_square": recipe.images.pad_to_square,
             **extra,
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
