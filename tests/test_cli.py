@@ -333,3 +333,12 @@ def test_eval_json_on_trained_run(capsys, trained_run, shapes):
     assert result["n"] == 8
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["accuracy"] == pytest.approx(result["correct"] / 8)
+
+
+def test_recipes_validate(capsys):
+    code, out, err = run_cli(capsys, "recipes", "--validate")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == len(_shipped_recipes())
+    assert "tiny-assembled/instruct" in out and "stage-1 output of tiny-assembled/align" in out
+    assert all(" ok " in ln for ln in lines)

@@ -11,7 +11,8 @@ EPILOG = """examples:
   lora-llava recipes show llava-1.5-7b/qlora
   lora-llava recipes copy llava-1.5-7b/qlora my-run.yaml
   lora-llava recipes --backbones
-  lora-llava recipes --keys"""
+  lora-llava recipes --keys
+  lora-llava recipes --validate      (every built-in recipe, structurally: no weights, no network)"""
 
 
 def add_arguments(p) -> None:
@@ -20,6 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("dest", nargs="?", help="destination file (copy)")
     p.add_argument("--backbones", action="store_true", help="list registered backbones")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its type, default and help")
+    p.add_argument("--validate", action="store_true", help="validate every built-in recipe without loading weights")
 
 
 def run(args) -> int:
@@ -31,6 +33,12 @@ def run(args) -> int:
 
         for s in registered_backbones():
             print(f"{s.name:<16} {s.source:<28} {s.family:<11} recipe: {s.recipe or '-':<22} {s.description}")
+        return 0
+    if args.validate:
+        from lora_llava.recipes import check_builtin_recipes
+
+        for name, how in check_builtin_recipes().items():
+            print(f"{name:<28} ok   backbone: {how}")
         return 0
     if args.keys:
         from lora_llava.config import describe_keys
