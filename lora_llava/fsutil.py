@@ -24,6 +24,8 @@ from lora_llava.errors import UserError
 @contextmanager
 def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} is a file, not a directory", hint="choose a new directory")
     if not replace and target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not empty", hint="choose a new directory or delete it")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from lora_llava.config.schema import QuantizationConfig
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
+from lora_llava.errors import UserError
 from lora_llava.model.load import ADAPTER_META, load_adapter_model, load_base
 
 
@@ -50,8 +51,15 @@ def _encoder(processor, fmt_name: str, pad_to_square: bool = False) -> Encoder:
     return Encoder(processor, format_for(fmt_name, processor.tokenizer), pad_to_square=pad_to_square)
 
 
-def load_model(ref: str, dtype: torch.dtype | None = None, pad_to_square: bool | None = None) -> Loaded:
+def load_model(
+    ref: str, dtype: torch.dtype | None = None, pad_to_square: bool | None = None, max_tiles: int | None = None
+) -> Loaded:
     """Load a run/adapter dir (as trained), a merged/plain checkpoint dir, or a backbone name."""
+    if ("/" in ref or Path(ref).is_absolute()) and not Path(ref).exists() and ref.startswith(("/", ".", "runs/")):
+        raise UserError(
+            f"no model at {ref!r}: the directory does not exist",
+            hint="pass a run directory, its adapter/, a merged directory, or a backbone name",
+        )
     adapter = adapter_dir_of(ref)
     if adapter is not None:
         model, processor, meta = load_adapter_model(adapter, dtype=dtype)
@@ -80,7 +88,7 @@ def load_model(ref: str, dtype: torch.dtype | None = None, pad_to_square: bool |
         )
     spec: BackboneSpec = resolve_backbone(ref)
     q = QuantizationConfig(load_in_4bit=False, compute_dtype="float32" if not torch.cuda.is_available() else "bfloat16")
-    model, processor = load_base(spec, q, quantized=False, dtype=dtype)
+    model, processor = load_base(spec, q, quantized=False, dtype=dtype, max_tiles=max_tiles)
     model.eval()
     return Loaded(model, processor, _encoder(processor, spec.chat_format, bool(pad_to_square)), "backbone", ref)
 

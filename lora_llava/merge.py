@@ -105,8 +105,10 @@ def merge(
     dtype: str | None = None,
     base_mode: str | None = None,
     verify_samples=None,
+    replace: bool = False,
     log=print,
 ) -> dict:
+    """Merge; ``replace`` swaps out an existing ``out_dir`` once the new one is complete."""
     from lora_llava.infer import adapter_dir_of
 
     adapter_dir = adapter_dir_of(run_or_adapter)
@@ -118,7 +120,9 @@ def merge(
             hint="pass the output_dir of a finished `lora-llava train`",
         )
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out_dir!r} is a file", hint="choose a new directory")
+    if not replace and out.exists() and any(out.iterdir()):
         raise UserError(
             f"output directory {out_dir!r} exists and is not empty", hint="choose a new directory or delete it"
         )
@@ -127,7 +131,7 @@ def merge(
     dtype_name = dtype or recipe.merge.dtype
     merged = merged.to(DTYPES[dtype_name])
     merged.config.use_cache = True
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         info = {

@@ -41,7 +41,10 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
 
     log(f"== 1/5 base model ({spec.name}) on {len(samples)} eval samples")
     base = evaluate(
-        load_model(recipe.backbone, pad_to_square=recipe.images.pad_to_square), samples, e.max_new_tokens, e.batch_size
+        load_model(spec.name, pad_to_square=recipe.images.pad_to_square, max_tiles=recipe.images.max_tiles),
+        samples,
+        e.max_new_tokens,
+        e.batch_size,
     )
     log(format_predictions(base, 4))
     log(f"base accuracy {base['accuracy']:.3f}")

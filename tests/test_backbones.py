@@ -373,3 +373,35 @@ def test_pad_to_square_pads_with_the_mean_color_and_counts_the_padded_size(name,
     else:
         assert padded.length(wide) == plain.length(wide)
         assert not torch.equal(item["pixel_values"], plain.encode(wide)["pixel_values"])
+
+
+def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path):
+    """Text-only samples reach no trainable weight while only the projector trains: no crash; re-running
+    stage 1 replaces its model/."""
+    from lora_llava.train.run import train
+
+    recs = json.loads((shapes / "align.json").read_text())[:16]
+    recs += [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+             for i in range(8)]  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps(recs))
+    recipe = make_recipe(
+        stage="align", output_dir=str(tmp_path / "align"),
+        data={"train": [{"path": str(tmp_path / "mixed.json"), "image_folder": str(shapes / "images")}], "eval": []},
+        train={"max_steps": 6, "batch_size": 4},
+    )  # fmt: skip
+    first = train(recipe, log=lambda *_: None)
+    assert first["steps"] == 6
+    stamp = (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns
+    second = train(recipe, log=lambda *_: None)
+    assert second["steps"] == 6
+    assert (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_backbone_paths_that_are_not_models_say_why(tmp_path):
+    with pytest.raises(UserError, match="backbone directory 'runs/never-trained' does not exist") as e:
+        resolve_backbone("runs/never-trained")
+    assert "train its align recipe first" in str(e.value)
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "lora_llava.json").write_text("{}")
+    with pytest.raises(UserError, match="is a run directory without model/"):
+        resolve_backbone(str(tmp_path / "run"))

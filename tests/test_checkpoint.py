@@ -69,3 +69,35 @@ def test_resume_without_a_checkpoint_is_a_user_error(make_recipe, tmp_path):
 def test_no_checkpoint_folder_without_save_steps(make_recipe, tmp_path):
     train(make_recipe(output_dir=str(tmp_path / "d"), train={"max_steps": 1}), **QUIET)
     assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_model(make_recipe, tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    import lora_llava.train.run as run_mod
+    from lora_llava.errors import UserError
+
+    out = str(tmp_path / "e")
+    train(make_recipe(output_dir=out, train={"max_steps": 2, "save_steps": 1}), **QUIET)
+    rows = [json.loads(ln) for ln in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the resume check")
+
+    monkeypatch.setattr(run_mod, "load_base", no_model)
+    changed = make_recipe(output_dir=out, lora={"r": 4}, train={"max_steps": 4, "save_steps": 1, "resume": True})
+    with pytest.raises(UserError) as e:
+        train(changed, **QUIET)
+    assert "lora.r: 8 in checkpoint-2, now 4" in str(e.value) and "train.max_steps" not in str(e.value)
+    done = make_recipe(output_dir=out, train={"max_steps": 2, "save_steps": 1, "resume": True})
+    with pytest.raises(UserError, match="checkpoint-2 already reached train.max_steps=2; nothing to resume"):
+        train(done, **QUIET)
+    monkeypatch.undo()
+
+    # a longer run resumes; metrics.jsonl keeps the rows up to the checkpoint and continues
+    train(make_recipe(output_dir=out, train={"max_steps": 3, "save_steps": 1, "resume": True}), **QUIET)
+    after = [json.loads(ln) for ln in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in after if r["step"] <= 2 and "loss" in r] == [r for r in rows if "loss" in r]
+    assert max(r["step"] for r in after) == 3

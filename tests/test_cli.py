@@ -87,7 +87,7 @@ def test_eval_on_missing_model_dir(capsys, tmp_path, shapes):
         capsys, "eval", tmp_path / "no-such-run", "--data", shapes / "eval.json",
         "--image-folder", shapes / "images",
     )  # fmt: skip
-    assert_user_error(code, out, err, f"unknown backbone '{tmp_path / 'no-such-run'}'")
+    assert_user_error(code, out, err, f"no model at '{tmp_path / 'no-such-run'}': the directory does not exist")
 
 
 def test_eval_with_bad_data_lists_it(capsys, tmp_path, shapes):
@@ -314,7 +314,7 @@ def test_builtin_recipes_check_reports_a_missing_stage1(monkeypatch, tmp_path):
     monkeypatch.setattr(rec, "recipes_root", lambda: root)
     with pytest.raises(UserError) as e:
         rec.check_builtin_recipes()
-    assert "x/instruct: unknown backbone 'runs/nowhere'" in str(e.value)
+    assert "x/instruct: backbone directory 'runs/nowhere' does not exist" in str(e.value)
     assert "backbone tiny has no built-in recipe ('quickstart')" in str(e.value)
 
 
@@ -342,3 +342,21 @@ def test_recipes_validate(capsys):
     assert len(lines) == len(_shipped_recipes())
     assert "tiny-assembled/instruct" in out and "stage-1 output of tiny-assembled/align" in out
     assert all(" ok " in ln for ln in lines)
+
+
+def test_eval_argument_and_data_mistakes(capsys, tmp_path, trained_run, shapes):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        run_cli(capsys, "eval", trained_run, "--data", shapes / "eval.json", "--batch-size", "0")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size: must be at least 1, got 0" in err and "Traceback" not in err
+    (tmp_path / "empty.json").write_text("[]")
+    code, out, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "empty.json")
+    assert_user_error(code, out, err, "no samples to score in")
+    code, out, err = run_cli(capsys, "eval", trained_run, "--data", shapes / "eval.json")  # no --image-folder
+    assert_user_error(code, out, err, "image paths are relative to --image-folder")
+
+
+def test_merge_into_a_file_is_a_user_error(capsys, tmp_path, trained_run):
+    (tmp_path / "f").write_text("x")
+    code, out, err = run_cli(capsys, "merge", trained_run, tmp_path / "f")
+    assert_user_error(code, out, err, "is a file")

@@ -16,6 +16,7 @@ or inferred from its chat template (``describe_inferred`` says which).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,11 @@ def resolve_backbone(name: str) -> BackboneSpec:
         return _local_spec(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(("runs/", "./", "../")):
         return _hub_spec(name)
+    if "/" in name or os.sep in name:
+        raise UserError(
+            f"backbone directory {name!r} does not exist",
+            hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
+        )
     import difflib
 
     close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
@@ -201,6 +207,12 @@ def _local_spec(path: Path) -> BackboneSpec:
     if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         path = path / "model"
     if not (path / "config.json").is_file():
+        if (path / "adapter" / "lora_llava.json").is_file() or (path / "recipe.yaml").is_file():
+            raise UserError(
+                f"backbone {str(path)!r} is a run directory without model/ (the aligned model a finished "
+                "stage-1 run writes)",
+                hint="finish stage 1 first (lora-llava train <align recipe>); a stage-2 run cannot be a backbone",
+            )
         raise UserError(
             f"backbone {str(path)!r}: directory has no config.json",
             hint="point at a saved LLaVA checkpoint, a merged model or a stage-1 run directory",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 
 from lora_llava.config import Recipe, load_recipe
 from lora_llava.recipes import recipe_path
@@ -32,4 +33,19 @@ def quiet() -> None:
 
 
 def recipe_from_args(args) -> Recipe:
-    return load_recipe(recipe_path(args.recipe), args.overrides)
+    recipe = load_recipe(recipe_path(args.recipe), args.overrides)
+    ensure_synthetic_data(recipe)
+    return recipe
+
+
+SYNTHETIC_FOLDER = Path("runs/quickstart/data")
+
+
+def ensure_synthetic_data(recipe: Recipe) -> None:
+    """Write the offline shapes dataset when the recipe reads from its folder and a file is missing there."""
+    from lora_llava.data.synthetic import write_shapes_dataset
+
+    wanted = [Path(s.path) for s in [*recipe.data.train, *recipe.data.eval]]
+    if any(p.parent == SYNTHETIC_FOLDER and not p.exists() for p in wanted):
+        write_shapes_dataset(SYNTHETIC_FOLDER)
+        print(f"wrote the synthetic shapes dataset to {SYNTHETIC_FOLDER}")

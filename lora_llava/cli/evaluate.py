@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from lora_llava.cli.common import quiet
 
@@ -20,9 +21,22 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="data file or datasets folder (any format a recipe source reads)")
     p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
-    p.add_argument("--max-samples", type=int, default=None, help="score the first N samples")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=_positive, default=None, help="score the first N samples")
+    p.add_argument("--max-new-tokens", type=_positive, default=16)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--skip-bad", action="store_true", help="score the good samples and list the bad ones")
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args) -> int:
@@ -34,8 +48,17 @@ def run(args) -> int:
 
     samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder), limit=args.max_samples)
     if bad:
-        listing = "\n  ".join(b.describe() for b in bad[:50])
-        raise UserError(f"{len(bad)} bad sample(s) in {args.data}:\n  {listing}")
+        listing = "\n  ".join(b.describe() for b in bad[:50]) + (
+            f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+        )
+        hints = ["--skip-bad scores the good ones"]
+        if args.image_folder is None and any("not found in" in b.reason for b in bad):
+            hints.insert(0, "image paths are relative to --image-folder (default: the current directory)")
+        if not args.skip_bad:
+            raise UserError(f"{len(bad)} bad sample(s) in {args.data}:\n  {listing}", hint="; ".join(hints))
+        print(f"skipping {len(bad)} bad sample(s):\n  {listing}", file=sys.stderr)
+    if not samples:
+        raise UserError(f"no samples to score in {args.data}", hint="check --data (and --max-samples)")
     loaded = load_model(args.model)
     result = evaluate(loaded, samples, args.max_new_tokens, args.batch_size)
     if args.json:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lora_llava.cli.common import quiet
+from lora_llava.cli.common import ensure_synthetic_data, quiet
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
 EPILOG = """examples:
@@ -30,17 +28,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     quiet()
     from lora_llava.config import load_recipe
-    from lora_llava.data.synthetic import write_shapes_dataset
     from lora_llava.pipeline import run_pipeline
     from lora_llava.recipes import recipe_path
 
     rest = list(args.args)
     name = rest.pop(0) if rest and "=" not in rest[0] else "quickstart"
     recipe = load_recipe(recipe_path(name), rest)
-    synthetic = Path(load_recipe(recipe_path("quickstart")).data.train[0].path).parent
-    wanted = [Path(s.path) for s in [*recipe.data.train, *recipe.data.eval]]
-    if any(p.parent == synthetic and not p.is_file() for p in wanted):
-        write_shapes_dataset(synthetic)
-        print(f"wrote the synthetic shapes dataset to {synthetic}")
+    ensure_synthetic_data(recipe)
     run_pipeline(recipe)
     return 0

@@ -40,7 +40,7 @@ from lora_llava.model.load import (
     save_trained_parts,
 )
 from lora_llava.model.parts import check_policy, format_part_table
-from lora_llava.train.checkpoint import latest_checkpoint
+from lora_llava.train.checkpoint import resume_point
 
 __all__ = ["train", "prepare_run"]
 
@@ -74,10 +74,19 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print, enforce:
     return spec, processor, encoder, report
 
 
+def _step_of(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
 class _MetricsLog:
-    def __init__(self, path: Path) -> None:
+    """metrics.jsonl: started afresh, or (resuming) kept up to the checkpoint's step and continued."""
+
+    def __init__(self, path: Path, keep_until: int | None = None) -> None:
         self.path = path
-        path.write_text("")
+        kept = []
+        if keep_until is not None and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -150,7 +159,7 @@ def _training_args(recipe: Recipe, run_dir: Path):
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=min(t.warmup_ratio, 0.999),  # transformers reads a value >= 1 as a number of steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
@@ -231,6 +240,10 @@ def train(recipe: Recipe, log=print) -> dict:
     if recipe.train.group_by_length:
         log(f"batches grouped by length, image and text-only apart (seed {recipe.train.seed})")
 
+    resume = resume_point(recipe, run_dir) if recipe.train.resume else None
+    if recipe.stage == "align" and (run_dir / "model").exists() and not (run_dir / "model").is_dir():
+        raise UserError(f"{run_dir / 'model'} is a file; stage 1 writes its aligned model there")
+
     set_seed(recipe.train.seed)
     model, _ = load_base(spec, recipe.quantization, max_tiles=recipe.images.max_tiles)
     model = attach_adapters(model, spec, recipe)
@@ -239,20 +252,13 @@ def train(recipe: Recipe, log=print) -> dict:
 
     stats = {"tokens": 0, "pad": 0}
     collator = _CountingCollator(processor.tokenizer.pad_token_id, stats)
-    metrics = _MetricsLog(run_dir / "metrics.jsonl")
+    metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until=_step_of(resume) if resume else None)
     optimizer = torch.optim.AdamW(_optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
     if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
         # stage align on a 4-bit LM: only 16-bit parts train (checked by check_policy above), which
         # transformers' "no training of purely quantized models" guard cannot tell apart
         model._hf_peft_config_loaded = True
-    resume = None
-    if recipe.train.resume:
-        resume = latest_checkpoint(run_dir)
-        if resume is None:
-            raise UserError(
-                f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}",
-                hint="train once with train.save_steps set, or drop train.resume",
-            )
+    if resume is not None:
         log(f"resuming from {resume}")
     trainer = _trainer_class(recipe, report)(
         spec=spec,
@@ -281,7 +287,7 @@ def train(recipe: Recipe, log=print) -> dict:
         from lora_llava.merge import merge
 
         # the LM was frozen: keep its original weights, so stage 2 quantizes exactly what stage 1 saw
-        merge(str(run_dir), str(run_dir / "model"), base_mode="original", log=log)
+        merge(str(run_dir), str(run_dir / "model"), base_mode="original", replace=True, log=log)
         log(f"stage 1 done: {run_dir / 'model'} is the aligned LLaVA; start stage 2 with backbone: {run_dir}")
     log(
         f"trained {trainer.state.global_step} steps in {seconds:.0f}s, mean loss {loss:.4f}, "
