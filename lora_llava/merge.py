@@ -152,7 +152,10 @@ def merge(
     parity = verify(adapter_dir, out, spec, recipe, verify_samples)
     report = {"out_dir": str(out), "dtype": dtype_name, "base": base_mode, "parity": parity}
     (out / "merge_report.json").write_text(json.dumps(report, indent=2))
-    log(format_parity(parity))
+    note = ""
+    if base_mode == "original" and recipe.quantization.load_in_4bit:
+        note = " (expected gap: the adapter runs on the NF4 base, the merged model on the original weights)"
+    log(format_parity(parity) + note)
     return report
 
 
