@@ -42,37 +42,44 @@ def shapes(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=96, n_eval=16, seed=0)
 
 
+def tiny_recipe(shapes: Path, output_dir: Path, **sections):
+    """A Recipe on tiny + the shapes data; ``sections`` update the defaults key by key (or replace values)."""
+    from lora_llava.config import load_recipe
+
+    raw = {
+        "backbone": "tiny",
+        "output_dir": str(output_dir),
+        "data": {
+            "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
+            "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
+            "max_length": 256,
+        },
+        "quantization": {"compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 3e-3,
+            "gradient_checkpointing": False,
+            "logging_steps": 1,
+            "warmup_ratio": 0.0,
+        },
+        "eval": {"batch_size": 16, "max_new_tokens": 4},
+    }
+    overrides = sections.pop("overrides", ())
+    for k, v in sections.items():
+        raw.setdefault(k, {})
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+    return load_recipe(raw, list(overrides))
+
+
 @pytest.fixture
 def make_recipe(shapes, tmp_path):
     """make_recipe(**section_overrides) -> Recipe on tiny + shapes, writing into tmp_path/run."""
-    from lora_llava.config import load_recipe
 
     def make(overrides: list[str] = (), **sections):
-        raw = {
-            "backbone": "tiny",
-            "output_dir": str(tmp_path / "run"),
-            "data": {
-                "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
-                "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
-                "max_length": 256,
-            },
-            "quantization": {"compute_dtype": "float32"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {
-                "max_steps": 2,
-                "batch_size": 4,
-                "grad_accum": 1,
-                "learning_rate": 3e-3,
-                "gradient_checkpointing": False,
-                "logging_steps": 1,
-                "warmup_ratio": 0.0,
-            },
-            "eval": {"batch_size": 16, "max_new_tokens": 4},
-        }
-        for k, v in sections.items():
-            raw.setdefault(k, {})
-            raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
-        return load_recipe(raw, list(overrides))
+        return tiny_recipe(shapes, sections.pop("output_dir", tmp_path / "run"), overrides=overrides, **sections)
 
     return make
 
@@ -80,32 +87,14 @@ def make_recipe(shapes, tmp_path):
 @pytest.fixture(scope="session")
 def trained_run(shapes, tmp_path_factory, tiny_path) -> Path:
     """One short QLoRA run on tiny (shared, read-only for tests)."""
-    from lora_llava.config import load_recipe
     from lora_llava.train.run import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    recipe = load_recipe(
-        {
-            "backbone": "tiny",
-            "output_dir": str(run),
-            "data": {
-                "train": [{"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}],
-                "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
-                "max_length": 256,
-            },
-            "quantization": {"compute_dtype": "float32"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "projector": {"learning_rate": 3e-3},
-            "train": {
-                "max_steps": 40,
-                "batch_size": 8,
-                "grad_accum": 1,
-                "learning_rate": 3e-3,
-                "gradient_checkpointing": False,
-                "logging_steps": 10,
-            },
-            "eval": {"batch_size": 16, "max_new_tokens": 4},
-        }
+    recipe = tiny_recipe(
+        shapes,
+        run,
+        projector={"learning_rate": 3e-3},
+        train={"max_steps": 40, "batch_size": 8, "logging_steps": 10, "warmup_ratio": 0.03},
     )
     train(recipe, log=lambda *_: None)
     return run
