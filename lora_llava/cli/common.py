@@ -30,6 +30,7 @@ def quiet() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight loading/writing bars; the training bar stays
 
 
 def recipe_from_args(args) -> Recipe:
