@@ -35,7 +35,9 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
     merged_dir = run_dir / "merged"
     if merged_dir.exists():
         raise UserError(f"{merged_dir} exists from an earlier run", hint=f"delete {run_dir} or set output_dir=...")
-    spec, _, _, report = prepare_run(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
+    spec, _, _, report = prepared
     samples = _eval_samples(recipe, report)
     e = recipe.eval
 
@@ -50,7 +52,7 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
     log(f"base accuracy {base['accuracy']:.3f}")
 
     log("== 2/5 train")
-    trained = train(recipe, log=log)
+    trained = train(recipe, log=log, prepared=prepared)
 
     log("== 3/5 trained adapter")
     after = evaluate(load_model(str(run_dir)), samples, e.max_new_tokens, e.batch_size)

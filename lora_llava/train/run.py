@@ -225,14 +225,15 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
     return target
 
 
-def train(recipe: Recipe, log=print) -> dict:
+def train(recipe: Recipe, log=print, prepared: tuple | None = None) -> dict:
+    """Train ``recipe``; ``prepared`` is a ``prepare_run(recipe, run_dir)`` result already at hand."""
     from transformers import set_seed
 
     run_dir = Path(recipe.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     t0 = time.time()
-    spec, processor, encoder, report = prepare_run(recipe, run_dir, log)
+    spec, processor, encoder, report = prepared or prepare_run(recipe, run_dir, log)
     log(report.summary())
     if report.bad or report.dropped:
         left_out = len(report.bad) + len(report.dropped)
