@@ -157,21 +157,38 @@ def _generation_ids(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-def build_tiny(out_dir: str | os.PathLike) -> Path:
-    """The ``tiny`` backbone: LLaVA-1.5-shaped (CLIP, 2-layer GELU MLP projector, LLaMA)."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from lora_llava.data.chat import chat_format
-
-    tokenizer = build_tokenizer()
-    config = LlavaConfig(
+def _llava_config_kwargs(tokenizer) -> dict:
+    """What tiny and tiny-next share: the CLIP tower, the LLaMA LM, a GELU MLP projector on layer -2."""
+    return dict(
         vision_config=_vision_config(),
         text_config=_text_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+    )
+
+
+def _processor_kwargs(tokenizer) -> dict:
+    from lora_llava.data.chat import chat_format
+
+    return dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_format("vicuna_v1").jinja,
+    )
+
+
+def build_tiny(out_dir: str | os.PathLike) -> Path:
+    """The ``tiny`` backbone: LLaVA-1.5-shaped (CLIP, 2-layer GELU MLP projector, LLaMA)."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = build_tokenizer()
+    config = LlavaConfig(
+        **_llava_config_kwargs(tokenizer),
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -179,11 +196,7 @@ def build_tiny(out_dir: str | os.PathLike) -> Path:
     _generation_ids(model, tokenizer)
     processor = LlavaProcessor(
         image_processor=build_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_format("vicuna_v1").jinja,
+        **_processor_kwargs(tokenizer),
     )
     return _save(out_dir, model, processor)
 
@@ -197,16 +210,9 @@ def build_tiny_next(out_dir: str | os.PathLike) -> Path:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from lora_llava.data.chat import chat_format
-
     tokenizer = build_tokenizer()
     config = LlavaNextConfig(
-        vision_config=_vision_config(),
-        text_config=_text_config(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        **_llava_config_kwargs(tokenizer),
         image_grid_pinpoints=NEXT_PINPOINTS,
         tie_word_embeddings=False,
     )
@@ -222,11 +228,7 @@ def build_tiny_next(out_dir: str | os.PathLike) -> Path:
     )
     processor = LlavaNextProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_format("vicuna_v1").jinja,
+        **_processor_kwargs(tokenizer),
     )
     return _save(out_dir, model, processor)
 
