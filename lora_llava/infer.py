@@ -47,8 +47,8 @@ def adapter_dir_of(ref: str | Path) -> Path | None:
     return None
 
 
-def _encoder(processor, fmt_name: str, pad_to_square: bool = False) -> Encoder:
-    return Encoder(processor, format_for(fmt_name, processor.tokenizer), pad_to_square=pad_to_square)
+def _encoder(processor, fmt_name: str, pad_to_square: bool = False, system: str | None = None) -> Encoder:
+    return Encoder(processor, format_for(fmt_name, processor.tokenizer, system), pad_to_square=pad_to_square)
 
 
 def load_model(
@@ -66,7 +66,7 @@ def load_model(
         return Loaded(
             model,
             processor,
-            _encoder(processor, meta["chat_format"], meta.get("pad_to_square", False)),
+            _encoder(processor, meta["chat_format"], meta.get("pad_to_square", False), meta.get("system_prompt", "")),
             "adapter",
             str(adapter),
         )
@@ -82,7 +82,12 @@ def load_model(
         return Loaded(
             model,
             processor,
-            _encoder(processor, meta.get("chat_format", spec.chat_format), meta.get("pad_to_square", False)),
+            _encoder(
+                processor,
+                meta.get("chat_format", spec.chat_format),
+                meta.get("pad_to_square", False),
+                meta.get("system_prompt") if meta else None,
+            ),
             "merged",
             ref,
         )

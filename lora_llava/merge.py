@@ -24,6 +24,8 @@ import torch
 
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.load import load_recipe
+from lora_llava.data.chat import default_system, format_for
+from lora_llava.data.encode import Encoder
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
 from lora_llava.model.load import (
@@ -131,6 +133,14 @@ def merge(
     dtype_name = dtype or recipe.merge.dtype
     merged = merged.to(DTYPES[dtype_name])
     merged.config.use_cache = True
+    formats = {"chat_format": meta["chat_format"], "system_prompt": meta.get("system_prompt", "")}
+    if meta.get("stage") == "align":
+        # the aligned model is stage 2's backbone: it speaks the backbone's chat format (stage 1 may have
+        # trained in plain) and pads only if stage 2's recipe says so
+        name = meta.get("backbone_chat_format", meta["chat_format"])
+        formats = {"chat_format": name, "system_prompt": default_system(name), "align_format": meta["chat_format"]}
+        processor = load_processor(spec.local_path())
+        processor.chat_template = format_for(name, processor.tokenizer).jinja
     with atomic_dir(out, replace=replace) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -141,7 +151,7 @@ def merge(
             "backbone": meta["backbone"],
             "source": meta["source"],
             "family": meta["family"],
-            "chat_format": meta["chat_format"],
+            **formats,
             "dtype": dtype_name,
             "base": base_mode,
             "pad_to_square": recipe.images.pad_to_square,
@@ -188,6 +198,8 @@ def verify(adapter_dir: Path, out: Path, spec, recipe, samples=None) -> dict:
         return {"samples": 0, "note": "no data found to compare on"}
     adapter = load_model(str(adapter_dir))
     merged = load_model(str(out), dtype=torch.float32 if not torch.cuda.is_available() else None)
+    # both prompted as the adapter was trained (a stage-1 output records stage 2's chat format instead)
+    merged.encoder = Encoder(merged.processor, adapter.encoder.fmt, pad_to_square=adapter.encoder.pad_to_square)
     diffs = []
     for s in samples:
         inputs, _ = batch_inputs(adapter, [s])

@@ -26,6 +26,7 @@ def _eval_samples(recipe: Recipe, report) -> list:
 
 
 def run_pipeline(recipe: Recipe, log=print) -> dict:
+    from lora_llava.data.encode import Encoder
     from lora_llava.infer import evaluate, format_predictions, load_model
     from lora_llava.merge import merge
     from lora_llava.train.run import prepare_run, train
@@ -37,17 +38,15 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
         raise UserError(f"{merged_dir} exists from an earlier run", hint=f"delete {run_dir} or set output_dir=...")
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
-    spec, _, _, report = prepared
+    spec, _, encoder, report = prepared
     samples = _eval_samples(recipe, report)
     e = recipe.eval
 
     log(f"== 1/5 base model ({spec.name}) on {len(samples)} eval samples")
-    base = evaluate(
-        load_model(spec.name, pad_to_square=recipe.images.pad_to_square, max_tiles=recipe.images.max_tiles),
-        samples,
-        e.max_new_tokens,
-        e.batch_size,
-    )
+    base_model = load_model(spec.name, max_tiles=recipe.images.max_tiles)
+    # prompted exactly as the run trains (chat format, system prompt, image padding)
+    base_model.encoder = Encoder(base_model.processor, encoder.fmt, pad_to_square=recipe.images.pad_to_square)
+    base = evaluate(base_model, samples, e.max_new_tokens, e.batch_size)
     log(format_predictions(base, 4))
     log(f"base accuracy {base['accuracy']:.3f}")
 

@@ -324,7 +324,7 @@ def test_every_registered_backbone_has_a_known_family_and_chat_format():
         assert spec.family in ("llava", "llava_next")
         assert spec.chat_format in _FORMATS
     assert resolve_backbone("llava-hf/llava-v1.6-mistral-7b-hf").chat_format == "mistral_instruct"
-    assert resolve_backbone("llava-hf/llava-v1.6-34b-hf").chat_format == "chatml"
+    assert resolve_backbone("llava-hf/llava-v1.6-34b-hf").chat_format == "chatml_direct"
     assert resolve_backbone("llava-v1.6-vicuna-13b").model_class().__name__ == "LlavaNextForConditionalGeneration"
 
 
@@ -362,7 +362,7 @@ def test_pad_to_square_pads_with_the_mean_color_and_counts_the_padded_size(name,
     plain, padded = Encoder(processor, fmt), Encoder(processor, fmt, pad_to_square=True)
     wide = next(s for s in aspect_data if s.id == "100x40")
     img = padded.load(wide.images[0])
-    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    mean = tuple(int(255 * m) for m in processor.image_processor.image_mean)  # truncated, as upstream LLaVA
     assert img.size == (100, 100) and img.getpixel((50, 2)) == mean and img.getpixel((50, 97)) == mean
     assert padded.image_sizes(wide) == [(100, 100)] and plain.image_sizes(wide) == [(100, 40)]
     item = padded.encode(wide)
@@ -376,8 +376,8 @@ def test_pad_to_square_pads_with_the_mean_color_and_counts_the_padded_size(name,
 
 
 def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path):
-    """Text-only samples reach no trainable weight while only the projector trains: no crash; re-running
-    stage 1 replaces its model/."""
+    """Text-only samples reach no trainable weight while only the projector trains (chat-style stage 1; the
+    plain format takes image-caption pairs only): no crash; re-running stage 1 replaces its model/."""
     from lora_llava.train.run import train
 
     recs = json.loads((shapes / "align.json").read_text())[:16]
@@ -385,7 +385,7 @@ def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path
              for i in range(8)]  # fmt: skip
     (tmp_path / "mixed.json").write_text(json.dumps(recs))
     recipe = make_recipe(
-        stage="align", output_dir=str(tmp_path / "align"),
+        stage="align", output_dir=str(tmp_path / "align"), chat={"format": "vicuna_v1"},
         data={"train": [{"path": str(tmp_path / "mixed.json"), "image_folder": str(shapes / "images")}], "eval": []},
         train={"max_steps": 6, "batch_size": 4},
     )  # fmt: skip

@@ -117,7 +117,8 @@ def test_trainer_batches_by_length_and_modality(make_recipe, mixed_data, shapes,
 
     def epoch(group: bool) -> tuple[list[dict], float]:
         data = {"train": [{"path": str(mixed_data), "image_folder": str(shapes / "images")}]}
-        recipe = make_recipe(data=data, train={"group_by_length": group})
+        # without the system prompt, whose ~70 tokens in every sample would dilute the padding share
+        recipe = make_recipe(data=data, train={"group_by_length": group}, chat={"system_prompt": ""})
         _, processor, encoder, report = prepare_run(recipe, log=lambda *_: None)
         trainer = _trainer(recipe, report, encoder, processor, tmp_path)
         loader = trainer.get_train_dataloader()
@@ -173,13 +174,14 @@ def _tokenizer(style: str, image_token: str = "<image>"):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    if style == "metaspace":
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    else:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # merges learned within words, as sentencepiece learns them ("\u2581" only ever starts a piece)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     corpus = ["USER: What color is the shape? ASSISTANT: Red.", "Is there a shape in the image? Yes."] * 20
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>", image_token])
     tok.train_from_iterator(corpus, trainer=trainer)
+    if style == "prepend":  # legacy Llama: no pre-tokenizer, spaces become "\u2581" in a normalizer
+        tok.pre_tokenizer = pre_tokenizers.Sequence([])
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",

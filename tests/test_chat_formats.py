@@ -11,6 +11,7 @@ SPECIALS = {
     "vicuna_v1": (["<s>", "</s>", "<pad>"], "</s>", "<s>"),
     "mistral_instruct": (["<s>", "</s>", "<pad>"], "</s>", "<s>"),
     "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", None),
+    "chatml_direct": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", None),
     "llama3": (
         ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "<|eot_id|>",
@@ -54,8 +55,11 @@ def _tokenizer(fmt: str):
 EXPECTED_TEXT = {
     "vicuna_v1": "Answer briefly. USER: What color is the car? ASSISTANT: Red.</s>USER: And the sky? "
     "ASSISTANT: Blue, with clouds.</s>",
-    "mistral_instruct": "Answer briefly.\n\n[INST] What color is the car? [/INST] Red.</s>[INST] And the sky? "
-    "[/INST] Blue, with clouds.</s>",
+    "mistral_instruct": "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat color is the car? [/INST] Red. </s>"
+    "[INST] And the sky? [/INST] Blue, with clouds. </s>",
+    "chatml_direct": "<|im_start|>system\nAnswer briefly.<|im_end|><|im_start|>user\nWhat color is the car?<|im_end|>"
+    "<|im_start|>assistant\nRed.<|im_end|><|im_start|>user\nAnd the sky?<|im_end|><|im_start|>assistant\n"
+    "Blue, with clouds.<|im_end|>",
     "chatml": "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat color is the car?<|im_end|>\n"
     "<|im_start|>assistant\nRed.<|im_end|>\n<|im_start|>user\nAnd the sky?<|im_end|>\n<|im_start|>assistant\n"
     "Blue, with clouds.<|im_end|>\n",
@@ -67,7 +71,8 @@ EXPECTED_TEXT = {
 # what the labelled tokens decode to, run by run (a leading space belongs to the answer's first token)
 EXPECTED_LABELLED = {
     "vicuna_v1": [" Red.</s>", " Blue, with clouds.</s>"],
-    "mistral_instruct": [" Red.</s>", " Blue, with clouds.</s>"],
+    "mistral_instruct": [" Red. </s>", " Blue, with clouds. </s>"],
+    "chatml_direct": ["Red.<|im_end|>", "Blue, with clouds.<|im_end|>"],
     "chatml": ["Red.<|im_end|>", "Blue, with clouds.<|im_end|>"],
     "llama3": ["Red.<|eot_id|>", "Blue, with clouds.<|eot_id|>"],
 }
@@ -116,7 +121,7 @@ def test_saved_template_renders_the_training_text(name):
     assert prompt.endswith(fmt.generation_prompt)
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("name", ["chatml", "chatml_direct", "llama3"])
 def test_a_format_the_tokenizer_does_not_speak_fails_loudly(name):
     tok = _tokenizer("vicuna_v1")  # knows </s>, not <|im_end|> / <|eot_id|>
     fmt = chat_format(name)

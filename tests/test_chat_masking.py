@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lora_llava.config.schema import DataSource
-from lora_llava.data.chat import chat_format, tokenize_with_labels
+from lora_llava.data.chat import VICUNA_SYSTEM, chat_format, tokenize_with_labels
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import read_source
 
@@ -72,7 +72,8 @@ def samples(data_dir):
 
 @pytest.fixture
 def encoder(tiny_processor) -> Encoder:
-    return Encoder(tiny_processor, chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token))
+    """vicuna_v1 without its system prompt (chat.system_prompt: ''), so the token lists stay short."""
+    return Encoder(tiny_processor, chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token, system=""))
 
 
 def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -170,7 +171,8 @@ def _as_messages(conv: list[dict]) -> list[tuple[str, str]]:
     [
         (
             CONV_ITEMS,
-            "USER: <image>\nIs there a shape? ASSISTANT: Yes.</s>USER: What color is it? ASSISTANT: Red</s>",
+            VICUNA_SYSTEM + " USER: <image>\nIs there a shape? ASSISTANT: Yes.</s>USER: What color is it? "
+            "ASSISTANT: Red</s>",
         ),
         (
             CONV_STRINGS,
@@ -187,29 +189,29 @@ def test_render_equals_saved_chat_template(tiny_processor, conv, expected_full):
     full, spans = fmt.render(_as_messages(conv))
     assert full == expected_full
     assert tiny_processor.apply_chat_template(conv, tokenize=False) == full
-    assert [full[a:b] for a, b in spans] == ["Yes.</s>", "Red</s>"]
+    assert [full[a:b] for a, b in spans] == [" Yes.</s>", " Red</s>"]
 
     prompt, spans = fmt.render(_as_messages(conv[:-1]), add_generation_prompt=True)
     assert prompt == expected_full[: -len(" Red</s>")]
     assert prompt.endswith("What color is it? ASSISTANT:")
     assert tiny_processor.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True) == prompt
-    assert [prompt[a:b] for a, b in spans] == ["Yes.</s>"]
+    assert [prompt[a:b] for a, b in spans] == [" Yes.</s>"]
 
 
 def test_stop_token_id_not_emitted_raises(tiny_processor):
     tok = tiny_processor.tokenizer
-    fmt = chat_format("vicuna_v1", stop="<|im_end|>")  # not a token of the tiny tokenizer
+    fmt = chat_format("vicuna_v1", stop="<|im_end|>", system="")  # not a token of the tiny tokenizer
     text, spans = fmt.render([("user", "What color?"), ("assistant", "Red")])
     assert text == "USER: What color? ASSISTANT: Red<|im_end|>"
     gt = tok.convert_tokens_to_ids(">")
     with pytest.raises(ValueError) as err:
         tokenize_with_labels(tok, text, spans, tok.eos_token_id)
     assert str(err.value) == (
-        f"answer at characters 29-42 does not end with the stop token id {tok.eos_token_id} (got {gt}): "
+        f"answer at characters 28-42 does not end with the stop token id {tok.eos_token_id} (got {gt}): "
         "the chat format does not match the tokenizer"
     )
     # a stop id the tokenizer never emits for the rendered stop string fails too
-    text, spans = chat_format("vicuna_v1", stop=tok.eos_token).render([("user", "Q?"), ("assistant", "Red")])
+    text, spans = chat_format("vicuna_v1", stop=tok.eos_token, system="").render([("user", "Q?"), ("assistant", "Red")])
     with pytest.raises(ValueError, match=r"does not end with the stop token id 3 \(got 2\)"):
         tokenize_with_labels(tok, text, spans, tok.pad_token_id)
     # and a span no token covers

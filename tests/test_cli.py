@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lora_llava.cli.main import VERBS, main
+from lora_llava.data.chat import VICUNA_SYSTEM
 from lora_llava.errors import UserError
 
 
@@ -139,7 +140,7 @@ def test_check_ok(capsys, tmp_path, shapes, tiny_path):
     code, out, err = run_cli(capsys, "check", write_recipe(tmp_path / "r.yaml", shapes))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "backbone: tiny (builtin:tiny), chat format vicuna_v1"
+    assert lines[0] == f"backbone: tiny (builtin:tiny), chat format vicuna_v1, system prompt {VICUNA_SYSTEM!r}"
     assert lines[1].split() == ["split", "samples", "bad", "tokens", "answer", "tokens", "source"]
     assert lines[2].split()[:3] == ["train", "96", "0"] and lines[2].endswith(str(shapes / "train.json"))
     assert lines[3].split()[:3] == ["eval", "16", "0"] and lines[3].endswith(str(shapes / "eval.json"))

@@ -238,7 +238,7 @@ def recipe_for(tmp_path: Path, train: Path, folder: Path, **data):
 
 @pytest.fixture
 def encoder(tiny_processor):
-    return Encoder(tiny_processor, chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token))
+    return Encoder(tiny_processor, chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token, system=""))
 
 
 GOOD = [{"id": f"good-{i}", "image": "ok.png", "conversations": GOOD_TURNS} for i in range(6)]

@@ -106,6 +106,14 @@ _REGISTRY: dict[str, BackboneSpec] = {
             recipe="quickstart",
         ),
         BackboneSpec(
+            name="tiny-sp",
+            source="builtin:tiny-sp",
+            family="llava",
+            chat_format="vicuna_v1",
+            description="tiny with a Llama-style sentencepiece tokenizer (lone \u2581 before digits, byte fallback)",
+            recipe="tiny-sp/qlora",
+        ),
+        BackboneSpec(
             name="tiny-next",
             source="builtin:tiny-next",
             family="llava_next",
@@ -152,7 +160,7 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava-v1.6-34b",
             "llava-hf/llava-v1.6-34b-hf",
             "llava_next",
-            "chatml",
+            "chatml_direct",
             "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Nous-Hermes-2-Yi-34B",
         ),
     ]
@@ -194,7 +202,7 @@ def infer_chat_format(template: str | None) -> str:
     """The chat format a tokenizer's chat template speaks (vicuna_v1 when it has none)."""
     t = template or ""
     if "<|im_start|>" in t:
-        return "chatml"
+        return "chatml_direct" if "Answer the questions." in t else "chatml"
     if "<|start_header_id|>" in t:
         return "llama3"
     if "[INST]" in t:

@@ -7,13 +7,15 @@ Usage::
     LlavaForConditionalGeneration.from_pretrained(path)
 
 - ``tiny``: LLaVA-1.5-shaped (CLIP 32 px / 8 px patches, 2-layer GELU MLP projector, LLaMA 64-d);
+- ``tiny-sp``: ``tiny`` with a sentencepiece-style tokenizer (Metaspace, split digits, byte fallback),
+  the tokenization of the Llama / Vicuna / Mistral LMs of real LLaVA checkpoints;
 - ``tiny-next``: LLaVA-NeXT-shaped, AnyRes over 32 px tiles (grid pinpoints up to 96 px), image newline;
 - ``tiny-clip`` and ``tiny-qwen2``: a stand-alone CLIP vision encoder and a Qwen2 causal LM with a
   ChatML tokenizer, the parts from which a new LLaVA is assembled.
 
-Everything is made locally and deterministically: byte-level BPE tokenizers trained on a fixed
-corpus (LLaMA-style ``<s>``/``</s>``/``<image>`` specials with a BOS post-processor, or ChatML
-specials), CLIP image processors, and random-init models from fixed seeds. Building twice gives
+Everything is made locally and deterministically: BPE tokenizers trained on a fixed corpus
+(byte-level or sentencepiece-style with LLaMA-style ``<s>``/``</s>``/``<image>`` specials and a BOS
+post-processor, or byte-level with ChatML specials), CLIP image processors, and random-init models from fixed seeds. Building twice gives
 bit-identical files, so a run directory that names a built-in backbone is reproducible anywhere.
 """
 
@@ -26,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
@@ -50,11 +52,15 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(style: str = "llama"):
-    """A fast tokenizer (byte-level BPE) trained on a fixed corpus.
+    """A fast tokenizer trained on a fixed corpus.
 
-    ``llama``: ``<s>`` added in front, ``</s>`` ends answers, ``<image>`` special (LLaVA-1.5/NeXT).
-    ``chatml``: no BOS, ``<|im_start|>``/``<|im_end|>`` specials, ``<|im_end|>`` is EOS (Qwen2-like
-    causal LM, no image token: assembling a LLaVA adds it).
+    ``llama``: byte-level BPE, ``<s>`` added in front, ``</s>`` ends answers, ``<image>`` special
+    (LLaVA-1.5/NeXT layout; a space before a word is ``Ġ``, merged into the word when the pair is known).
+    ``sentencepiece``: the tokenization of Llama / Vicuna / Mistral: Metaspace (``▁`` for spaces, one
+    prepended to the text), every digit a token of its own (so `` 2`` is ``▁``, ``2``), byte fallback
+    (``<0x0A>`` for a newline, UTF-8 bytes for any character outside the vocabulary); same specials.
+    ``chatml``: byte-level BPE, no BOS, ``<|im_start|>``/``<|im_end|>`` specials, ``<|im_end|>`` is EOS
+    (Qwen2-like causal LM, no image token: assembling a LLaVA adds it).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -63,16 +69,19 @@ def build_tokenizer(style: str = "llama"):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     else:
         specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=640,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    if style == "sentencepiece":
+        tok = _sentencepiece_model(specials)
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=640,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(_corpus(), trainer=trainer)
     if style == "chatml":
         return PreTrainedTokenizerFast(
             tokenizer_object=tok,
@@ -96,6 +105,37 @@ def build_tokenizer(style: str = "llama"):
         model_max_length=1024,
         padding_side="right",
     )
+
+
+def _sentencepiece_model(specials: list[str]):
+    """A Llama-style BPE: merges learned within words (``▁`` starts a word), digits split, byte fallback."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def pre():
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True),
+                pre_tokenizers.Digits(individual_digits=True),
+            ]
+        )
+
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre()
+    learner.train_from_iterator(
+        _corpus(), trainer=trainers.BpeTrainer(vocab_size=640, special_tokens=specials, show_progress=False)
+    )
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre()
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
 
 
 def build_image_processor():
@@ -181,12 +221,12 @@ def _processor_kwargs(tokenizer) -> dict:
     )
 
 
-def build_tiny(out_dir: str | os.PathLike) -> Path:
+def build_tiny(out_dir: str | os.PathLike, tokenizer_style: str = "llama") -> Path:
     """The ``tiny`` backbone: LLaVA-1.5-shaped (CLIP, 2-layer GELU MLP projector, LLaMA)."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tokenizer_style)
     config = LlavaConfig(
         **_llava_config_kwargs(tokenizer),
         tie_word_embeddings=False,
@@ -199,6 +239,11 @@ def build_tiny(out_dir: str | os.PathLike) -> Path:
         **_processor_kwargs(tokenizer),
     )
     return _save(out_dir, model, processor)
+
+
+def build_tiny_sp(out_dir: str | os.PathLike) -> Path:
+    """``tiny-sp``: ``tiny`` with a Llama-style sentencepiece tokenizer (lone ``▁`` before digits, byte fallback)."""
+    return build_tiny(out_dir, tokenizer_style="sentencepiece")
 
 
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
@@ -260,6 +305,7 @@ def build_tiny_qwen2(out_dir: str | os.PathLike) -> Path:
 
 BUILDERS = {
     "tiny": build_tiny,
+    "tiny-sp": build_tiny_sp,
     "tiny-next": build_tiny_next,
     "tiny-clip": build_tiny_clip,
     "tiny-qwen2": build_tiny_qwen2,

@@ -76,7 +76,19 @@ def cross_check(recipe: Recipe) -> list[str]:
         out.append(
             "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"
         )
+    if recipe.chat.format == "plain" and recipe.stage != "align":
+        out.append(
+            "chat.format: plain is LLaVA-1.5's stage-1 (stage: align) format; instruction tuning needs a "
+            "conversation format (leave chat.format unset for the backbone's own)"
+        )
     return out + _data_problems(recipe)
+
+
+def chat_format_name(recipe: Recipe, backbone_format: str) -> str:
+    """The chat format a run trains in: chat.format, else plain for stage align, else the backbone's."""
+    if recipe.chat.format:
+        return recipe.chat.format
+    return "plain" if recipe.stage == "align" else backbone_format
 
 
 def _data_problems(recipe: Recipe) -> list[str]:

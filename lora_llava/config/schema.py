@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lora_llava.data.chat import CHAT_FORMATS, CONVERSATION_FORMATS
+
 DType = Literal["bfloat16", "float16", "float32"]
 
 
@@ -177,10 +179,30 @@ class AssembleConfig:
     vision_feature_select: Literal["default", "full"] = _f(
         "default", "default: drop the CLS token (CLIP); full: keep every token (SigLIP has no CLS)."
     )
-    chat_format: Literal["vicuna_v1", "mistral_instruct", "chatml", "llama3"] | None = _f(
-        None, "Chat format; default: inferred from the language model's tokenizer."
+    chat_format: Literal[CONVERSATION_FORMATS] | None = _f(
+        None,
+        "Chat format recorded with the assembled model (stage 2 trains in it); default: inferred from the "
+        "language model's tokenizer.",
     )
     seed: int = _f(0, "Seed of the projector's initialization.")
+
+
+@dataclass
+class ChatConfig:
+    format: Literal[CHAT_FORMATS] | None = _f(
+        None,
+        "How conversations are rendered. Default: the backbone's own format for stage instruct (what its "
+        "checkpoints were trained with), plain for stage align (LLaVA-1.5's: image + caption + newline, no "
+        "instruction). Naming a conversation format for stage align trains it chat-style (LLaVA-1.0's way): "
+        "captions answer a brief-description instruction.",
+    )
+    system_prompt: str | None = _f(
+        None,
+        "System prompt rendered before every conversation that has none of its own. Default: the format's "
+        "(vicuna_v1: Vicuna's 'A chat between a curious user ...'; chatml_direct: 'Answer the questions.'; "
+        "others none); '' renders none (on the command line: chat.system_prompt=\"''\"). Saved in the chat "
+        "template, so inference prompts match training.",
+    )
 
 
 @dataclass
@@ -249,6 +271,7 @@ class Recipe:
     vision_tower: VisionTowerConfig = _f(VisionTowerConfig, "The vision encoder.")
     language_model: LanguageModelConfig = _f(LanguageModelConfig, "The language model.")
     images: ImagesConfig = _f(ImagesConfig, "Image handling.")
+    chat: ChatConfig = _f(ChatConfig, "Chat format and system prompt.")
     train: TrainConfig = _f(TrainConfig, "Optimization.")
     eval: EvalConfig = _f(EvalConfig, "Generation-based evaluation.")
     merge: MergeConfig = _f(MergeConfig, "Folding the adapter into deployable weights.")

@@ -1,27 +1,46 @@
-"""Chat formats: render a conversation to text and know exactly which characters carry loss.
+"""Chat formats: render a conversation exactly as a checkpoint was trained, and know which characters carry loss.
 
 Usage::
 
     fmt = chat_format("vicuna_v1")
     text, spans = fmt.render([("user", "<image>\\nWhat color?"), ("assistant", "Red")])
-    # text  == "USER: <image>\\nWhat color? ASSISTANT: Red</s>"
-    # spans == [(33, 39)]   -> "Red</s>": the answer and its stop string
-    prompt, _ = fmt.render([("user", "What color?")], add_generation_prompt=True)
+    # text  == "A chat between ... questions. USER: <image>\\nWhat color? ASSISTANT: Red</s>"
+    # spans == [(len(text) - 8, len(text))]  -> " Red</s>": everything generated after "ASSISTANT:"
+    prompt, _ = fmt.render([("user", "What color?")], add_generation_prompt=True)   # ends with "ASSISTANT:"
+    chat_format("vicuna_v1", system="")       # the same format without its system prompt
 
-The loss LLaVA trains with covers the assistant answers and their stop token only. Rendering
-segment by segment gives those character spans by construction, whatever the tokenizer; the
-collator then labels exactly the tokens inside them (see ``tokenize_with_labels``). ``jinja`` is
-the equivalent chat template saved with every processor lora_llava writes, so plain transformers'
-``apply_chat_template`` builds the same prompt at inference time.
+Each format renders what its checkpoints were trained with (upstream LLaVA's ``conversation.py``):
+
+- ``vicuna_v1`` (LLaVA-1.5, LLaVA-NeXT-Vicuna): the Vicuna system prompt, one space, then
+  ``USER: Q ASSISTANT: A</s>`` per exchange;
+- ``mistral_instruct`` (LLaVA-NeXT-Mistral): ``[INST] Q [/INST] A </s>`` with a system prompt (none by
+  default) wrapped as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n`` inside the first ``[INST]``;
+- ``chatml_direct`` (LLaVA-NeXT-34B / Yi): system ``Answer the questions.``, turns
+  ``<|im_start|>role\\n...<|im_end|>`` with no newline between them;
+- ``chatml`` (Qwen2 and other ChatML LMs): the same with a newline after each ``<|im_end|>``, no system
+  prompt by default;
+- ``llama3``: Llama-3 headers;
+- ``plain`` (LLaVA-1.5 stage 1, feature alignment): the image, the caption, ``\\n``; no roles, no
+  instruction (the user turn's text is not rendered).
+
+A conversation's own system turn replaces the format's default system prompt.
+
+The loss covers every token the model must generate after the generation prompt: the answer's
+first piece (including a space that tokenizes on its own, ``Ġ`` in byte-level BPE, ``▁`` before a
+digit in Llama's sentencepiece), the answer, and its stop token. Rendering segment by segment gives
+those character spans by construction, whatever the tokenizer; ``tokenize_with_labels`` labels
+exactly the tokens inside them. ``jinja`` is the equivalent transformers chat template, saved with
+every processor lora_llava writes, so ``apply_chat_template`` builds the same prompt at inference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lora_llava.errors import UserError
 
 Message = tuple[str, str]  # (role, text) with role in system | user | assistant
+IMAGE = "<image>"
 
 
 @dataclass(frozen=True)
@@ -29,15 +48,28 @@ class ChatFormat:
     name: str
     user_prefix: str
     user_suffix: str
-    assistant_prefix: str  # the generation prompt; the answer follows after answer_lead
-    stop: str  # rendered right after each answer, and trained on
+    assistant_prefix: str  # the generation prompt; everything after it is generated (and labelled)
+    stop: str  # ends each answer; generated and labelled
+    answer_lead: str = " "  # generated before the answer text (a token of its own in many tokenizers)
+    answer_tail: str = ""  # generated between the answer text and the stop (mistral_instruct's space)
+    assistant_suffix: str = ""  # rendered after the stop, not generated (ChatML's newline)
+    system: str = ""  # the default system prompt, used when a conversation has no system turn
     system_prefix: str = ""
-    system_suffix: str = " "
-    answer_lead: str = " "  # joins the generation prompt and the answer (part of the answer's first token)
-    assistant_suffix: str = ""  # rendered after the stop string, not trained (ChatML's newline)
+    system_suffix: str = ""
+    system_in_first_user: bool = False  # LLaMA-2 style: the wrapped system prompt opens the first user turn
+    user_images_only: bool = False  # plain: a user turn renders only its <image> placeholders
+    single_exchange: bool = False  # plain: exactly one user turn and one answer
+
+    def with_system(self, system: str | None) -> ChatFormat:
+        """This format with another default system prompt (``""``: none; ``None``: unchanged)."""
+        return self if system is None else replace(self, system=system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """Return ``(text, target_spans)``; spans are [start, end) character ranges of answer + stop."""
+        """Return ``(text, target_spans)``; spans are [start, end) character ranges of what is generated."""
+        system = self.system
+        if messages and messages[0][0] == "system":
+            system, messages = messages[0][1], messages[1:]
+        self._check_shape(messages, add_generation_prompt)
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
         pos = 0
@@ -47,22 +79,44 @@ class ChatFormat:
             parts.append(s)
             pos += len(s)
 
+        wrapped_system = self.system_prefix + system + self.system_suffix if system else ""
+        if not self.system_in_first_user:
+            emit(wrapped_system)
+        first_user = True
         for role, content in messages:
-            if role == "system":
-                emit(self.system_prefix + content + self.system_suffix)
-            elif role == "user":
+            if role == "user":
+                if self.user_images_only:
+                    content = IMAGE * content.count(IMAGE)
+                if first_user and self.system_in_first_user:
+                    content = wrapped_system + content
+                first_user = False
                 emit(self.user_prefix + content + self.user_suffix)
             elif role == "assistant":
-                emit(self.assistant_prefix + self.answer_lead)
+                emit(self.assistant_prefix)
                 start = pos
-                emit(content + self.stop)
+                emit(self.answer_lead + content + self.answer_tail + self.stop)
                 spans.append((start, pos))
                 emit(self.assistant_suffix)
+            elif role == "system":
+                raise ValueError("a system turn is only allowed first")
             else:
                 raise UserError(f"unknown chat role {role!r}: expected system, user or assistant")
         if add_generation_prompt:
             emit(self.assistant_prefix)
         return "".join(parts), spans
+
+    def _check_shape(self, messages: list[Message], add_generation_prompt: bool) -> None:
+        if not self.single_exchange:
+            return
+        roles = [r for r, _ in messages]
+        expected = ["user"] if add_generation_prompt else ["user", "assistant"]
+        if roles != expected:
+            raise ValueError(
+                f"chat format {self.name} (stage-1 alignment) takes one image and one caption per sample; this "
+                f"sample has {roles.count('assistant')} answers"
+            )
+        if IMAGE not in messages[0][1]:
+            raise ValueError(f"chat format {self.name} (stage-1 alignment) needs an image in every sample")
 
     @property
     def generation_prompt(self) -> str:
@@ -70,57 +124,91 @@ class ChatFormat:
 
     @property
     def jinja(self) -> str:
-        """A transformers chat template producing exactly ``render``'s text.
+        """A transformers chat template producing exactly ``render``'s text (default system prompt included).
 
         Message content may be a string (with ``<image>`` placeholders) or a list of
         ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items (images first).
         """
 
         def q(s: str) -> str:
-            return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+            return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
-        content = (
-            "{% set ns = namespace(c='') %}"
-            "{% if message['content'] is string %}{% set ns.c = message['content'] %}{% else %}"
-            "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-            "{% set ns.c = ns.c + '<image>\\n' %}{% endif %}{% endfor %}"
-            "{% for item in message['content'] %}{% if item['type'] == 'text' %}"
-            "{% set ns.c = ns.c + item['text'] %}{% endif %}{% endfor %}{% endif %}"
-        )
+        def text_of(m: str) -> str:
+            """Set ns.c to the text of message ``m`` (images as <image>\\n in front)."""
+            return (
+                f"{{% set ns.c = '' %}}{{% if {m}['content'] is string %}}{{% set ns.c = {m}['content'] %}}"
+                f"{{% else %}}{{% for item in {m}['content'] %}}{{% if item['type'] == 'image' %}}"
+                f"{{% set ns.c = ns.c + '<image>\\n' %}}{{% endif %}}{{% endfor %}}"
+                f"{{% for item in {m}['content'] %}}{{% if item['type'] == 'text' %}}"
+                f"{{% set ns.c = ns.c + item['text'] %}}{{% endif %}}{{% endfor %}}{{% endif %}}"
+            )
+
+        wrapped = f"({q(self.system_prefix)} + ns.sys + {q(self.system_suffix)} if ns.sys else '')"
+        user_content = "('<image>' * ns.c.count('<image>'))" if self.user_images_only else "ns.c"
+        if self.system_in_first_user:
+            user_content = f"(({wrapped} if ns.first else '') + {user_content})"
         return (
-            "{% for message in messages %}"
-            + content
-            + "{% if message['role'] == 'system' %}{{ '"
-            + q(self.system_prefix)
-            + "' + ns.c + '"
-            + q(self.system_suffix)
-            + "' }}"
-            + "{% elif message['role'] == 'user' %}{{ '"
-            + q(self.user_prefix)
-            + "' + ns.c + '"
-            + q(self.user_suffix)
-            + "' }}"
-            + "{% else %}{{ '"
-            + q(self.assistant_prefix + self.answer_lead)
-            + "' }}{% generation %}{{ ns.c + '"
-            + q(self.stop)
-            + "' }}{% endgeneration %}{{ '"
-            + q(self.assistant_suffix)
-            + "' }}{% endif %}{% endfor %}"
-            + "{% if add_generation_prompt %}{{ '"
-            + q(self.assistant_prefix)
-            + "' }}{% endif %}"
+            f"{{% set ns = namespace(c='', sys={q(self.system)}, first=true, start=0) %}}"
+            "{% if messages and messages[0]['role'] == 'system' %}"
+            + text_of("messages[0]")
+            + "{% set ns.sys = ns.c %}{% set ns.start = 1 %}{% endif %}"
+            + ("" if self.system_in_first_user else f"{{{{ {wrapped} }}}}")
+            + "{% for message in messages[ns.start:] %}"
+            + text_of("message")
+            + "{% if message['role'] == 'user' %}"
+            + f"{{{{ {q(self.user_prefix)} + {user_content} + {q(self.user_suffix)} }}}}"
+            + "{% set ns.first = false %}"
+            + "{% elif message['role'] == 'assistant' %}"
+            + f"{{{{ {q(self.assistant_prefix)} }}}}{{% generation %}}"
+            + f"{{{{ {q(self.answer_lead)} + ns.c + {q(self.answer_tail + self.stop)} }}}}"
+            + f"{{% endgeneration %}}{{{{ {q(self.assistant_suffix)} }}}}"
+            + "{% else %}{{ raise_exception('a system turn is only allowed first') }}{% endif %}"
+            + "{% endfor %}"
+            + f"{{% if add_generation_prompt %}}{{{{ {q(self.assistant_prefix)} }}}}{{% endif %}}"
         )
 
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 _FORMATS: dict[str, dict] = {
-    # LLaVA-1.5 / LLaVA-NeXT-Vicuna: "USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
-    "vicuna_v1": dict(user_prefix="USER: ", user_suffix=" ", assistant_prefix="ASSISTANT:", stop="</s>"),
-    # LLaVA-NeXT-Mistral: "[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST] A2</s>"
-    "mistral_instruct": dict(
-        user_prefix="[INST] ", user_suffix=" [/INST]", assistant_prefix="", stop="</s>", system_suffix="\n\n"
+    # LLaVA-1.5 / LLaVA-NeXT-Vicuna (upstream conv_vicuna_v1):
+    # "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
+    "vicuna_v1": dict(
+        user_prefix="USER: ",
+        user_suffix=" ",
+        assistant_prefix="ASSISTANT:",
+        stop="</s>",
+        system=VICUNA_SYSTEM,
+        system_suffix=" ",
     ),
-    # ChatML (LLaVA-NeXT-34B / Yi, Qwen2): "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    # LLaVA-NeXT-Mistral (upstream conv_mistral_instruct, LLaMA-2 separators):
+    # "[INST] <<SYS>>\nsys\n<</SYS>>\n\n<image>\nQ [/INST] A </s>[INST] Q2 [/INST] A2 </s>"
+    "mistral_instruct": dict(
+        user_prefix="[INST] ",
+        user_suffix=" [/INST]",
+        assistant_prefix="",
+        answer_tail=" ",
+        stop="</s>",
+        system_prefix="<<SYS>>\n",
+        system_suffix="\n<</SYS>>\n\n",
+        system_in_first_user=True,
+    ),
+    # LLaVA-NeXT-34B / Nous-Hermes-2-Yi-34B (upstream conv_chatml_direct): no newline after <|im_end|>
+    # "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>"
+    "chatml_direct": dict(
+        system="Answer the questions.",
+        system_prefix="<|im_start|>system\n",
+        system_suffix="<|im_end|>",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>",
+        assistant_prefix="<|im_start|>assistant\n",
+        answer_lead="",
+        stop="<|im_end|>",
+    ),
+    # ChatML LMs (Qwen2, ...): "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     "chatml": dict(
         system_prefix="<|im_start|>system\n",
         system_suffix="<|im_end|>\n",
@@ -141,36 +229,78 @@ _FORMATS: dict[str, dict] = {
         answer_lead="",
         stop="<|eot_id|>",
     ),
+    # LLaVA-1.5 stage 1 (upstream conv_llava_plain): "<image>" + caption + "\n"
+    "plain": dict(
+        user_prefix="",
+        user_suffix="",
+        assistant_prefix="",
+        answer_lead="",
+        stop="\n",
+        user_images_only=True,
+        single_exchange=True,
+    ),
 }
 
-# The stop string each format ends an answer with is that format's own; only vicuna_v1 and
-# mistral_instruct use the tokenizer's EOS token.
+CHAT_FORMATS = tuple(_FORMATS)
+# formats whose answers end with the tokenizer's own EOS token (its spelling differs between tokenizers)
 EOS_STOP_FORMATS = {"vicuna_v1", "mistral_instruct"}
+# the formats a conversation (stage 2) can be trained in; plain is for stage-1 alignment only
+CONVERSATION_FORMATS = tuple(n for n in _FORMATS if n != "plain")
 
 
-def chat_format(name: str, stop: str | None = None) -> ChatFormat:
-    """The chat format ``name``; ``stop`` overrides its stop string (a tokenizer's EOS token)."""
+def chat_format(name: str, stop: str | None = None, system: str | None = None) -> ChatFormat:
+    """The chat format ``name``; ``stop`` overrides its stop string, ``system`` its default system prompt."""
     if name not in _FORMATS:
         raise UserError(f"unknown chat format {name!r}; known: {', '.join(sorted(_FORMATS))}")
     kw = dict(_FORMATS[name])
     if stop is not None:
         kw["stop"] = stop
+    if system is not None:
+        kw["system"] = system
     return ChatFormat(name=name, **kw)
 
 
+def default_system(name: str) -> str:
+    """The system prompt format ``name`` renders when a conversation has none."""
+    return _FORMATS[name].get("system", "")
+
+
+def stop_token_id(tokenizer, stop: str) -> int | None:
+    """The id of the single token ``stop`` becomes at the end of an answer, or None when it is not one token."""
+    ids = tokenizer.encode("A" + stop, add_special_tokens=False)
+    if not ids:
+        return None
+    last = ids[-1]
+    if tokenizer.decode([last]) == stop or tokenizer.convert_ids_to_tokens(last) == stop:
+        return last
+    return None
+
+
 def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], stop_id: int | None):
-    """Tokenize ``text``; label (= copy) exactly the tokens overlapping ``spans``, -100 elsewhere.
+    """Tokenize ``text``; label (= copy) exactly the tokens that start inside ``spans``, -100 elsewhere.
 
     Raises ``ValueError`` when the rendered text cannot be aligned with the tokens: a span with no
-    token, or a span whose last token is not the stop token. A misaligned template therefore fails
-    loudly instead of silently training on nothing (or on the prompt).
+    token, a token that joins the generation prompt and the answer (the prompt alone would tokenize
+    differently, so what the model must generate is ill-defined), or a span whose last token is not
+    the stop token. A misaligned template therefore fails loudly instead of silently training on
+    nothing (or on the prompt).
     """
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets = enc["offset_mapping"]
     labels = [-100] * len(ids)
     for start, end in spans:
-        hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        hit = []
+        for i, (a, b) in enumerate(offsets):
+            if b <= a:
+                continue  # added by the post-processor (BOS), not in the text
+            if a < start < b:
+                raise ValueError(
+                    f"token {tokenizer.convert_ids_to_tokens(ids[i])!r} at characters {a}-{b} joins the generation "
+                    f"prompt and the answer at character {start}: the chat format does not match the tokenizer"
+                )
+            if start <= a < end:
+                hit.append(i)
         if not hit:
             raise ValueError(f"answer at characters {start}-{end} maps to no token")
         if stop_id is not None and ids[hit[-1]] != stop_id:
@@ -183,6 +313,6 @@ def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], sto
     return ids, labels
 
 
-def format_for(name: str, tokenizer) -> ChatFormat:
-    """The chat format ``name`` with the stop string this tokenizer ends answers with."""
-    return chat_format(name, stop=tokenizer.eos_token if name in EOS_STOP_FORMATS else None)
+def format_for(name: str, tokenizer, system: str | None = None) -> ChatFormat:
+    """The chat format ``name`` with the stop string this tokenizer ends answers with (and ``system``)."""
+    return chat_format(name, stop=tokenizer.eos_token if name in EOS_STOP_FORMATS else None, system=system)

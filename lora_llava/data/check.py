@@ -17,6 +17,7 @@ whole turns; dropped ones are listed in ``rejected.jsonl`` too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from lora_llava.data.mixture import (
     format_mixture,
     select_indices,
 )
+from lora_llava.data.prompts import add_brief_instruction
 from lora_llava.errors import UserError
 
 MAX_LISTED = 200
@@ -130,7 +132,10 @@ def _read(
         st = SourceStats(split, src.path, 0, len(read.bad), format=reader.format, records=len(reader))
         st.used = len(indices)
         bad, good = list(read.bad), []
+        chat_style_align = recipe.stage == "align" and not encoder.fmt.user_images_only
         for s in read.samples:
+            if chat_style_align:  # captions answer a brief-description instruction (LLaVA-1.0's stage 1)
+                s = dataclasses.replace(s, messages=add_brief_instruction(s.messages, f"{s.source}:{s.id}"))
             try:
                 fit = fit_sample(encoder, s, d.max_length, d.overlength)
             except ValueError as e:

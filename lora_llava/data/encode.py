@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_llava.data.chat import ChatFormat, tokenize_with_labels
+from lora_llava.data.chat import ChatFormat, stop_token_id, tokenize_with_labels
 from lora_llava.data.formats import IMAGE, Sample
 from lora_llava.data.images import image_size, load_image, pad_to_square
 
@@ -36,16 +36,17 @@ class Encoder:
         self.processor = processor
         self.pad_to_square = pad_to_square
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        self.pad_color = tuple(int(round(255 * m)) for m in mean)  # the processor's mean color, as LLaVA-1.5
+        # the processor's mean color, truncated as upstream LLaVA-1.5 and transformers' LlavaImageProcessor do
+        self.pad_color = tuple(int(255 * m) for m in mean)
         self.tokenizer = processor.tokenizer
         self.fmt = fmt
         self.max_length = max_length
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        stop_ids = self.tokenizer.encode(fmt.stop, add_special_tokens=False)
         # A stop string that is not one token of this tokenizer can never be emitted as a stop: check
         # answers against the tokenizer's EOS then, so the mismatch fails loudly instead of unchecked.
-        self.stop_id = stop_ids[0] if len(stop_ids) == 1 else self.tokenizer.eos_token_id
+        stop = stop_token_id(self.tokenizer, fmt.stop)
+        self.stop_id = stop if stop is not None else self.tokenizer.eos_token_id
         self._counts: dict[tuple[int, int], int] = {}  # (width, height) -> image tokens
 
     # -- image tokens -------------------------------------------------------------------------

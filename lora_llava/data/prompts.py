@@ -30,3 +30,38 @@ def apply_prompt_style(messages: list[tuple[str, str]], style: str) -> list[tupl
             text = f"{text.rstrip()}\n{instruction}"
         out.append((role, text))
     return out
+
+
+# Chat-style stage-1 alignment (``stage: align`` with a conversation ``chat.format``): a caption that
+# answers no question gets one of these instructions, drawn per sample (stable across runs).
+BRIEF_DESCRIPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of this picture.",
+    "Summarize what the photo shows in one sentence.",
+    "What does this image show? Keep it short.",
+    "Write a brief caption for the image.",
+    "In a few words, what is in the picture?",
+    "Provide a one-line description of the photo.",
+    "Caption this image concisely.",
+    "Tell me briefly what you see.",
+    "Sum up the contents of the image in a sentence.",
+    "What is depicted here? Answer in one sentence.",
+    "Offer a compact description of the scene.",
+)
+
+
+def add_brief_instruction(messages: list[tuple[str, str]], key: str) -> list[tuple[str, str]]:
+    """``messages`` with a brief-description instruction in every user turn that holds only images.
+
+    The instruction is chosen by a checksum of ``key`` (source and sample id), so a sample gets the
+    same one on every run and machine; the ``<image>`` placeholders stay first.
+    """
+    import zlib
+
+    out = []
+    for role, text in messages:
+        if role == "user" and not text.replace("<image>", "").strip():
+            prompt = BRIEF_DESCRIPTION_PROMPTS[zlib.crc32(key.encode()) % len(BRIEF_DESCRIPTION_PROMPTS)]
+            text = "<image>\n" * text.count("<image>") + prompt
+        out.append((role, text))
+    return out

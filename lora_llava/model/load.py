@@ -62,6 +62,26 @@ def load_processor(path: str):
         raise UserError(f"cannot load the processor of {path!r}: {e}", hint=_offline_hint(path)) from None
 
 
+def deployable_processor(processor, fmt, pad_to_square: bool):
+    """A copy of ``processor`` that stock transformers uses exactly as training did.
+
+    Its chat template renders ``fmt`` (system prompt included), and with ``pad_to_square`` its image
+    processor is transformers' ``LlavaImageProcessor`` with ``do_pad`` (LLaVA-1.5's pad handling, same
+    mean color), so ``AutoProcessor`` on a saved adapter or merged model pads like training did.
+    """
+    import copy
+
+    out = copy.deepcopy(processor)
+    out.chat_template = fmt.jinja
+    if pad_to_square:
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+        settings = {k: v for k, v in out.image_processor.to_dict().items() if k != "image_processor_type"}
+        settings["do_pad"] = True
+        out.image_processor = LlavaImageProcessorPil(**settings)
+    return out
+
+
 def _offline_hint(path: str) -> str:
     if Path(path).exists():
         return "the directory is incomplete; re-save it with save_pretrained"

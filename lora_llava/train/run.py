@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from lora_llava.backbones.registry import resolve_backbone
-from lora_llava.config.load import recipe_to_dict, save_recipe
+from lora_llava.config.load import chat_format_name, recipe_to_dict, save_recipe
 from lora_llava.config.schema import Recipe
-from lora_llava.data.chat import format_for
+from lora_llava.data.chat import ChatFormat, format_for
 from lora_llava.data.check import prepare_data
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder
 from lora_llava.errors import UserError
@@ -34,6 +34,7 @@ from lora_llava.model.load import (
     _newline,
     apply_max_tiles,
     attach_adapters,
+    deployable_processor,
     get_module,
     load_base,
     load_processor,
@@ -66,12 +67,30 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print, enforce:
     ``enforce=False`` returns the report without applying data.on_bad_sample (see ``enforce_policy``).
     """
     spec = backbone_for(recipe, log)
+    if recipe.images.pad_to_square and spec.family != "llava":
+        raise UserError(
+            f"images.pad_to_square is LLaVA-1.5's image handling; backbone {spec.name} is {spec.family} "
+            "(AnyRes tiles keep the aspect ratio), and stock transformers would not pad it at serving time",
+            hint="remove images.pad_to_square (images.max_tiles bounds the image tokens instead)",
+        )
     processor = load_processor(spec.local_path())
+    grids = list(getattr(processor.image_processor, "image_grid_pinpoints", None) or [])
     apply_max_tiles(None, processor, recipe.images.max_tiles)
-    fmt = format_for(spec.chat_format, processor.tokenizer)
+    fmt = format_for(chat_format_name(recipe, spec.chat_format), processor.tokenizer, recipe.chat.system_prompt)
     encoder = Encoder(processor, fmt, recipe.data.max_length, pad_to_square=recipe.images.pad_to_square)
     report = prepare_data(recipe, encoder, run_dir, enforce=enforce)
+    if recipe.images.max_tiles and grids and len(processor.image_processor.image_grid_pinpoints) == len(grids):
+        report.warnings.append(
+            f"images.max_tiles={recipe.images.max_tiles} caps nothing: every AnyRes grid of {spec.name} has at most "
+            f"{recipe.images.max_tiles} tiles"
+        )
     return spec, processor, encoder, report
+
+
+def describe_format(fmt: ChatFormat) -> str:
+    """One line: the chat format and the system prompt a run renders."""
+    system = f"system prompt {fmt.system!r}" if fmt.system else "no system prompt"
+    return f"chat format {fmt.name}, {system}"
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -201,13 +220,12 @@ def _trainer_class(recipe: Recipe, report):
     return LengthGroupedTrainer
 
 
-def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: dict) -> Path:
-    """Write the adapter artifact atomically to ``run_dir/adapter``."""
+def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: dict, fmt: ChatFormat) -> Path:
+    """Write the adapter artifact atomically to ``run_dir/adapter``; its processor renders and pads as training did."""
     target = run_dir / "adapter"
     with atomic_dir(target, replace=True) as tmp:
         save_trained_parts(model, spec, recipe, tmp)
-        processor.chat_template = format_for(spec.chat_format, processor.tokenizer).jinja
-        processor.save_pretrained(tmp)
+        deployable_processor(processor, fmt, recipe.images.pad_to_square).save_pretrained(tmp)
         save_recipe(recipe, tmp / "recipe.yaml")
         meta = {
             "format": "lora_llava-adapter/1",
@@ -215,7 +233,9 @@ def save_adapter(model, processor, spec, recipe: Recipe, run_dir: Path, extra: d
             "stage": recipe.stage,
             "source": spec.source,
             "family": spec.family,
-            "chat_format": spec.chat_format,
+            "chat_format": fmt.name,
+            "system_prompt": fmt.system,
+            "backbone_chat_format": spec.chat_format,
             "quantization": recipe_to_dict(recipe)["quantization"],
             "projector_trained": recipe.projector.policy == "full",
             "pad_to_square": recipe.images.pad_to_square,
@@ -234,6 +254,7 @@ def train(recipe: Recipe, log=print, prepared: tuple | None = None) -> dict:
     save_recipe(recipe, run_dir / "recipe.yaml")
     t0 = time.time()
     spec, processor, encoder, report = prepared or prepare_run(recipe, run_dir, log)
+    log(describe_format(encoder.fmt))
     log(report.summary())
     if report.bad or report.dropped:
         left_out = len(report.bad) + len(report.dropped)
@@ -282,7 +303,7 @@ def train(recipe: Recipe, log=print, prepared: tuple | None = None) -> dict:
         )
     seconds = time.time() - t0
     extra = {"train_loss": loss, "steps": trainer.state.global_step, "train_samples": len(report.train)}
-    adapter = save_adapter(model, processor, spec, recipe, run_dir, extra)
+    adapter = save_adapter(model, processor, spec, recipe, run_dir, extra, encoder.fmt)
     pad = stats["pad"] / max(stats["tokens"], 1)
     if recipe.stage == "align":
         from lora_llava.merge import merge
