@@ -39,7 +39,7 @@ from lora_llava.data.encode import Collator, EncodedDataset, Encoder
 from lora_llava.data.formats import read_source
 from lora_llava.data.images import load_image
 from lora_llava.data.synthetic import write_shapes_dataset
-from lora_llava.model.load import load_processor
+from lora_llava.model.loading import load_processor
 
 
 class ProcessorInputs(torch.utils.data.Dataset):

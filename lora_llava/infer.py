@@ -4,7 +4,7 @@ Usage::
 
     loaded = load_model("runs/quickstart")          # a run dir, adapter dir, merged dir or backbone name
     answers = generate(loaded, samples, max_new_tokens=16, batch_size=8)
-    result = evaluate(loaded, samples)              # {"accuracy", "n", "correct", "predictions": [...]}
+    result = evaluate(loaded, samples)              # EvalResult(accuracy, n, correct, predictions)
 
 Answers are greedy. Exact match compares answers with case, surrounding whitespace, quotes and
 trailing punctuation normalized.
@@ -12,96 +12,81 @@ trailing punctuation normalized.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.artifacts import Artifact, open_artifact
+from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
-from lora_llava.model.load import ADAPTER_META, load_adapter_model, load_base
+from lora_llava.model.loading import load_base, torch_dtype
+from lora_llava.model.trained_parts import load_adapter_model
 
 
 @dataclass
 class Loaded:
+    """A model ready to answer: the weights, the processor, and the encoder that prompts it as trained."""
+
     model: torch.nn.Module
-    processor: object
+    processor: Any
     encoder: Encoder
     kind: str  # adapter | merged | backbone
     ref: str
+    artifact: Artifact | None = None
 
 
-def adapter_dir_of(ref: str | Path) -> Path | None:
-    """The adapter directory of a run directory (or the adapter directory itself), else None."""
-    p = Path(ref)
-    for cand in (p / "adapter", p):
-        meta = cand / ADAPTER_META
-        if meta.is_file() and json.loads(meta.read_text()).get("format", "").startswith("lora_llava-adapter"):
-            return cand
-    return None
-
-
-def _encoder(processor, fmt_name: str, pad_to_square: bool = False, system: str | None = None) -> Encoder:
-    return Encoder(processor, format_for(fmt_name, processor.tokenizer, system), pad_to_square=pad_to_square)
-
-
-def load_model(
-    ref: str, dtype: torch.dtype | None = None, pad_to_square: bool | None = None, max_tiles: int | None = None
-) -> Loaded:
-    """Load a run/adapter dir (as trained), a merged/plain checkpoint dir, or a backbone name."""
-    if ("/" in ref or Path(ref).is_absolute()) and not Path(ref).exists() and ref.startswith(("/", ".", "runs/")):
+def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int | None = None) -> Loaded:
+    """Load what ``ref`` names (see ``lora_llava.artifacts.open_artifact``): a run or adapter as trained,
+    a merged / aligned / assembled / plain checkpoint directory, or a backbone name."""
+    art = open_artifact(ref)
+    if art.kind in ("run", "adapter"):
+        adapter_dir = art.adapter_dir
+        meta = art.meta
+        assert adapter_dir is not None and meta is not None
+        model, processor, _ = load_adapter_model(adapter_dir, meta, dtype=dtype)  # type: ignore[arg-type]
+        enc = Encoder(processor, format_for(meta.chat_format, processor.tokenizer, meta.system_prompt),
+                      pad_to_square=meta.pad_to_square)  # type: ignore[union-attr]  # fmt: skip
+        return Loaded(model, processor, enc, "adapter", str(adapter_dir), art)
+    if art.kind == "checkpoint":
         raise UserError(
-            f"no model at {ref!r}: the directory does not exist",
-            hint="pass a run directory, its adapter/, a merged directory, or a backbone name",
+            f"{art.ref!r} is a resumable training checkpoint, not a model",
+            hint="evaluate or merge the run directory (its adapter/), or resume training from it",
         )
-    adapter = adapter_dir_of(ref)
-    if adapter is not None:
-        model, processor, meta = load_adapter_model(adapter, dtype=dtype)
-        return Loaded(
-            model,
-            processor,
-            _encoder(processor, meta["chat_format"], meta.get("pad_to_square", False), meta.get("system_prompt", "")),
-            "adapter",
-            str(adapter),
-        )
-    path = Path(ref)
-    if path.is_dir() and (path / "config.json").is_file():
-        meta_path = path / ADAPTER_META
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if art.is_model_dir:
+        path = art.path
+        assert path is not None
         spec = resolve_backbone(str(path))
         model, processor = load_base(
             spec, QuantizationConfig(load_in_4bit=False), quantized=False, dtype=dtype or _stored_dtype(path)
         )
+        meta = art.meta
+        fmt_name = getattr(meta, "chat_format", None) or spec.chat_format
+        system = getattr(meta, "system_prompt", None) if meta is not None else None
+        pad = bool(getattr(meta, "pad_to_square", False))
         model.eval()
-        return Loaded(
-            model,
-            processor,
-            _encoder(
-                processor,
-                meta.get("chat_format", spec.chat_format),
-                meta.get("pad_to_square", False),
-                meta.get("system_prompt") if meta else None,
-            ),
-            "merged",
-            ref,
-        )
-    spec: BackboneSpec = resolve_backbone(ref)
+        enc = Encoder(processor, format_for(fmt_name, processor.tokenizer, system), pad_to_square=pad)
+        return Loaded(model, processor, enc, "merged", str(path), art)
+    spec = resolve_backbone(art.ref)
     q = QuantizationConfig(load_in_4bit=False, compute_dtype="float32" if not torch.cuda.is_available() else "bfloat16")
     model, processor = load_base(spec, q, quantized=False, dtype=dtype, max_tiles=max_tiles)
     model.eval()
-    return Loaded(model, processor, _encoder(processor, spec.chat_format, bool(pad_to_square)), "backbone", ref)
+    enc = Encoder(processor, format_for(spec.chat_format, processor.tokenizer))
+    return Loaded(model, processor, enc, "backbone", art.ref, art)
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
+    import json
+
     cfg = json.loads((path / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float32"
-    return getattr(torch, name) if torch.cuda.is_available() else torch.float32
+    return torch_dtype(name) if torch.cuda.is_available() else torch.float32
 
 
 def _model_device(model) -> torch.device:
@@ -156,19 +141,32 @@ def normalize(answer: str) -> str:
     return re.sub(r"^[\s\"'`]+", "", a)
 
 
-def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, batch_size: int = 8) -> dict:
+@dataclass
+class EvalResult:
+    """Exact-match accuracy and every prediction (``id``, ``prediction``, ``reference``, ``correct``)."""
+
+    accuracy: float
+    n: int
+    correct: int
+    predictions: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"accuracy": self.accuracy, "n": self.n, "correct": self.correct, "predictions": self.predictions}
+
+
+def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, batch_size: int = 8) -> EvalResult:
     preds = generate(loaded, samples, max_new_tokens, batch_size)
     rows = []
     for s, p in zip(samples, preds):
         ref = s.messages[-1][1]
         rows.append({"id": s.id, "prediction": p, "reference": ref, "correct": normalize(p) == normalize(ref)})
     correct = sum(r["correct"] for r in rows)
-    return {"accuracy": correct / max(len(rows), 1), "n": len(rows), "correct": correct, "predictions": rows}
+    return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows)
 
 
-def format_predictions(result: dict, k: int = 6) -> str:
+def format_predictions(result: EvalResult, k: int = 6) -> str:
     lines = [f"{'id':<14} {'reference':<20} {'prediction':<30} ok"]
-    for r in result["predictions"][:k]:
+    for r in result.predictions[:k]:
         lines.append(
             f"{str(r['id'])[:14]:<14} {r['reference'][:20]:<20} {r['prediction'][:30]!r:<30} {'✓' if r['correct'] else '✗'}"
         )

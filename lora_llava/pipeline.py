@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
+from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 
@@ -28,17 +28,18 @@ def _eval_samples(recipe: Recipe, report) -> list:
 def run_pipeline(recipe: Recipe, log=print) -> dict:
     from lora_llava.data.encode import Encoder
     from lora_llava.infer import evaluate, format_predictions, load_model
-    from lora_llava.merge import merge
-    from lora_llava.train.run import prepare_run, train
+    from lora_llava.merging import merge
+    from lora_llava.training.prepare import prepare_run
+    from lora_llava.workflows import train
 
     t0 = time.time()
-    run_dir = Path(recipe.output_dir)
-    merged_dir = run_dir / "merged"
+    run = RunDir(recipe.output_dir)
+    run_dir, merged_dir = run.path, run.merged
     if merged_dir.exists():
         raise UserError(f"{merged_dir} exists from an earlier run", hint=f"delete {run_dir} or set output_dir=...")
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
-    spec, _, encoder, report = prepared
+    spec, encoder, report = prepared.spec, prepared.encoder, prepared.report
     samples = _eval_samples(recipe, report)
     e = recipe.eval
 
@@ -48,7 +49,7 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
     base_model.encoder = Encoder(base_model.processor, encoder.fmt, pad_to_square=recipe.images.pad_to_square)
     base = evaluate(base_model, samples, e.max_new_tokens, e.batch_size)
     log(format_predictions(base, 4))
-    log(f"base accuracy {base['accuracy']:.3f}")
+    log(f"base accuracy {base.accuracy:.3f}")
 
     log("== 2/5 train")
     trained = train(recipe, log=log, prepared=prepared)
@@ -56,43 +57,41 @@ def run_pipeline(recipe: Recipe, log=print) -> dict:
     log("== 3/5 trained adapter")
     after = evaluate(load_model(str(run_dir)), samples, e.max_new_tokens, e.batch_size)
     log(format_predictions(after, 4))
-    log(f"adapter accuracy {after['accuracy']:.3f}")
+    log(f"adapter accuracy {after.accuracy:.3f}")
 
     log("== 4/5 merge")
     merged_report = merge(str(run_dir), str(merged_dir), log=log)
 
     log("== 5/5 merged model")
     merged = evaluate(load_model(str(merged_dir)), samples, e.max_new_tokens, e.batch_size)
-    same = sum(a["prediction"] == b["prediction"] for a, b in zip(after["predictions"], merged["predictions"]))
-    parity = merged_report["parity"]
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(after.predictions, merged.predictions))
+    parity = merged_report.parity
     summary = {
         "backbone": spec.name,
         "eval_samples": len(samples),
-        "accuracy": {"base": base["accuracy"], "adapter": after["accuracy"], "merged": merged["accuracy"]},
+        "accuracy": {"base": base.accuracy, "adapter": after.accuracy, "merged": merged.accuracy},
         "merged_equals_adapter": f"{same}/{len(samples)}",
-        "merge_max_abs_logit_diff": parity.get("max_abs_logit_diff"),
-        "train_steps": trained["steps"],
-        "train_loss": trained["train_loss"],
-        "train_seconds": round(trained["seconds"], 1),
+        "merge_max_abs_logit_diff": parity.max_abs_logit_diff,
+        "train_steps": trained.steps,
+        "train_loss": trained.train_loss,
+        "train_seconds": round(trained.seconds, 1),
         "wall_seconds": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
         "merged_dir": str(merged_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "eval_predictions.json").write_text(
-        json.dumps({"base": base, "adapter": after, "merged": merged}, indent=1)
+    run.summary.write_text(json.dumps(summary, indent=2))
+    run.eval_predictions.write_text(
+        json.dumps({"base": base.to_json(), "adapter": after.to_json(), "merged": merged.to_json()}, indent=1)
     )
     log("== summary")
     log(
-        f"accuracy  base {base['accuracy']:.3f} -> adapter {after['accuracy']:.3f} -> merged {merged['accuracy']:.3f} "
+        f"accuracy  base {base.accuracy:.3f} -> adapter {after.accuracy:.3f} -> merged {merged.accuracy:.3f} "
         f"({len(samples)} eval samples)"
     )
     log(
         f"merged == adapter answers: {same}/{len(samples)}; merge logit max |diff| "
-        f"{parity.get('max_abs_logit_diff', float('nan')):.2e}"
+        f"{parity.max_abs_logit_diff if parity.max_abs_logit_diff is not None else float('nan'):.2e}"
     )
-    log(
-        f"wall time {summary['wall_seconds']:.0f}s (training {summary['train_seconds']:.0f}s, {trained['steps']} steps)"
-    )
+    log(f"wall time {summary['wall_seconds']:.0f}s (training {summary['train_seconds']:.0f}s, {trained.steps} steps)")
     log(f"run: {run_dir}   merged model: {merged_dir}")
     return summary

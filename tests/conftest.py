@@ -87,7 +87,7 @@ def make_recipe(shapes, tmp_path):
 @pytest.fixture(scope="session")
 def trained_run(shapes, tmp_path_factory, tiny_path) -> Path:
     """One short QLoRA run on tiny (shared, read-only for tests)."""
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     recipe = tiny_recipe(

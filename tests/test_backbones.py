@@ -15,8 +15,9 @@ from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import read_source
 from lora_llava.errors import UserError
-from lora_llava.model.load import attach_adapters, load_base, load_processor
+from lora_llava.model.loading import load_base, load_processor
 from lora_llava.model.parts import check_policy
+from lora_llava.model.trainability import attach_adapters
 
 
 def _image(path, w, h):
@@ -56,7 +57,7 @@ def _next(max_tiles=None):
     processor = load_processor(spec.local_path())
     model = LlavaNextForConditionalGeneration.from_pretrained(spec.local_path()).eval()
     if max_tiles:
-        from lora_llava.model.load import apply_max_tiles
+        from lora_llava.model.anyres import apply_max_tiles
 
         apply_max_tiles(model, processor, max_tiles)
     return model, processor
@@ -111,7 +112,7 @@ def test_anyres_batch_pads_tiles(aspect_data):
 
 
 def test_max_tiles_too_small_is_a_user_error():
-    from lora_llava.model.load import cap_tiles
+    from lora_llava.model.anyres import cap_tiles
 
     with pytest.raises(UserError, match="images.max_tiles=1 leaves no AnyRes grid"):
         cap_tiles([[32, 64], [64, 64]], 32, 1)
@@ -233,9 +234,9 @@ def test_vision_tower_policies(make_recipe):
         else:
             assert vt.lora_layers == 0 and vt.trainable == vt.params
         assert rows["language_model"].lora_layers == 14 and rows["lm_head"].trainable == 0
-        from lora_llava.train.run import _optimizer_groups
+        from lora_llava.training.optim import optimizer_groups
 
-        lrs = sorted(g["lr"] for g in _optimizer_groups(model, spec, recipe))
+        lrs = sorted(g["lr"] for g in optimizer_groups(model, spec, recipe))
         assert lrs == sorted([1e-4, recipe.train.learning_rate, recipe.projector.learning_rate or 3e-3])
 
 
@@ -252,7 +253,7 @@ def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path)
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     align = make_recipe(
         backbone="assemble",
@@ -290,14 +291,14 @@ def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path)
     result = train(instruct, log=lambda *_: None)
     meta = json.loads((tmp_path / "instruct" / "adapter" / "lora_llava.json").read_text())
     assert meta["backbone"] == str(run / "model") and meta["chat_format"] == "chatml"
-    assert result["steps"] == 2
+    assert result.steps == 2
 
 
 def test_merge_of_a_next_run_loads_with_its_class(make_recipe, tmp_path):
     from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
-    from lora_llava.merge import merge
-    from lora_llava.train.run import train
+    from lora_llava.merging import merge
+    from lora_llava.workflows import train
 
     recipe = make_recipe(
         backbone="tiny-next", output_dir=str(tmp_path / "run"), images={"max_tiles": 2}, train={"max_steps": 2}
@@ -308,8 +309,8 @@ def test_merge_of_a_next_run_loads_with_its_class(make_recipe, tmp_path):
     model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "merged", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert all(max(p) // 32 * (min(p) // 32) <= 2 for p in model.config.image_grid_pinpoints)
-    assert report["parity"]["answers_equal"] == report["parity"]["answers_total"]
-    assert report["parity"]["max_abs_logit_diff"] < 0.1
+    assert report.parity.answers_equal == report.parity.answers_total
+    assert report.parity.max_abs_logit_diff < 0.1
     # the trained image newline made it into the merged weights
     from safetensors.torch import load_file
 
@@ -378,7 +379,7 @@ def test_pad_to_square_pads_with_the_mean_color_and_counts_the_padded_size(name,
 def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path):
     """Text-only samples reach no trainable weight while only the projector trains (chat-style stage 1; the
     plain format takes image-caption pairs only): no crash; re-running stage 1 replaces its model/."""
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     recs = json.loads((shapes / "align.json").read_text())[:16]
     recs += [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
@@ -390,10 +391,10 @@ def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path
         train={"max_steps": 6, "batch_size": 4},
     )  # fmt: skip
     first = train(recipe, log=lambda *_: None)
-    assert first["steps"] == 6
+    assert first.steps == 6
     stamp = (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns
     second = train(recipe, log=lambda *_: None)
-    assert second["steps"] == 6
+    assert second.steps == 6
     assert (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns != stamp
 
 
@@ -401,7 +402,18 @@ def test_backbone_paths_that_are_not_models_say_why(tmp_path):
     with pytest.raises(UserError, match="backbone directory 'runs/never-trained' does not exist") as e:
         resolve_backbone("runs/never-trained")
     assert "train its align recipe first" in str(e.value)
+    import dataclasses
+
+    from lora_llava.artifacts import AdapterMeta, write_meta
+
     (tmp_path / "run" / "adapter").mkdir(parents=True)
+    meta = AdapterMeta(backbone="tiny", source="builtin:tiny", family="llava", chat_format="plain", stage="align")
+    write_meta(tmp_path / "run" / "adapter", meta)
+    with pytest.raises(UserError, match="is a stage-1 run directory without model/"):
+        resolve_backbone(str(tmp_path / "run"))
+    write_meta(tmp_path / "run" / "adapter", dataclasses.replace(meta, stage="instruct"))
+    with pytest.raises(UserError, match="is a stage-2 run \\(an adapter\\), not a model"):
+        resolve_backbone(str(tmp_path / "run"))
     (tmp_path / "run" / "adapter" / "lora_llava.json").write_text("{}")
-    with pytest.raises(UserError, match="is a run directory without model/"):
+    with pytest.raises(UserError, match="lora_llava.json: unknown format None"):
         resolve_backbone(str(tmp_path / "run"))

@@ -95,16 +95,18 @@ def mixed_data(tmp_path, shapes):
 def _trainer(recipe, report, encoder, processor, tmp_path):
     from transformers import TrainingArguments
 
-    from lora_llava.train.run import _trainer_class
+    from lora_llava.training.trainer import LlavaTrainer
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, use_cpu=True, report_to=[], seed=11,
         remove_unused_columns=False,
     )  # fmt: skip
-    cls = _trainer_class(recipe, report)
-    return cls(
+    grouped = recipe.train.group_by_length
+    return LlavaTrainer(
         spec=None,
         recipe=recipe,
+        lengths=[report.length_of(s) for s in report.train] if grouped else None,
+        has_image=[bool(s.images) for s in report.train] if grouped else None,
         model=torch.nn.Linear(1, 1),
         args=args,
         train_dataset=EncodedDataset(report.train, encoder),
@@ -113,13 +115,14 @@ def _trainer(recipe, report, encoder, processor, tmp_path):
 
 
 def test_trainer_batches_by_length_and_modality(make_recipe, mixed_data, shapes, tmp_path, tiny_path):
-    from lora_llava.train.run import prepare_run
+    from lora_llava.training.prepare import prepare_run
 
     def epoch(group: bool) -> tuple[list[dict], float]:
         data = {"train": [{"path": str(mixed_data), "image_folder": str(shapes / "images")}]}
         # without the system prompt, whose ~70 tokens in every sample would dilute the padding share
         recipe = make_recipe(data=data, train={"group_by_length": group}, chat={"system_prompt": ""})
-        _, processor, encoder, report = prepare_run(recipe, log=lambda *_: None)
+        p = prepare_run(recipe, log=lambda *_: None)
+        processor, encoder, report = p.processor, p.encoder, p.report
         trainer = _trainer(recipe, report, encoder, processor, tmp_path)
         loader = trainer.get_train_dataloader()
         batches = list(loader)

@@ -7,8 +7,8 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from lora_llava.train.checkpoint import latest_checkpoint
-from lora_llava.train.run import train
+from lora_llava.artifacts import RunDir
+from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}
 
@@ -34,7 +34,7 @@ def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_pa
         "trainer_state.json",
     } <= files
     assert not {"model.safetensors", "vision_tower.safetensors"} & files  # frozen base weights are not copied
-    assert latest_checkpoint(tmp_path / "a") == ckpts / "checkpoint-4"
+    assert RunDir(tmp_path / "a").latest_checkpoint() == ckpts / "checkpoint-4"
 
     # an interrupted run: checkpoint-2 survived, a later save died half-way (no trainer_state.json)
     run_b = tmp_path / "b"
@@ -42,11 +42,11 @@ def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_pa
     shutil.copytree(ckpts / "checkpoint-2", run_b / "checkpoints" / "checkpoint-2")
     (run_b / "checkpoints" / "checkpoint-3").mkdir()
     (run_b / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"partial")
-    assert latest_checkpoint(run_b) == run_b / "checkpoints" / "checkpoint-2"
+    assert RunDir(run_b).latest_checkpoint() == run_b / "checkpoints" / "checkpoint-2"
 
     resumed = make_recipe(output_dir=str(run_b), train={"max_steps": 4, "save_steps": 2, "resume": True})
     result = train(resumed, **QUIET)
-    assert result["steps"] == 4
+    assert result.steps == 4
     a, b = _tensors(tmp_path / "a" / "adapter"), _tensors(run_b / "adapter")
     assert a.keys() == b.keys()
     for k in a:
@@ -76,7 +76,7 @@ def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_mode
 
     import pytest
 
-    import lora_llava.train.run as run_mod
+    import lora_llava.training.run as run_mod
     from lora_llava.errors import UserError
 
     out = str(tmp_path / "e")

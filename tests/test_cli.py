@@ -88,7 +88,7 @@ def test_eval_on_missing_model_dir(capsys, tmp_path, shapes):
         capsys, "eval", tmp_path / "no-such-run", "--data", shapes / "eval.json",
         "--image-folder", shapes / "images",
     )  # fmt: skip
-    assert_user_error(code, out, err, f"no model at '{tmp_path / 'no-such-run'}': the directory does not exist")
+    assert_user_error(code, out, err, f"no directory '{tmp_path / 'no-such-run'}': it does not exist")
 
 
 def test_eval_with_bad_data_lists_it(capsys, tmp_path, shapes):
@@ -103,7 +103,9 @@ def test_eval_with_bad_data_lists_it(capsys, tmp_path, shapes):
 def test_merge_of_non_run_dir(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "merge", tmp_path / "empty", tmp_path / "merged")
-    assert_user_error(code, out, err, f"'{tmp_path / 'empty'}' is not a run or adapter directory")
+    assert_user_error(
+        code, out, err, f"'{tmp_path / 'empty'}' is not a run directory, an adapter/, a checkpoint, a merged model"
+    )
     assert not (tmp_path / "merged").exists()
 
 

@@ -246,7 +246,7 @@ def test_answer_2_on_the_sentencepiece_backbone_token_by_token(_offline_cache):
     """tiny-sp: " 2" after "ASSISTANT:" is a lone "\u2581" then "2"; all three generated tokens carry loss."""
     from lora_llava.data.encode import Encoder
     from lora_llava.data.formats import Sample
-    from lora_llava.model.load import load_processor
+    from lora_llava.model.loading import load_processor
 
     processor = load_processor(resolve_backbone("tiny-sp").local_path())
     tok = processor.tokenizer
@@ -295,17 +295,19 @@ def test_system_prompt_switch_reaches_training_eval_and_the_template(make_recipe
     from transformers import AutoProcessor
 
     from lora_llava.infer import load_model
-    from lora_llava.train.run import train
+    from lora_llava.training.prepare import prepare_run
+    from lora_llava.workflows import train
 
     recipe = make_recipe(chat={"system_prompt": ""}, train={"max_steps": 1})
-    out = train(recipe, log=lambda *_: None)
+    train(recipe, log=lambda *_: None)
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "lora_llava.json").read_text())["system_prompt"] == ""
     stock = AutoProcessor.from_pretrained(adapter)
     assert stock.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False) == "USER: Hi? "
-    sample = out["report"].train[0]
-    ids, _ = load_model(str(tmp_path / "run")).encoder.tokens(sample, [(64, 64)])
-    assert not out["processor"].tokenizer.decode(ids).startswith("<s> A chat")
+    sample = prepare_run(recipe, log=lambda *_: None).report.train[0]
+    loaded = load_model(str(tmp_path / "run"))
+    ids, _ = loaded.encoder.tokens(sample, [(64, 64)])
+    assert loaded.processor.tokenizer.decode(ids, skip_special_tokens=True).startswith("USER: ")
 
 
 def test_stock_autoprocessor_pads_like_training(make_recipe, shapes, tmp_path):
@@ -315,9 +317,9 @@ def test_stock_autoprocessor_pads_like_training(make_recipe, shapes, tmp_path):
 
     from lora_llava.data.encode import Encoder
     from lora_llava.data.formats import Sample
-    from lora_llava.merge import merge
-    from lora_llava.model.load import load_processor
-    from lora_llava.train.run import train
+    from lora_llava.merging import merge
+    from lora_llava.model.loading import load_processor
+    from lora_llava.workflows import train
 
     recipe = make_recipe(images={"pad_to_square": True}, train={"max_steps": 1})
     train(recipe, log=lambda *_: None)
@@ -340,7 +342,7 @@ def test_stock_autoprocessor_pads_like_training(make_recipe, shapes, tmp_path):
 
 def test_pad_to_square_is_refused_for_anyres_backbones(make_recipe):
     from lora_llava.errors import UserError
-    from lora_llava.train.run import prepare_run
+    from lora_llava.training.prepare import prepare_run
 
     with pytest.raises(UserError, match="images.pad_to_square is LLaVA-1.5's image handling; backbone tiny-next"):
         prepare_run(make_recipe(backbone="tiny-next", images={"pad_to_square": True}), log=lambda *_: None)
@@ -357,10 +359,12 @@ def _align_data(tmp_path, shapes, extra=()):
 
 
 def test_stage1_plain_renders_image_and_caption_and_records_itself(make_recipe, shapes, tmp_path):
-    from lora_llava.train.run import prepare_run, train
+    from lora_llava.training.prepare import prepare_run
+    from lora_llava.workflows import train
 
     recipe = make_recipe(stage="align", data=_align_data(tmp_path, shapes), train={"max_steps": 1})
-    _, processor, encoder, report = prepare_run(recipe, log=lambda *_: None)
+    p = prepare_run(recipe, log=lambda *_: None)
+    processor, encoder, report = p.processor, p.encoder, p.report
     assert encoder.fmt.name == "plain"
     sample = report.train[0]
     ids, labels = encoder.tokens(sample, [(64, 64)])
@@ -383,7 +387,7 @@ def test_stage1_plain_renders_image_and_caption_and_records_itself(make_recipe, 
 
 def test_stage1_plain_reports_samples_it_cannot_render(make_recipe, shapes, tmp_path):
     from lora_llava.errors import UserError
-    from lora_llava.train.run import prepare_run
+    from lora_llava.training.prepare import prepare_run
 
     extra = [
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
@@ -402,19 +406,19 @@ def test_stage1_plain_reports_samples_it_cannot_render(make_recipe, shapes, tmp_
 
 def test_stage1_chat_style_gives_bare_captions_a_brief_instruction(make_recipe, shapes, tmp_path):
     from lora_llava.data.prompts import BRIEF_DESCRIPTION_PROMPTS
-    from lora_llava.train.run import prepare_run
+    from lora_llava.training.prepare import prepare_run
 
     bare = [{"id": f"bare-{i}", "image": "train_0001.png", "conversations": [
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle."}]} for i in range(6)]  # fmt: skip
     data = _align_data(tmp_path, shapes, bare)
     recipe = make_recipe(stage="align", data=data, chat={"format": "vicuna_v1"})
-    _, _, _, report = prepare_run(recipe, log=lambda *_: None)
+    report = prepare_run(recipe, log=lambda *_: None).report
     prompts = {s.id: s.messages[0][1] for s in report.train if s.id.startswith("bare-")}
     assert all(
         p.startswith("<image>\n") and p[len("<image>\n") :] in BRIEF_DESCRIPTION_PROMPTS for p in prompts.values()
     )
     assert len(set(prompts.values())) > 1  # drawn per sample ...
-    again = {s.id: s.messages[0][1] for s in prepare_run(recipe, log=lambda *_: None)[3].train if s.id in prompts}
+    again = {s.id: s.messages[0][1] for s in prepare_run(recipe, log=lambda *_: None).report.train if s.id in prompts}
     assert again == prompts  # ... and the same on every run
     written = {s.id: s.messages[0][1] for s in report.train if not s.id.startswith("bare-")}
     assert all("<image>\n" in p and p.split("\n", 1)[1] for p in written.values())  # instructions kept as written
@@ -432,7 +436,7 @@ def test_plain_is_refused_for_instruction_tuning(make_recipe):
 
 def test_llava15_recipes_pad_and_v16_tile_caps_cap():
     from lora_llava.config import load_recipe
-    from lora_llava.model.load import cap_tiles
+    from lora_llava.model.anyres import cap_tiles
     from lora_llava.recipes import list_recipes, recipe_path
 
     v16_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -448,9 +452,9 @@ def test_llava15_recipes_pad_and_v16_tile_caps_cap():
 
 
 def test_a_tile_cap_that_caps_nothing_is_reported(make_recipe):
-    from lora_llava.train.run import prepare_run
+    from lora_llava.training.prepare import prepare_run
 
-    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 4}), log=lambda *_: None)[3]
+    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 4}), log=lambda *_: None).report
     assert "images.max_tiles=4 caps nothing: every AnyRes grid of tiny-next has at most 4 tiles" in report.summary()
-    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 3}), log=lambda *_: None)[3]
+    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 3}), log=lambda *_: None).report
     assert "caps nothing" not in report.summary()

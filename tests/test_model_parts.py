@@ -12,8 +12,9 @@ import torch
 
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.errors import UserError
-from lora_llava.model.load import attach_adapters, get_module, load_base
+from lora_llava.model.loading import load_base
 from lora_llava.model.parts import check_policy, part_table
+from lora_llava.model.trainability import attach_adapters, get_module
 
 LM = "model.language_model"
 VISION = "model.vision_tower"
@@ -238,9 +239,11 @@ def test_16bit_lora_mode(spec, make_recipe):
 
 def test_one_optimizer_step_moves_only_projector_and_lora(spec, recipe):
     from lora_llava.data.encode import Collator, EncodedDataset
-    from lora_llava.train.run import _optimizer_groups, prepare_run
+    from lora_llava.training.optim import optimizer_groups
+    from lora_llava.training.prepare import prepare_run
 
-    _, processor, encoder, report = prepare_run(recipe)
+    p = prepare_run(recipe)
+    processor, encoder, report = p.processor, p.encoder, p.report
     batch = Collator(processor.tokenizer.pad_token_id)([EncodedDataset(report.train, encoder)[i] for i in range(4)])
     assert "pixel_values" in batch
 
@@ -258,7 +261,7 @@ def test_one_optimizer_step_moves_only_projector_and_lora(spec, recipe):
     assert len(lora_a) == len(lora_b) == 14 and len(proj) == 4
     assert all(not before[n].any() for n in lora_b)  # PEFT starts B at zero
 
-    opt = torch.optim.AdamW(_optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
+    opt = torch.optim.AdamW(optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
     assert sum(len(g["params"]) for g in opt.param_groups) == 32
     loss = model(**batch).loss
     assert torch.isfinite(loss)

@@ -9,7 +9,7 @@ import torch
 
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
-from lora_llava.model.load import bnb_config
+from lora_llava.model.loading import bnb_config
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768)  # fmt: skip
@@ -73,7 +73,7 @@ def _processor(family: str, max_tiles: int | None = None):
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     from lora_llava.backbones.tiny import build_tokenizer
-    from lora_llava.model.load import apply_max_tiles
+    from lora_llava.model.anyres import apply_max_tiles
 
     tok = build_tokenizer()
     size = {"shortest_edge": 336}

@@ -104,7 +104,7 @@ def test_metrics_jsonl(trained_run: Path):
 
 def test_adapter_round_trip_restores_trained_weights(trained_run: Path, eval_samples, tiny_path):
     from lora_llava.infer import batch_inputs, load_model
-    from lora_llava.model.load import get_module
+    from lora_llava.model.trainability import get_module
 
     adapter = trained_run / "adapter"
     first = load_model(str(trained_run))
@@ -140,18 +140,18 @@ def test_adapter_round_trip_restores_trained_weights(trained_run: Path, eval_sam
 
 
 def test_two_identical_trainings_match(make_recipe, tmp_path):
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     results = []
     for name in ("a", "b"):
         recipe = make_recipe(output_dir=str(tmp_path / name), train={"max_steps": 3})
         results.append(train(recipe, log=_quiet))
     ra, rb = results
-    assert ra["steps"] == rb["steps"] == 3
-    assert math.isfinite(ra["train_loss"])
-    assert ra["train_loss"] == rb["train_loss"]  # bit-exact on CPU
-    sa = load_file(Path(ra["adapter_dir"]) / "adapter_model.safetensors")
-    sb = load_file(Path(rb["adapter_dir"]) / "adapter_model.safetensors")
+    assert ra.steps == rb.steps == 3
+    assert math.isfinite(ra.train_loss)
+    assert ra.train_loss == rb.train_loss  # bit-exact on CPU
+    sa = load_file(ra.adapter_dir / "adapter_model.safetensors")
+    sb = load_file(rb.adapter_dir / "adapter_model.safetensors")
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -161,7 +161,7 @@ def test_two_identical_trainings_match(make_recipe, tmp_path):
 
 @pytest.fixture(scope="module")
 def merged(trained_run, tmp_path_factory):
-    from lora_llava.merge import merge
+    from lora_llava.merging import merge
 
     out = tmp_path_factory.mktemp("merge") / "merged"
     report = merge(str(trained_run), str(out), log=_quiet)
@@ -174,8 +174,8 @@ def test_merge_output_is_plain_16bit_checkpoint(merged):
     out, report = merged
     assert {p.name for p in out.iterdir()} == MERGED_FILES
     assert [p.name for p in out.parent.iterdir()] == ["merged"]  # no temp dir left beside it
-    assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report))
-    assert report["dtype"] == "bfloat16" and report["base"] == "dequantized"
+    assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report.to_json()))
+    assert report.dtype == "bfloat16" and report.base == "dequantized"
 
     weights = load_file(out / "model.safetensors")
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
@@ -192,15 +192,15 @@ def test_merge_output_is_plain_16bit_checkpoint(merged):
 
 def test_merge_parity(merged):
     _, report = merged
-    p = report["parity"]
-    assert p["samples"] == 4
-    assert p["answers_equal"] == p["answers_total"] == 4
-    assert p["adapter_answers"] == p["merged_answers"]
-    assert 0.0 <= p["max_abs_logit_diff"] < 0.1
+    p = report.parity
+    assert p.samples == 4
+    assert p.answers_equal == p.answers_total == 4
+    assert p.adapter_answers == p.merged_answers
+    assert 0.0 <= p.max_abs_logit_diff < 0.1
 
 
 def test_merge_refuses_non_empty_output(trained_run, tmp_path):
-    from lora_llava.merge import merge
+    from lora_llava.merging import merge
 
     out = tmp_path / "out"
     out.mkdir()
@@ -211,21 +211,21 @@ def test_merge_refuses_non_empty_output(trained_run, tmp_path):
 
 
 def test_merge_refuses_merged_dir(merged, tmp_path):
-    from lora_llava.merge import merge
+    from lora_llava.merging import merge
 
     out, _ = merged
-    with pytest.raises(UserError, match="already a merged model"):
+    with pytest.raises(UserError, match="is already merged; this needs a run or adapter directory"):
         merge(str(out), str(tmp_path / "again"), log=_quiet)
     assert not (tmp_path / "again").exists()
 
 
 def test_merge_into_original_weights_shows_quantization_error(trained_run, merged, tmp_path):
-    from lora_llava.merge import merge
+    from lora_llava.merging import merge
 
     _, dequantized = merged
     original = merge(str(trained_run), str(tmp_path / "orig"), base_mode="original", log=_quiet)
-    assert original["base"] == "original"
-    assert original["parity"]["max_abs_logit_diff"] > dequantized["parity"]["max_abs_logit_diff"]
+    assert original.base == "original"
+    assert original.parity.max_abs_logit_diff > dequantized.parity.max_abs_logit_diff
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -235,11 +235,11 @@ def test_evaluate(trained_run, eval_samples):
     from lora_llava.infer import evaluate, load_model
 
     result = evaluate(load_model(str(trained_run)), eval_samples, max_new_tokens=4)
-    assert result["n"] == len(eval_samples) == 16
-    assert 0.0 <= result["accuracy"] <= 1.0
-    assert result["accuracy"] == result["correct"] / 16
-    assert result["correct"] == sum(r["correct"] for r in result["predictions"])
-    assert [r["id"] for r in result["predictions"]] == [s.id for s in eval_samples]
+    assert result.n == len(eval_samples) == 16
+    assert 0.0 <= result.accuracy <= 1.0
+    assert result.accuracy == result.correct / 16
+    assert result.correct == sum(r["correct"] for r in result.predictions)
+    assert [r["id"] for r in result.predictions] == [s.id for s in eval_samples]
 
 
 def test_normalize():
@@ -254,7 +254,7 @@ def test_normalize():
 
 
 def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     wandb_dir = tmp_path / "wandb"
     wandb_dir.mkdir()
@@ -274,8 +274,8 @@ def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
 
         if wandb.run is not None:
             wandb.finish()
-    assert result["steps"] == 1 and math.isfinite(result["train_loss"])
+    assert result.steps == 1 and math.isfinite(result.train_loss)
     runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert len(list(runs[0].glob("run-*.wandb"))) == 1
-    assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()

@@ -22,17 +22,24 @@ What happens:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from lora_llava.artifacts import AssembledMeta, read_meta, write_meta
 from lora_llava.config.schema import AssembleConfig
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
 
-PARTS = ("tiny-clip", "tiny-qwen2")
+
+def _builtin_parts() -> tuple[str, ...]:
+    from lora_llava.backbones.tiny import BUILTINS
+
+    return tuple(n for n, b in BUILTINS.items() if b.kind == "part")
+
+
+PARTS = _builtin_parts()
 
 
 def _part_path(name: str) -> str:
@@ -84,8 +91,8 @@ def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torc
     from lora_llava.data.chat import format_for
 
     out = Path(out_dir)
-    meta_path = out / "lora_llava.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("assembled") == asdict(cfg):
+    existing = read_meta(out) if out.is_dir() else None
+    if isinstance(existing, AssembledMeta) and existing.assembled == asdict(cfg):
         return out
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} holds a different assembled model", hint="delete it or choose another output_dir")
@@ -143,13 +150,7 @@ def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torc
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        meta = {
-            "format": "lora_llava-assembled/1",
-            "assembled": asdict(cfg),
-            "chat_format": fmt_name,
-            "added_tokens": added,
-        }
-        (tmp / "lora_llava.json").write_text(json.dumps(meta, indent=2))
+        write_meta(tmp, AssembledMeta(assembled=asdict(cfg), chat_format=fmt_name, added_tokens=added))
     log(
         f"assembled {cfg.vision_encoder} + {cfg.language_model} ({cfg.projector}, chat format {fmt_name}, "
         f"added tokens {added or 'none'}) into {out}"

@@ -10,7 +10,7 @@ Usage::
 A name that is not registered may still be a local directory holding a LLaVA or LLaVA-NeXT
 checkpoint (a merged model, an assembled model, a stage-1 run directory): its roles are then the
 standard transformers ones for its model type and its chat format is read from ``lora_llava.json``
-or inferred from its chat template (``describe_inferred`` says which).
+or inferred from its chat template (``spec.inferred`` says which).
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class BackboneSpec:
         return self.source
 
 
+# family (= the transformers model_type of its checkpoints) -> model class
 _FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-_MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next"}
 
 
 def _hub(name, source, family, fmt, description):
@@ -94,33 +94,27 @@ def _hub(name, source, family, fmt, description):
     )
 
 
+def _builtin_specs() -> list[BackboneSpec]:
+    from lora_llava.backbones.tiny import BUILTINS
+
+    return [
+        BackboneSpec(
+            name=b.name,
+            source=f"builtin:{b.name}",
+            family=b.family,
+            chat_format=b.chat_format,
+            description=b.description,
+            recipe=b.recipe,
+        )
+        for b in BUILTINS.values()
+        if b.kind == "backbone"
+    ]
+
+
 _REGISTRY: dict[str, BackboneSpec] = {
     s.name: s
     for s in [
-        BackboneSpec(
-            name="tiny",
-            source="builtin:tiny",
-            family="llava",
-            chat_format="vicuna_v1",
-            description="LLaVA-1.5-shaped, random init, built offline (CLIP 32px + MLP + LLaMA 64-d); for CPU runs and tests",
-            recipe="quickstart",
-        ),
-        BackboneSpec(
-            name="tiny-sp",
-            source="builtin:tiny-sp",
-            family="llava",
-            chat_format="vicuna_v1",
-            description="tiny with a Llama-style sentencepiece tokenizer (lone \u2581 before digits, byte fallback)",
-            recipe="tiny-sp/qlora",
-        ),
-        BackboneSpec(
-            name="tiny-next",
-            source="builtin:tiny-next",
-            family="llava_next",
-            chat_format="vicuna_v1",
-            description="LLaVA-NeXT-shaped, random init, built offline (AnyRes over 32px tiles, image newline)",
-            recipe="tiny-next/qlora",
-        ),
+        *_builtin_specs(),
         _hub(
             "llava-1.5-7b",
             "llava-hf/llava-1.5-7b-hf",
@@ -171,31 +165,47 @@ def registered_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 
 
-def resolve_backbone(name: str) -> BackboneSpec:
-    """Find ``name`` as a registry name, a registered Hub id, or a local LLaVA checkpoint directory."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    for spec in _REGISTRY.values():
-        if spec.source == name:
-            return spec
-    path = Path(name)
-    if path.is_dir():
-        return _local_spec(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(("runs/", "./", "../")):
-        return _hub_spec(name)
-    if "/" in name or os.sep in name:
-        raise UserError(
-            f"backbone directory {name!r} does not exist",
-            hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
-        )
-    import difflib
+def is_registered(name: str) -> bool:
+    """A registered backbone name or the Hub id of one."""
+    return name in _REGISTRY or any(spec.source == name for spec in _REGISTRY.values())
 
-    close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise UserError(
-        f"unknown backbone {name!r}: not a registered name, registered Hub id or local directory",
-        hint=hint + "list them with: lora-llava recipes --backbones",
-    )
+
+def resolve_backbone(name: str) -> BackboneSpec:
+    """The backbone ``name`` names: a registered name or Hub id, a local directory (a LLaVA checkpoint, a
+    merged or assembled model, a finished stage-1 run), or an unregistered Hub id of a LLaVA checkpoint.
+    A directory that exists is always a directory (``lora_llava.artifacts.open_artifact``)."""
+    from lora_llava.artifacts import backbone_dir, looks_like_hub_id, open_artifact
+
+    if not Path(name).exists():
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        for spec in _REGISTRY.values():
+            if spec.source == name:
+                return spec
+        if "/" in name or os.sep in name:
+            if looks_like_hub_id(name):
+                return _hub_spec(name)
+            raise UserError(
+                f"backbone directory {name!r} does not exist",
+                hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
+            )
+        import difflib
+
+        close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
+        raise UserError(
+            f"unknown backbone {name!r}: not a registered name, registered Hub id or local directory",
+            hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava recipes --backbones",
+        )
+    art = open_artifact(name)
+    if art.path is None:
+        return _hub_spec(name)
+    path = backbone_dir(art)
+
+    def read(filename: str) -> str | None:
+        f = path / filename
+        return f.read_text() if f.is_file() else None
+
+    return _spec_from_files(str(path), read, "local")
 
 
 def infer_chat_format(template: str | None) -> str:
@@ -208,29 +218,6 @@ def infer_chat_format(template: str | None) -> str:
     if "[INST]" in t:
         return "mistral_instruct"
     return "vicuna_v1"
-
-
-def _local_spec(path: Path) -> BackboneSpec:
-    """A spec for a local LLaVA / LLaVA-NeXT checkpoint, or for a stage-1 run directory (its model/)."""
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"
-    if not (path / "config.json").is_file():
-        if (path / "adapter" / "lora_llava.json").is_file() or (path / "recipe.yaml").is_file():
-            raise UserError(
-                f"backbone {str(path)!r} is a run directory without model/ (the aligned model a finished "
-                "stage-1 run writes)",
-                hint="finish stage 1 first (lora-llava train <align recipe>); a stage-2 run cannot be a backbone",
-            )
-        raise UserError(
-            f"backbone {str(path)!r}: directory has no config.json",
-            hint="point at a saved LLaVA checkpoint, a merged model or a stage-1 run directory",
-        )
-
-    def read(filename: str) -> str | None:
-        f = path / filename
-        return f.read_text() if f.is_file() else None
-
-    return _spec_from_files(str(path), read, "local")
 
 
 def _hub_spec(repo_id: str) -> BackboneSpec:
@@ -254,13 +241,13 @@ def _hub_spec(repo_id: str) -> BackboneSpec:
 
 def _spec_from_files(source: str, read, where: str) -> BackboneSpec:
     model_type = json.loads(read("config.json")).get("model_type")
-    family = next((f for f, t in _MODEL_TYPES.items() if t == model_type), None)
-    if family is None:
+    if model_type not in _FAMILIES:
         raise UserError(
             f"backbone {source!r}: model_type {model_type!r} is not a LLaVA model",
-            hint=f"supported: {', '.join(sorted(_MODEL_TYPES.values()))}; to build one from a vision encoder and "
+            hint=f"supported: {', '.join(sorted(_FAMILIES))}; to build one from a vision encoder and "
             "a causal LM use backbone: assemble",
         )
+    family = model_type
     meta = read("lora_llava.json")
     if meta and json.loads(meta).get("chat_format"):
         fmt, how = json.loads(meta)["chat_format"], "lora_llava.json"

@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 TINY_VERSION = "3"
@@ -303,12 +305,53 @@ def build_tiny_qwen2(out_dir: str | os.PathLike) -> Path:
     return _save(out_dir, model, tokenizer)
 
 
-BUILDERS = {
-    "tiny": build_tiny,
-    "tiny-sp": build_tiny_sp,
-    "tiny-next": build_tiny_next,
-    "tiny-clip": build_tiny_clip,
-    "tiny-qwen2": build_tiny_qwen2,
+@dataclass(frozen=True)
+class Builtin:
+    """A model lora_llava builds offline: a LLaVA backbone, or a part to assemble one from."""
+
+    name: str
+    build: Callable[[Path], Path]
+    kind: str  # "backbone" | "part"
+    description: str
+    family: str = ""  # backbones: "llava" | "llava_next"
+    chat_format: str = ""  # backbones: the format of the saved chat template
+    recipe: str | None = None  # backbones: the built-in recipe that uses it
+
+
+# the one table of built-in models: the registry's backbones and assemble's parts are read from it
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        Builtin(
+            "tiny",
+            build_tiny,
+            "backbone",
+            "LLaVA-1.5-shaped, random init, built offline (CLIP 32px + MLP + LLaMA 64-d); for CPU runs and tests",
+            family="llava",
+            chat_format="vicuna_v1",
+            recipe="quickstart",
+        ),
+        Builtin(
+            "tiny-sp",
+            build_tiny_sp,
+            "backbone",
+            "tiny with a Llama-style sentencepiece tokenizer (lone \u2581 before digits, byte fallback)",
+            family="llava",
+            chat_format="vicuna_v1",
+            recipe="tiny-sp/qlora",
+        ),
+        Builtin(
+            "tiny-next",
+            build_tiny_next,
+            "backbone",
+            "LLaVA-NeXT-shaped, random init, built offline (AnyRes over 32px tiles, image newline)",
+            family="llava_next",
+            chat_format="vicuna_v1",
+            recipe="tiny-next/qlora",
+        ),
+        Builtin("tiny-clip", build_tiny_clip, "part", "CLIP vision encoder (32px, 8px patches) to assemble a LLaVA"),
+        Builtin("tiny-qwen2", build_tiny_qwen2, "part", "Qwen2 causal LM (128-d) with a ChatML tokenizer"),
+    ]
 }
 
 
@@ -327,7 +370,7 @@ def ensure_tiny(name: str = "tiny") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        BUILDERS[name](tmp)
+        BUILTINS[name].build(tmp)
         (tmp / ".complete").write_text(json.dumps({"name": name, "version": TINY_VERSION, "sha": _digest(tmp)}))
         try:
             tmp.rename(target)

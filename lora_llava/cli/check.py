@@ -21,11 +21,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     quiet()
     from lora_llava.data.check import enforce_policy
-    from lora_llava.train.run import describe_format, prepare_run
+    from lora_llava.training.prepare import describe_format, prepare_run
 
     recipe = recipe_from_args(args)
-    spec, _, encoder, report = prepare_run(recipe, run_dir=None, enforce=False)
-    print(f"backbone: {spec.name} ({spec.source}), {describe_format(encoder.fmt)}")
+    prepared = prepare_run(recipe, run_dir=None, enforce=False)
+    spec, report = prepared.spec, prepared.report
+    print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")
     print(report.summary())
     if report.dropped:
         print(f"{len(report.dropped)} sample(s) over data.max_length would be left out (data.overlength):")

@@ -36,7 +36,21 @@ def quiet() -> None:
 def recipe_from_args(args) -> Recipe:
     recipe = load_recipe(recipe_path(args.recipe), args.overrides)
     ensure_synthetic_data(recipe)
+    cpu_threads_for(recipe.backbone)
     return recipe
+
+
+def cpu_threads_for(backbone: str | None) -> None:
+    """One torch thread on a CPU for the built-in tiny backbones: their 64-wide matmuls gain nothing from
+    threads, and spinning OpenMP threads slow them down many times over when the CPUs are shared.
+    A process-wide setting, so it is made here, by the command, never by the library."""
+    import torch
+
+    from lora_llava.backbones.registry import registered_backbones
+
+    builtin = {s.name for s in registered_backbones() if s.builtin}
+    if backbone in builtin and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 SYNTHETIC_FOLDER = Path("runs/quickstart/data")

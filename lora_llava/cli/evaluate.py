@@ -1,4 +1,4 @@
-"""lora-llava eval: exact-match accuracy of greedy answers on a LLaVA-Instruct JSON file."""
+"""lora-llava eval: exact-match accuracy of greedy answers on a run's eval data or any data file."""
 
 from __future__ import annotations
 
@@ -9,21 +9,27 @@ from lora_llava.cli.common import quiet
 
 HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
 EPILOG = """examples:
+  lora-llava eval runs/quickstart                       (the run's own eval data, generation settings of its recipe)
   lora-llava eval runs/quickstart --data runs/quickstart/data/eval.json --image-folder runs/quickstart/data/images
   lora-llava eval runs/quickstart/merged --data eval.json --image-folder images --json
   lora-llava eval tiny --data eval.json --image-folder images          (the untrained base)
 
-each sample's last answer is the reference; case, quotes and trailing punctuation are ignored"""
+each sample's last answer is the reference; case, quotes and trailing punctuation are ignored.
+--max-new-tokens and --batch-size default to the run's recipe (eval section), else 16 and 8"""
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="run directory, adapter directory, merged directory or backbone name")
-    p.add_argument("--data", required=True, help="data file or datasets folder (any format a recipe source reads)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
+    )
     p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
     p.add_argument("--max-samples", type=_positive, default=None, help="score the first N samples")
-    p.add_argument("--max-new-tokens", type=_positive, default=16)
-    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="longest answer (default: the run's)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="samples generated together (default: the run's)")
     p.add_argument("--skip-bad", action="store_true", help="score the good samples and list the bad ones")
 
 
@@ -41,10 +47,53 @@ def _positive(text: str) -> int:
 
 def run(args) -> int:
     quiet()
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.cli.common import cpu_threads_for
+    from lora_llava.config import load_recipe
+    from lora_llava.config.schema import EvalConfig
+    from lora_llava.errors import UserError
+    from lora_llava.infer import evaluate, format_predictions, load_model
+
+    art = open_artifact(args.model)
+    adapter = art.adapter_dir
+    recipe = load_recipe(adapter / "recipe.yaml") if adapter is not None else None
+    settings = recipe.eval if recipe is not None else EvalConfig()
+    max_new_tokens = args.max_new_tokens or settings.max_new_tokens
+    batch_size = args.batch_size or settings.batch_size
+    cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
+    loaded = load_model(args.model)
+    if args.data is None:
+        if recipe is None:
+            raise UserError(
+                f"--data is needed: {args.model!r} is {art.description}, which records no eval data",
+                hint="pass --data FILE (and --image-folder DIR); a run directory evaluates its own eval data",
+            )
+        from lora_llava.workflows import run_eval_samples
+
+        samples = run_eval_samples(recipe, loaded.encoder)
+        if not samples:
+            raise UserError(
+                f"the run's recipe ({adapter / 'recipe.yaml'}) has no eval data (data.eval, data.eval_split)",
+                hint="pass --data FILE (and --image-folder DIR)",
+            )
+        where = "the run's eval data"
+        samples = samples[: args.max_samples] if args.max_samples else samples
+    else:
+        samples = _read(args)
+        where = args.data
+    result = evaluate(loaded, samples, max_new_tokens, batch_size)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(format_predictions(result))
+        print(f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}) — {loaded.kind} {loaded.ref} on {where}")
+    return 0
+
+
+def _read(args) -> list:
     from lora_llava.config.schema import DataSource
     from lora_llava.data.formats import read_source
     from lora_llava.errors import UserError
-    from lora_llava.infer import evaluate, format_predictions, load_model
 
     samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder), limit=args.max_samples)
     if bad:
@@ -59,11 +108,4 @@ def run(args) -> int:
         print(f"skipping {len(bad)} bad sample(s):\n  {listing}", file=sys.stderr)
     if not samples:
         raise UserError(f"no samples to score in {args.data}", hint="check --data (and --max-samples)")
-    loaded = load_model(args.model)
-    result = evaluate(loaded, samples, args.max_new_tokens, args.batch_size)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_predictions(result))
-        print(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']}) — {loaded.kind} {loaded.ref}")
-    return 0
+    return samples

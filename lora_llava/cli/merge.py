@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lora_llava.cli.common import quiet
+from lora_llava.config.schema import DTYPE_NAMES, MERGE_BASES
 
 HELP = "fold a trained adapter into deployable 16-bit weights and verify them against the adapter"
 EPILOG = """examples:
@@ -19,13 +20,13 @@ def add_arguments(p) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for the merged checkpoint")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=DTYPE_NAMES,
         default=None,
         help="dtype of the merged weights (default: the recipe's merge.dtype)",
     )
     p.add_argument(
         "--base",
-        choices=["dequantized", "original"],
+        choices=MERGE_BASES,
         default=None,
         help="QLoRA runs: fold into the dequantized NF4 base as trained (default) or the original weights",
     )
@@ -33,7 +34,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     quiet()
-    from lora_llava.merge import merge
+    from lora_llava.artifacts import adapter_meta_of, open_artifact
+    from lora_llava.cli.common import cpu_threads_for
+    from lora_llava.merging import merge
 
+    cpu_threads_for(adapter_meta_of(open_artifact(args.run_dir)).backbone)
     merge(args.run_dir, args.out_dir, dtype=args.dtype, base_mode=args.base)
     return 0

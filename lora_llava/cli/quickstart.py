@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_llava.cli.common import ensure_synthetic_data, quiet
+from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data, quiet
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
 EPILOG = """examples:
@@ -35,5 +35,6 @@ def run(args) -> int:
     name = rest.pop(0) if rest and "=" not in rest[0] else "quickstart"
     recipe = load_recipe(recipe_path(name), rest)
     ensure_synthetic_data(recipe)
+    cpu_threads_for(recipe.backbone)
     run_pipeline(recipe)
     return 0

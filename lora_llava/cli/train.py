@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     quiet()
-    from lora_llava.train.run import train
+    from lora_llava.workflows import train
 
     recipe = recipe_from_args(args)
     train(recipe)

@@ -18,7 +18,9 @@ from typing import Literal
 
 from lora_llava.data.chat import CHAT_FORMATS, CONVERSATION_FORMATS
 
-DType = Literal["bfloat16", "float16", "float32"]
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the one list of dtypes a recipe or a flag may name
+DType = Literal[DTYPE_NAMES]
+MERGE_BASES = ("dequantized", "original")
 
 
 def _f(default, help: str, **meta):
@@ -244,8 +246,8 @@ class EvalConfig:
 
 @dataclass
 class MergeConfig:
-    dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", "dtype of the merged weights.")
-    base: Literal["dequantized", "original"] = _f(
+    dtype: DType = _f("bfloat16", "dtype of the merged weights.")
+    base: Literal[MERGE_BASES] = _f(
         "dequantized",
         "QLoRA runs: fold LoRA into the NF4 base as trained, dequantized to 16-bit (matches the adapter), "
         "or into the original 16-bit weights (differs by the quantization error).",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora_llava.compat import image_token_counts
 from lora_llava.data.chat import ChatFormat, stop_token_id, tokenize_with_labels
 from lora_llava.data.formats import IMAGE, Sample
 from lora_llava.data.images import image_size, load_image, pad_to_square
@@ -54,8 +55,7 @@ class Encoder:
         """Image tokens per image of (width, height), as the backbone's processor expands them."""
         new = sorted({tuple(s) for s in sizes} - self._counts.keys())
         if new:
-            data = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in new])
-            counts = data["num_image_tokens"] if isinstance(data, dict) else data.num_image_tokens
+            counts = image_token_counts(self.processor, [(h, w) for w, h in new])
             self._counts.update(zip(new, counts))
         return [self._counts[tuple(s)] for s in sizes]
 

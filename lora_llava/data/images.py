@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -107,6 +109,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@contextmanager
+def _pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb limit at ``MAX_PIXELS`` while lora_llava opens an image, restored after
+    (importing lora_llava leaves the process-wide setting alone)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
     """Open ``src`` (a path or an embedded image) and return an RGB image, or raise ImageError naming the problem."""
     try:
@@ -116,7 +130,7 @@ def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
     if size > MAX_FILE_BYTES:
         raise ImageError(f"image file is {size} bytes, over the {MAX_FILE_BYTES}-byte cap")
     try:
-        with Image.open(handle) as img:
+        with _pixel_limit(), Image.open(handle) as img:
             if img.format not in ALLOWED_FORMATS:
                 raise ImageError(f"image format {img.format} is not allowed ({', '.join(sorted(ALLOWED_FORMATS))})")
             w, h = img.size
@@ -145,13 +159,10 @@ def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
 
 def image_size(src: str | os.PathLike | EmbeddedImage) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
-    with Image.open(_open(src)[1]) as img:
+    with _pixel_limit(), Image.open(_open(src)[1]) as img:
         w, h = img.size
         orientation = img.getexif().get(_ORIENTATION, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def pad_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:

@@ -1,0 +1,388 @@
+"""The one owner of every on-disk layout lora_llava writes or reads, and of what a user's MODEL/RUN means.
+
+Usage::
+
+    art = open_artifact("exp1")            # a run dir, adapter, checkpoint, merged/aligned/assembled model, or backbone
+    art.kind, art.path, art.meta           # "run", Path("exp1"), AdapterMeta(backbone="tiny", ...)
+    run = RunDir("runs/quickstart")        # the paths of a run directory
+    write_meta(folder, MergedMeta(...))    # lora_llava.json, one shape per kind
+    read_meta(folder)                      # -> AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta | None
+
+A path that exists is always a path: ``exp1`` is the directory ``exp1`` when it exists, and only a
+name that is not a directory is looked up among the registered backbones (then as a Hub id).
+
+Layouts::
+
+    <run>/                    a recipe's output_dir
+      recipe.yaml             the resolved recipe
+      metrics.jsonl           one line per logging step
+      rejected.jsonl          samples left out, with reasons
+      adapter/                what training changed (an adapter, below)
+      checkpoints/checkpoint-N/   resumable: the trained parts, recipe.yaml, optimizer/scheduler/RNG/trainer state
+      model/                  stage 1 only: the aligned LLaVA, stage 2's backbone (an aligned model)
+      assembled/              backbone: assemble only: the new LLaVA before training (an assembled model)
+      merged/, summary.json, eval_predictions.json    written by quickstart
+    adapter/                  lora_llava.json (AdapterMeta), recipe.yaml, processor + chat template,
+                              adapter_config.json + adapter_model.safetensors (LoRA, when any),
+                              projector.safetensors (projector + LLaVA-NeXT's image newline, when trained),
+                              vision_tower.safetensors (when trained fully)
+    merged / aligned / assembled model:   a transformers checkpoint (config.json, model*.safetensors,
+                              processor) + lora_llava.json (MergedMeta / AlignedMeta / AssembledMeta)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lora_llava.errors import UserError
+
+META_FILE = "lora_llava.json"
+RECIPE_FILE = "recipe.yaml"
+PROJECTOR_FILE = "projector.safetensors"
+VISION_FILE = "vision_tower.safetensors"
+LORA_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class _Meta:
+    FORMAT: ClassVar[str]
+    KIND: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class AdapterMeta(_Meta):
+    """What a trained adapter was trained from and how: enough to rebuild the model exactly."""
+
+    FORMAT: ClassVar[str] = "lora_llava-adapter/1"
+    KIND: ClassVar[str] = "adapter"
+    backbone: str
+    source: str
+    family: str
+    chat_format: str  # the format training rendered (plain for a plain stage 1)
+    stage: str = "instruct"
+    system_prompt: str = ""  # adapters written before system prompts were rendered trained with none
+    backbone_chat_format: str = ""  # the backbone's own format (what stage 2 after a stage 1 trains in)
+    quantization: dict = field(default_factory=dict)
+    projector_trained: bool = True
+    pad_to_square: bool = False
+    train_loss: float | None = None
+    steps: int | None = None
+    train_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        self.backbone_chat_format = self.backbone_chat_format or self.chat_format
+
+
+@dataclass
+class MergedMeta(_Meta):
+    """A deployable checkpoint folded from an adapter."""
+
+    FORMAT: ClassVar[str] = "lora_llava-merged/1"
+    KIND: ClassVar[str] = "merged"
+    merged_from: str
+    backbone: str
+    source: str
+    family: str
+    chat_format: str
+    system_prompt: str = ""
+    dtype: str = "bfloat16"
+    base: str = "dequantized"
+    pad_to_square: bool = False
+    merged: bool = True  # read by lora_llava versions that knew only this key
+
+
+@dataclass
+class AlignedMeta(MergedMeta):
+    """Stage 1's output: the LLaVA with its aligned projector, stage 2's backbone."""
+
+    FORMAT: ClassVar[str] = "lora_llava-aligned/1"
+    KIND: ClassVar[str] = "aligned"
+    align_format: str = "plain"  # the format stage 1 trained in; chat_format is the LM's, for stage 2
+
+
+@dataclass
+class AssembledMeta(_Meta):
+    """A new LLaVA assembled from a vision encoder and a causal LM (projector untrained)."""
+
+    FORMAT: ClassVar[str] = "lora_llava-assembled/1"
+    KIND: ClassVar[str] = "assembled"
+    assembled: dict
+    chat_format: str
+    added_tokens: list = field(default_factory=list)
+
+
+Meta = AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta
+_BY_FORMAT: dict[str, type] = {c.FORMAT: c for c in (AdapterMeta, MergedMeta, AlignedMeta, AssembledMeta)}
+
+
+def write_meta(folder: str | Path, meta: Meta) -> None:
+    (Path(folder) / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
+
+
+def read_meta(folder: str | Path) -> Meta | None:
+    """The metadata lora_llava wrote into ``folder``, or None when there is none."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})", hint="the directory is damaged; re-create it") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    cls = _BY_FORMAT.get(fmt or "")
+    if cls is None:
+        raise UserError(
+            f"{path}: unknown format {fmt!r} (known: {', '.join(sorted(_BY_FORMAT))})",
+            hint="it was written by another version of lora_llava; use that version, or re-create it",
+        )
+    if cls is MergedMeta and data.get("align_format"):
+        cls = AlignedMeta
+    try:
+        return cls.from_json(data)
+    except TypeError as e:
+        raise UserError(f"{path}: incomplete {cls.KIND} metadata ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    """The paths of a run directory (a recipe's ``output_dir``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / RECIPE_FILE)
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    rejected = property(lambda self: self.path / "rejected.jsonl")
+    adapter = property(lambda self: self.path / "adapter")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    aligned = property(lambda self: self.path / "model")
+    assembled = property(lambda self: self.path / "assembled")
+    merged = property(lambda self: self.path / "merged")
+    summary = property(lambda self: self.path / "summary.json")
+    eval_predictions = property(lambda self: self.path / "eval_predictions.json")
+
+    def latest_checkpoint(self) -> Path | None:
+        """The complete checkpoint with the most steps, or None."""
+        done = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
+        return max(done, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+# ------------------------------------------------------------------------------------ what a user typed
+
+
+@dataclass
+class Artifact:
+    """A resolved MODEL/RUN argument.
+
+    ``kind``: ``run`` (a run directory with a finished adapter), ``adapter``, ``checkpoint``, ``merged``,
+    ``aligned``, ``assembled``, ``checkpoint_dir`` (a transformers checkpoint lora_llava did not write)
+    or ``backbone`` (a registered name or a Hub id; ``path`` is None).
+    """
+
+    kind: str
+    ref: str
+    path: Path | None = None
+    meta: Meta | None = None
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        """Where the trained parts of a run or adapter live."""
+        if self.kind == "run":
+            return RunDir(self.path).adapter  # type: ignore[arg-type]
+        return self.path if self.kind == "adapter" else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        if self.kind == "run":
+            return self.path
+        if self.kind == "adapter" and self.path is not None and (self.path.parent / RECIPE_FILE).is_file():
+            return self.path.parent
+        if self.kind == "checkpoint" and self.path is not None:
+            return self.path.parent.parent
+        return None
+
+    @property
+    def description(self) -> str:
+        """The kind in words: ``a merged model``."""
+        return KIND_WORDS[self.kind]
+
+    @property
+    def is_model_dir(self) -> bool:
+        """A complete transformers checkpoint: loads with ``from_pretrained`` as it is."""
+        return self.kind in ("merged", "aligned", "assembled", "checkpoint_dir")
+
+
+KIND_WORDS = {
+    "run": "a run directory",
+    "adapter": "an adapter",
+    "checkpoint": "a training checkpoint",
+    "merged": "a merged model",
+    "aligned": "an aligned (stage-1) model",
+    "assembled": "an assembled model",
+    "checkpoint_dir": "a model directory",
+    "backbone": "a backbone",
+}
+WHAT = "a run directory, an adapter/, a checkpoint, a merged model, a registered backbone or a Hub id"
+
+
+def open_artifact(ref: str | Path) -> Artifact:
+    """Resolve what a user typed as MODEL/RUN. Raises UserError naming what was looked for."""
+    ref = str(ref)
+    path = Path(ref)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{ref!r} is a file; expected {WHAT}")
+        return _open_dir(path, ref)
+    from lora_llava.backbones.registry import is_registered
+
+    if is_registered(ref) or looks_like_hub_id(ref):
+        return Artifact("backbone", ref)
+    if "/" in ref or os.sep in ref or ref.startswith("."):
+        raise UserError(f"no directory {ref!r}: it does not exist", hint="pass " + WHAT)
+    raise UserError(
+        f"{ref!r} is neither a directory here nor a registered backbone",
+        hint="pass " + WHAT + " (lora-llava recipes --backbones lists the registered ones)",
+    )
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """``owner/name`` that is not a relative path a user meant as a directory (``./x``, ``runs/x``)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
+
+
+def _open_dir(path: Path, ref: str) -> Artifact:
+    meta = read_meta(path)
+    if meta is not None:
+        return Artifact(meta.KIND, ref, path, meta)
+    run = RunDir(path)
+    adapter_meta = read_meta(run.adapter)
+    if isinstance(adapter_meta, AdapterMeta):
+        return Artifact("run", ref, path, adapter_meta)
+    if path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE_FILE).is_file():
+        return Artifact("checkpoint", ref, path)
+    if (path / "config.json").is_file():
+        return Artifact("checkpoint_dir", ref, path)
+    if run.recipe.is_file():
+        latest = run.latest_checkpoint()
+        if latest is not None:
+            raise UserError(
+                f"run directory {ref!r} has no adapter yet: training did not finish (latest checkpoint: {latest.name})",
+                hint="finish it with: lora-llava train <recipe> output_dir=" + ref + " train.resume=true",
+            )
+        raise UserError(
+            f"run directory {ref!r} has no adapter: training did not finish",
+            hint="train it to the end (lora-llava train <recipe> output_dir=" + ref + ")",
+        )
+    raise UserError(
+        f"{ref!r} is not {WHAT}: no {META_FILE}, adapter/, {TRAINER_STATE_FILE} or config.json in it",
+    )
+
+
+def backbone_dir(art: Artifact) -> Path:
+    """The model directory a local artifact offers as a training backbone."""
+    if art.is_model_dir:
+        return art.path  # type: ignore[return-value]
+    if art.kind == "run" and isinstance(art.meta, AdapterMeta) and art.meta.stage == "align":
+        aligned = RunDir(art.path).aligned  # type: ignore[arg-type]
+        if (aligned / "config.json").is_file():
+            return aligned
+        raise UserError(
+            f"backbone {art.ref!r} is a stage-1 run directory without model/ (the aligned model it writes last)",
+            hint="finish stage 1 first (lora-llava train <align recipe>)",
+        )
+    if art.kind in ("run", "adapter"):
+        raise UserError(
+            f"backbone {art.ref!r} is a stage-2 run (an adapter), not a model",
+            hint="merge it first (lora-llava merge RUN OUT) and train on the merged directory",
+        )
+    raise UserError(
+        f"backbone {art.ref!r} is {art.description}, not a model", hint="point at a LLaVA checkpoint directory"
+    )
+
+
+def adapter_meta_of(art: Artifact) -> AdapterMeta:
+    """The adapter metadata of a run or adapter; a UserError for anything else."""
+    if art.kind in ("run", "adapter") and isinstance(art.meta, AdapterMeta):
+        return art.meta
+    if art.kind in ("merged", "aligned"):
+        raise UserError(f"{art.ref} is already merged; this needs a run or adapter directory")
+    raise UserError(
+        f"{art.ref!r} is {art.description}, not a run or adapter directory",
+        hint="pass the output_dir of a finished `lora-llava train`",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+def deployable_processor(processor, fmt, pad_to_square: bool):
+    """A copy of ``processor`` that stock transformers uses exactly as training did.
+
+    Its chat template renders ``fmt`` (system prompt included), and with ``pad_to_square`` its image
+    processor is transformers' ``LlavaImageProcessor`` with ``do_pad`` (LLaVA-1.5's pad handling, same
+    mean color), so ``AutoProcessor`` on a saved adapter or merged model pads like training did.
+    """
+    import copy
+
+    out = copy.deepcopy(processor)
+    out.chat_template = fmt.jinja
+    if pad_to_square:
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+        settings = {k: v for k, v in out.image_processor.to_dict().items() if k != "image_processor_type"}
+        settings["do_pad"] = True
+        out.image_processor = LlavaImageProcessorPil(**settings)
+    return out
+
+
+def write_adapter(target: Path, model, processor, spec, recipe, fmt, extra: dict[str, Any]) -> Path:
+    """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
+    from lora_llava.config.load import recipe_to_dict, save_recipe
+    from lora_llava.fsutil import atomic_dir
+    from lora_llava.model.trained_parts import save_trained_parts
+
+    with atomic_dir(target, replace=True) as tmp:
+        save_trained_parts(model, spec, recipe, tmp)
+        deployable_processor(processor, fmt, recipe.images.pad_to_square).save_pretrained(tmp)
+        save_recipe(recipe, tmp / RECIPE_FILE)
+        meta = AdapterMeta(
+            backbone=spec.name,
+            source=spec.source,
+            family=spec.family,
+            chat_format=fmt.name,
+            stage=recipe.stage,
+            system_prompt=fmt.system,
+            backbone_chat_format=spec.chat_format,
+            quantization=recipe_to_dict(recipe)["quantization"],
+            projector_trained=recipe.projector.policy == "full",
+            pad_to_square=recipe.images.pad_to_square,
+            **extra,
+        )
+        write_meta(tmp, meta)
+    return target

@@ -1,0 +1,58 @@
+"""Every private transformers internal lora_llava relies on, in one place, each pinned by a test.
+
+Usage::
+
+    counts = image_token_counts(processor, [(336, 336), (672, 336)])   # image tokens per (height, width)
+    allow_training_quantized_base(model)     # stage 1 on a 4-bit LM: only 16-bit parts train
+    class MyTrainer(CompatTrainer): ...      # resume-time weight loading and the train sampler as public hooks
+
+No public API does these jobs (checked against transformers 5.24). ``tests/test_compat.py`` fails
+loudly when an installed transformers changes the behaviour relied on here; nothing else in
+lora_llava touches a private transformers attribute.
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+
+def image_token_counts(processor, sizes: list[tuple[int, int]]) -> list[int]:
+    """Image tokens the processor expands each image of (height, width) to (AnyRes grids included).
+
+    Public alternative: run the processor on a blank image of each size and count the tokens, which
+    costs a full image preprocessing per size; this asks the processor's own arithmetic instead.
+    """
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    return list(data["num_image_tokens"] if isinstance(data, dict) else data.num_image_tokens)
+
+
+def allow_training_quantized_base(model) -> None:
+    """Let transformers' Trainer train a 4-bit model that has no PEFT adapter (stage 1: projector only).
+
+    The Trainer refuses "purely quantized models" unless adapters are attached; stage 1 trains the
+    16-bit projector of a model whose frozen LM is 4-bit, which our own part-policy check verifies
+    before this is called. The Trainer reads the flag PEFT's transformers integration sets.
+    """
+    model._hf_peft_config_loaded = True
+
+
+class CompatTrainer(Trainer):
+    """A Trainer whose resume-time weight loading and train sampler are the public hooks below.
+
+    - ``load_checkpoint_weights(path, model)``: what a checkpoint holds is lora_llava's trained parts,
+      not a transformers model file, so the Trainer's own loader cannot read it;
+    - ``train_sampler(dataset)``: the sampler of the training DataLoader (None: the Trainer's default).
+    """
+
+    def load_checkpoint_weights(self, checkpoint: str, model) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def train_sampler(self, dataset):
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.load_checkpoint_weights(resume_from_checkpoint, model or self.model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)

@@ -1,0 +1,43 @@
+"""What a user runs, above training: train (with stage 1's aligned model), and eval data of a run.
+
+Usage::
+
+    result = train(recipe)             # training.run.train, then for stage align the aligned model in <run>/model
+    samples = run_eval_samples(recipe, encoder)     # the run's own eval sources (and eval_split)
+"""
+
+from __future__ import annotations
+
+from lora_llava.artifacts import RunDir
+from lora_llava.config.schema import Recipe
+from lora_llava.data.encode import Encoder
+from lora_llava.errors import UserError
+from lora_llava.training.prepare import PreparedRun
+from lora_llava.training.run import TrainResult
+from lora_llava.training.run import train as train_adapter
+
+
+def train(recipe: Recipe, log=print, prepared: PreparedRun | None = None) -> TrainResult:
+    """Train ``recipe``; a stage-1 (align) run then writes its aligned model, stage 2's backbone."""
+    run = RunDir(recipe.output_dir)
+    if recipe.stage == "align" and run.aligned.exists() and not run.aligned.is_dir():
+        raise UserError(f"{run.aligned} is a file; stage 1 writes its aligned model there")
+    result = train_adapter(recipe, log=log, prepared=prepared)
+    if recipe.stage == "align":
+        from lora_llava.merging import merge
+
+        # the LM was frozen: keep its original weights, so stage 2 quantizes exactly what stage 1 saw
+        merge(run.path, run.aligned, base_mode="original", replace=True, aligned=True, log=log)
+        log(f"stage 1 done: {run.aligned} is the aligned LLaVA; start stage 2 with backbone: {run.path}")
+    return result
+
+
+def run_eval_samples(recipe: Recipe, encoder: Encoder) -> list:
+    """The samples a run evaluates on: its data.eval sources plus its eval_split, read and checked as training does."""
+    from lora_llava.data.check import prepare_data
+
+    report = prepare_data(recipe, encoder, run_dir=None, enforce=False)
+    if report.bad:
+        listing = "\n  ".join(b.describe() for b in report.bad[:20])
+        raise UserError(f"{len(report.bad)} bad sample(s) in the run's data:\n  {listing}")
+    return report.eval
