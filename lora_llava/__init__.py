@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from lora_llava.workflows import train
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         from importlib import import_module
 

@@ -38,9 +38,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from lora_llava.annotations import Model, Processor
 from lora_llava.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_llava.backbones.registry import BackboneSpec
+    from lora_llava.config.schema import Recipe
+    from lora_llava.data.chat import ChatFormat
 
 META_FILE = "lora_llava.json"
 RECIPE_FILE = "recipe.yaml"
@@ -64,7 +70,7 @@ class _Meta:
         return {"format": self.FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]):
+    def from_json(cls, data: dict[str, Any]) -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -132,7 +138,7 @@ class AssembledMeta(_Meta):
 
 
 Meta = AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta
-_BY_FORMAT: dict[str, type] = {c.FORMAT: c for c in (AdapterMeta, MergedMeta, AlignedMeta, AssembledMeta)}
+_BY_FORMAT: dict[str, type[_Meta]] = {c.FORMAT: c for c in (AdapterMeta, MergedMeta, AlignedMeta, AssembledMeta)}
 
 
 def write_meta(folder: str | Path, meta: Meta) -> None:
@@ -169,7 +175,7 @@ def read_meta(folder: str | Path) -> Meta | None:
 class RunDir:
     """The paths of a run directory (a recipe's ``output_dir``)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
     recipe = property(lambda self: self.path / RECIPE_FILE)
@@ -341,7 +347,7 @@ def adapter_meta_of(art: Artifact) -> AdapterMeta:
 # ---------------------------------------------------------------------------------------------- writers
 
 
-def deployable_processor(processor, fmt, pad_to_square: bool):
+def deployable_processor(processor: Processor, fmt: ChatFormat, pad_to_square: bool) -> Processor:
     """A copy of ``processor`` that stock transformers uses exactly as training did.
 
     Its chat template renders ``fmt`` (system prompt included), and with ``pad_to_square`` its image
@@ -361,7 +367,15 @@ def deployable_processor(processor, fmt, pad_to_square: bool):
     return out
 
 
-def write_adapter(target: Path, model, processor, spec, recipe, fmt, extra: dict[str, Any]) -> Path:
+def write_adapter(
+    target: Path,
+    model: Model,
+    processor: Processor,
+    spec: BackboneSpec,
+    recipe: Recipe,
+    fmt: ChatFormat,
+    extra: dict[str, Any],
+) -> Path:
     """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
     from lora_llava.config.load import recipe_to_dict, save_recipe
     from lora_llava.fsutil import atomic_dir

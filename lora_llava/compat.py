@@ -13,10 +13,14 @@ lora_llava touches a private transformers attribute.
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import Trainer
 
+from lora_llava.annotations import Model, Processor
 
-def image_token_counts(processor, sizes: list[tuple[int, int]]) -> list[int]:
+
+def image_token_counts(processor: Processor, sizes: list[tuple[int, int]]) -> list[int]:
     """Image tokens the processor expands each image of (height, width) to (AnyRes grids included).
 
     Public alternative: run the processor on a blank image of each size and count the tokens, which
@@ -26,7 +30,7 @@ def image_token_counts(processor, sizes: list[tuple[int, int]]) -> list[int]:
     return list(data["num_image_tokens"] if isinstance(data, dict) else data.num_image_tokens)
 
 
-def allow_training_quantized_base(model) -> None:
+def allow_training_quantized_base(model: Model) -> None:
     """Let transformers' Trainer train a 4-bit model that has no PEFT adapter (stage 1: projector only).
 
     The Trainer refuses "purely quantized models" unless adapters are attached; stage 1 trains the
@@ -44,15 +48,15 @@ class CompatTrainer(Trainer):
     - ``train_sampler(dataset)``: the sampler of the training DataLoader (None: the Trainer's default).
     """
 
-    def load_checkpoint_weights(self, checkpoint: str, model) -> None:  # pragma: no cover - overridden
+    def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def train_sampler(self, dataset):
+    def train_sampler(self, dataset: Any) -> Any:
         return None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Model | None = None) -> None:
         self.load_checkpoint_weights(resume_from_checkpoint, model or self.model)
 
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from lora_llava.artifacts import Artifact, open_artifact
+from lora_llava.annotations import Model, Processor
+from lora_llava.artifacts import Artifact, adapter_meta_of, open_artifact
 from lora_llava.backbones.registry import resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.data.chat import format_for
@@ -34,8 +35,8 @@ from lora_llava.model.trained_parts import load_adapter_model
 class Loaded:
     """A model ready to answer: the weights, the processor, and the encoder that prompts it as trained."""
 
-    model: torch.nn.Module
-    processor: Any
+    model: Model
+    processor: Processor
     encoder: Encoder
     kind: str  # adapter | merged | backbone
     ref: str
@@ -47,12 +48,11 @@ def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int
     a merged / aligned / assembled / plain checkpoint directory, or a backbone name."""
     art = open_artifact(ref)
     if art.kind in ("run", "adapter"):
-        adapter_dir = art.adapter_dir
-        meta = art.meta
-        assert adapter_dir is not None and meta is not None
-        model, processor, _ = load_adapter_model(adapter_dir, meta, dtype=dtype)  # type: ignore[arg-type]
-        enc = Encoder(processor, format_for(meta.chat_format, processor.tokenizer, meta.system_prompt),
-                      pad_to_square=meta.pad_to_square)  # type: ignore[union-attr]  # fmt: skip
+        adapter_dir, meta = art.adapter_dir, adapter_meta_of(art)
+        assert adapter_dir is not None
+        model, processor, _ = load_adapter_model(adapter_dir, meta, dtype=dtype)
+        fmt = format_for(meta.chat_format, processor.tokenizer, meta.system_prompt)
+        enc = Encoder(processor, fmt, pad_to_square=meta.pad_to_square)
         return Loaded(model, processor, enc, "adapter", str(adapter_dir), art)
     if art.kind == "checkpoint":
         raise UserError(
@@ -66,10 +66,10 @@ def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int
         model, processor = load_base(
             spec, QuantizationConfig(load_in_4bit=False), quantized=False, dtype=dtype or _stored_dtype(path)
         )
-        meta = art.meta
-        fmt_name = getattr(meta, "chat_format", None) or spec.chat_format
-        system = getattr(meta, "system_prompt", None) if meta is not None else None
-        pad = bool(getattr(meta, "pad_to_square", False))
+        saved = art.meta
+        fmt_name = getattr(saved, "chat_format", None) or spec.chat_format
+        system = getattr(saved, "system_prompt", None) if saved is not None else None
+        pad = bool(getattr(saved, "pad_to_square", False))
         model.eval()
         enc = Encoder(processor, format_for(fmt_name, processor.tokenizer, system), pad_to_square=pad)
         return Loaded(model, processor, enc, "merged", str(path), art)
@@ -89,7 +89,7 @@ def _stored_dtype(path: Path) -> torch.dtype:
     return torch_dtype(name) if torch.cuda.is_available() else torch.float32
 
 
-def _model_device(model) -> torch.device:
+def _model_device(model: Model) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
@@ -156,11 +156,11 @@ class EvalResult:
 
 def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, batch_size: int = 8) -> EvalResult:
     preds = generate(loaded, samples, max_new_tokens, batch_size)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s, p in zip(samples, preds):
         ref = s.messages[-1][1]
         rows.append({"id": s.id, "prediction": p, "reference": ref, "correct": normalize(p) == normalize(ref)})
-    correct = sum(r["correct"] for r in rows)
+    correct = sum(bool(r["correct"]) for r in rows)
     return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows)
 
 

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from lora_llava.annotations import Log, Model
 from lora_llava.artifacts import AdapterMeta, AlignedMeta, MergedMeta, adapter_meta_of, open_artifact, write_meta
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
 from lora_llava.config.load import load_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import default_system, format_for
 from lora_llava.data.encode import Encoder
+from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
@@ -63,7 +65,7 @@ class MergeReport:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
 
 
-def fold(adapter_dir: Path, meta: AdapterMeta, base_mode: str | None = None):
+def fold(adapter_dir: Path, meta: AdapterMeta, base_mode: str | None = None) -> tuple[Model, Recipe, BackboneSpec, str]:
     """Return the merged (unsaved, float32) model, its recipe, backbone spec and the base used."""
     from peft import PeftModel
 
@@ -96,10 +98,10 @@ def merge(
     out_dir: str | Path,
     dtype: str | None = None,
     base_mode: str | None = None,
-    verify_samples=None,
+    verify_samples: list[Sample] | None = None,
     replace: bool = False,
     aligned: bool = False,
-    log=print,
+    log: Log = print,
 ) -> MergeReport:
     """Merge; ``replace`` swaps out an existing ``out_dir`` once the new one is complete."""
     art = open_artifact(run_or_adapter)
@@ -119,27 +121,25 @@ def merge(
     merged = merged.to(torch_dtype(dtype_name))
     merged.config.use_cache = True
     processor = load_processor(adapter_dir)
-    common = dict(
+    info = MergedMeta(
         merged_from=str(adapter_dir),
         backbone=meta.backbone,
         source=meta.source,
         family=meta.family,
+        chat_format=meta.chat_format,
+        system_prompt=meta.system_prompt,
         dtype=dtype_name,
         base=base_mode,
         pad_to_square=meta.pad_to_square,
     )
-    info: MergedMeta
     if aligned:
         # stage 2's backbone: it speaks the backbone's chat format (stage 1 may have trained in plain)
         # and pads only if stage 2's recipe says so
         name = meta.backbone_chat_format
-        info = AlignedMeta(
-            **common, chat_format=name, system_prompt=default_system(name), align_format=meta.chat_format
-        )
+        fields = {**dataclasses.asdict(info), "chat_format": name, "system_prompt": default_system(name)}
+        info = AlignedMeta(**fields, align_format=meta.chat_format)
         processor = load_processor(spec.local_path())
         processor.chat_template = format_for(name, processor.tokenizer).jinja
-    else:
-        info = MergedMeta(**common, chat_format=meta.chat_format, system_prompt=meta.system_prompt)
     with atomic_dir(out, replace=replace) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -156,7 +156,7 @@ def merge(
     return report
 
 
-def _verify_samples(recipe: Recipe, n: int) -> list:
+def _verify_samples(recipe: Recipe, n: int) -> list[Sample]:
     from lora_llava.data.formats import read_source
 
     for src in [*recipe.data.eval, *recipe.data.train]:
@@ -170,7 +170,9 @@ def _verify_samples(recipe: Recipe, n: int) -> list:
 
 
 @torch.no_grad()
-def verify(adapter_dir: Path, out: Path, spec: BackboneSpec, recipe: Recipe, samples=None) -> Parity:
+def verify(
+    adapter_dir: Path, out: Path, spec: BackboneSpec, recipe: Recipe, samples: list[Sample] | None = None
+) -> Parity:
     """Load the merged dir with plain transformers and compare it with the adapter model."""
     from lora_llava.infer import batch_inputs, generate, load_model
 

@@ -13,19 +13,22 @@ from __future__ import annotations
 import json
 import time
 
+from lora_llava.annotations import Log
 from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
+from lora_llava.data.check import DataReport
+from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 
 
-def _eval_samples(recipe: Recipe, report) -> list:
+def _eval_samples(recipe: Recipe, report: DataReport) -> list[Sample]:
     samples = report.eval
     if not samples:
         raise UserError("the pipeline needs evaluation data", hint="add data.eval sources to the recipe")
     return samples[: recipe.eval.max_samples] if recipe.eval.max_samples else samples
 
 
-def run_pipeline(recipe: Recipe, log=print) -> dict:
+def run_pipeline(recipe: Recipe, log: Log = print) -> dict:
     from lora_llava.data.encode import Encoder
     from lora_llava.infer import evaluate, format_predictions, load_model
     from lora_llava.merging import merge

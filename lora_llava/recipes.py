@@ -67,7 +67,7 @@ def check_builtin_recipes() -> dict[str, str]:
     stage1 = {r.output_dir: n for n, r in recipes.items() if r.stage == "align"}
     out, problems = {}, []
     for name, r in recipes.items():
-        if r.backbone == "assemble":
+        if r.backbone == "assemble" and r.assemble is not None:
             bad = [p for p in (r.assemble.vision_encoder, r.assemble.language_model) if p not in PARTS and "/" not in p]
             if bad:
                 problems.append(f"{name}: assemble parts {bad} are neither built-in parts nor Hub ids")

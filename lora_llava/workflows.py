@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+from lora_llava.annotations import Log
 from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Encoder
@@ -17,7 +18,7 @@ from lora_llava.training.run import TrainResult
 from lora_llava.training.run import train as train_adapter
 
 
-def train(recipe: Recipe, log=print, prepared: PreparedRun | None = None) -> TrainResult:
+def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None) -> TrainResult:
     """Train ``recipe``; a stage-1 (align) run then writes its aligned model, stage 2's backbone."""
     run = RunDir(recipe.output_dir)
     if recipe.stage == "align" and run.aligned.exists() and not run.aligned.is_dir():

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lora_llava.annotations import Log
 from lora_llava.artifacts import AssembledMeta, read_meta, write_meta
 from lora_llava.config.schema import AssembleConfig
 from lora_llava.errors import UserError
@@ -50,7 +52,7 @@ def _part_path(name: str) -> str:
     return name
 
 
-def _load_vision(name: str, dtype):
+def _load_vision(name: str, dtype: torch.dtype) -> tuple[Any, str, int]:
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
 
     path = _part_path(name)
@@ -71,7 +73,7 @@ def _load_vision(name: str, dtype):
     return model, path, extra
 
 
-def _load_lm(name: str, dtype):
+def _load_lm(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _part_path(name)
@@ -83,7 +85,7 @@ def _load_lm(name: str, dtype):
     return model, tokenizer
 
 
-def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torch.float32, log=print) -> Path:
+def assemble(cfg: AssembleConfig, out_dir: str | Path, dtype: torch.dtype = torch.float32, log: Log = print) -> Path:
     """Build the LLaVA described by ``cfg`` into ``out_dir`` (reused if already built from the same cfg)."""
     from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 

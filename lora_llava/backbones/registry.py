@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_llava.errors import UserError
 
@@ -43,7 +45,7 @@ class BackboneSpec:
     def builtin(self) -> bool:
         return self.source.startswith("builtin:")
 
-    def model_class(self):
+    def model_class(self) -> Any:
         import transformers
 
         return getattr(transformers, _FAMILIES[self.family])
@@ -88,7 +90,7 @@ class BackboneSpec:
 _FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
-def _hub(name, source, family, fmt, description):
+def _hub(name: str, source: str, family: str, fmt: str, description: str) -> BackboneSpec:
     return BackboneSpec(
         name=name, source=source, family=family, chat_format=fmt, description=description, recipe=f"{name}/qlora"
     )
@@ -239,8 +241,8 @@ def _hub_spec(repo_id: str) -> BackboneSpec:
     return _spec_from_files(repo_id, read, "Hub")
 
 
-def _spec_from_files(source: str, read, where: str) -> BackboneSpec:
-    model_type = json.loads(read("config.json")).get("model_type")
+def _spec_from_files(source: str, read: Callable[[str], str | None], where: str) -> BackboneSpec:
+    model_type = json.loads(read("config.json") or "{}").get("model_type")
     if model_type not in _FAMILIES:
         raise UserError(
             f"backbone {source!r}: model_type {model_type!r} is not a LLaVA model",

@@ -29,6 +29,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from lora_llava.annotations import Model, Processor, Tokenizer
 
 TINY_VERSION = "3"
 IMAGE_SIZE = 32
@@ -53,7 +56,7 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(style: str = "llama"):
+def build_tokenizer(style: str = "llama") -> Tokenizer:
     """A fast tokenizer trained on a fixed corpus.
 
     ``llama``: byte-level BPE, ``<s>`` added in front, ``</s>`` ends answers, ``<image>`` special
@@ -109,11 +112,11 @@ def build_tokenizer(style: str = "llama"):
     )
 
 
-def _sentencepiece_model(specials: list[str]):
+def _sentencepiece_model(specials: list[str]) -> Any:
     """A Llama-style BPE: merges learned within words (``▁`` starts a word), digits split, byte fallback."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    def pre():
+    def pre() -> Any:
         return pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True),
@@ -140,7 +143,7 @@ def _sentencepiece_model(specials: list[str]):
     return tok
 
 
-def build_image_processor():
+def build_image_processor() -> Any:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(
@@ -151,7 +154,7 @@ def build_image_processor():
     )
 
 
-def _text_config(tokenizer, model_type: str = "llama", hidden: int = 64):
+def _text_config(tokenizer: Tokenizer, model_type: str = "llama", hidden: int = 64) -> Any:
     from transformers import LlamaConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
@@ -171,7 +174,7 @@ def _text_config(tokenizer, model_type: str = "llama", hidden: int = 64):
     )
 
 
-def _vision_config():
+def _vision_config() -> Any:
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -185,7 +188,7 @@ def _vision_config():
     )
 
 
-def _save(out_dir, model, processor) -> Path:
+def _save(out_dir: str | os.PathLike, model: Model, processor: Processor) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -193,13 +196,13 @@ def _save(out_dir, model, processor) -> Path:
     return out
 
 
-def _generation_ids(model, tokenizer) -> None:
+def _generation_ids(model: Model, tokenizer: Tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-def _llava_config_kwargs(tokenizer) -> dict:
+def _llava_config_kwargs(tokenizer: Tokenizer) -> dict:
     """What tiny and tiny-next share: the CLIP tower, the LLaMA LM, a GELU MLP projector on layer -2."""
     return dict(
         vision_config=_vision_config(),
@@ -211,7 +214,7 @@ def _llava_config_kwargs(tokenizer) -> dict:
     )
 
 
-def _processor_kwargs(tokenizer) -> dict:
+def _processor_kwargs(tokenizer: Tokenizer) -> dict:
     from lora_llava.data.chat import chat_format
 
     return dict(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
 
 HELP = "validate a recipe and every data sample (no model weights are loaded)"
@@ -14,11 +16,11 @@ prints the sources, the mixture table, the length histogram and what each over-l
 do, then "ok", or every bad sample found (exit status 2 with data.on_bad_sample=error)"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet()
     from lora_llava.data.check import enforce_policy
     from lora_llava.training.prepare import describe_format, prepare_run

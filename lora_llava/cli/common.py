@@ -33,7 +33,7 @@ def quiet() -> None:
     hf_logging.disable_progress_bar()  # weight loading/writing bars; the training bar stays
 
 
-def recipe_from_args(args) -> Recipe:
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = load_recipe(recipe_path(args.recipe), args.overrides)
     ensure_synthetic_data(recipe)
     cpu_threads_for(recipe.backbone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -18,7 +19,7 @@ each sample's last answer is the reference; case, quotes and trailing punctuatio
 --max-new-tokens and --batch-size default to the run's recipe (eval section), else 16 and 8"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="run directory, adapter directory, merged directory or backbone name")
     p.add_argument(
         "--data",
@@ -45,7 +46,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet()
     from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
@@ -73,7 +74,7 @@ def run(args) -> int:
         samples = run_eval_samples(recipe, loaded.encoder)
         if not samples:
             raise UserError(
-                f"the run's recipe ({adapter / 'recipe.yaml'}) has no eval data (data.eval, data.eval_split)",
+                f"the run's recipe ({art.path}) has no eval data (data.eval, data.eval_split)",
                 hint="pass --data FILE (and --image-folder DIR)",
             )
         where = "the run's eval data"
@@ -90,7 +91,7 @@ def run(args) -> int:
     return 0
 
 
-def _read(args) -> list:
+def _read(args: argparse.Namespace) -> list:
     from lora_llava.config.schema import DataSource
     from lora_llava.data.formats import read_source
     from lora_llava.errors import UserError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lora_llava.cli.common import quiet
 from lora_llava.config.schema import DTYPE_NAMES, MERGE_BASES
 
@@ -15,7 +17,7 @@ the output loads with LlavaForConditionalGeneration.from_pretrained(OUT_DIR); me
 the parity numbers (logit differences and greedy answers, merged vs adapter)"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or its adapter/ directory)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for the merged checkpoint")
     p.add_argument(
@@ -32,7 +34,7 @@ def add_arguments(p) -> None:
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet()
     from lora_llava.artifacts import adapter_meta_of, open_artifact
     from lora_llava.cli.common import cpu_threads_for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data, quiet
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
@@ -16,7 +18,7 @@ when a recipe reads from the quickstart's synthetic data folder (runs/quickstart
 is missing there, the synthetic shapes dataset is written first"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "args",
         nargs="*",
@@ -25,7 +27,7 @@ def add_arguments(p) -> None:
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet()
     from lora_llava.config import load_recipe
     from lora_llava.pipeline import run_pipeline

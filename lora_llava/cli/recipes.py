@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ EPILOG = """examples:
   lora-llava recipes --validate      (every built-in recipe, structurally: no weights, no network)"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=["list", "show", "copy"], default="list")
     p.add_argument("name", nargs="?", help="recipe name (show, copy)")
     p.add_argument("dest", nargs="?", help="destination file (copy)")
@@ -24,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--validate", action="store_true", help="validate every built-in recipe without loading weights")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_llava.errors import UserError
     from lora_llava.recipes import list_recipes, recipe_path
 

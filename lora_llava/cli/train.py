@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
@@ -14,11 +16,11 @@ EPILOG = """examples:
 writes OUTPUT_DIR/adapter (LoRA + projector + processor + recipe), recipe.yaml, metrics.jsonl"""
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet()
     from lora_llava.workflows import train
 

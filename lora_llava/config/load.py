@@ -178,7 +178,7 @@ def _apply_override(data: dict, override: str) -> None:
         if last:
             node[slot] = value
             return
-        child = node[slot] if isinstance(node, list) else node.get(slot)
+        child = node[slot] if isinstance(node, list) and isinstance(slot, int) else node.get(slot)
         if child is None:
             child = node[slot] = [] if parts[i + 1].isdigit() else {}
         elif not isinstance(child, (dict, list)):
@@ -237,7 +237,8 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping[str, Any], pro
         if len(options) == 1:
             return _convert(options[0], value, path, meta, problems)
         for option in options:  # several non-null types: the first that accepts the value wins
-            out = _convert(option, value, path, meta, scratch := [])
+            scratch: list[str] = []
+            out = _convert(option, value, path, meta, scratch)
             if not scratch:
                 return out
         problems.append(f"{path}: expected {_type_text(tp)}, got {_show(value)}")
@@ -259,7 +260,7 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping[str, Any], pro
         if need is not None and len(value) < need:
             problems.append(f"{path}: needs at least {need} item{'s' if need != 1 else ''}")
         return items if len(problems) == start else _INVALID
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _convert_dataclass(tp, value, path, problems)
     out = _convert_scalar(tp, value)
     if out is _INVALID:
@@ -353,7 +354,7 @@ def _describe(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) -> 
         else:
             default = "" if dataclasses.is_dataclass(tp) else _yaml_text(_default(f))
         help_text = meta.get("help", "")
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.append((key, "section", default, help_text))
             _describe(tp, key, rows)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):

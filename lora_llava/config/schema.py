@@ -14,23 +14,24 @@ and ``required`` (no default; the key must be present).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from lora_llava.data.chat import CHAT_FORMATS, CONVERSATION_FORMATS
+from lora_llava.data.chat import ChatFormatName, ConversationFormatName
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the one list of dtypes a recipe or a flag may name
-DType = Literal[DTYPE_NAMES]
-MERGE_BASES = ("dequantized", "original")
+DType = Literal["bfloat16", "float16", "float32"]  # the one list of dtypes a recipe or a flag may name
+DTYPE_NAMES: tuple[str, ...] = get_args(DType)
+MergeBase = Literal["dequantized", "original"]
+MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
 
 
-def _f(default, help: str, **meta):
+def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field carrying its help text and bounds."""
     if callable(default):
         return field(default_factory=default, metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
 
 
-def _req(help: str, **meta):
+def _req(help: str, **meta: Any) -> Any:
     return field(metadata={"help": help, "required": True, **meta})
 
 
@@ -181,7 +182,7 @@ class AssembleConfig:
     vision_feature_select: Literal["default", "full"] = _f(
         "default", "default: drop the CLS token (CLIP); full: keep every token (SigLIP has no CLS)."
     )
-    chat_format: Literal[CONVERSATION_FORMATS] | None = _f(
+    chat_format: ConversationFormatName | None = _f(
         None,
         "Chat format recorded with the assembled model (stage 2 trains in it); default: inferred from the "
         "language model's tokenizer.",
@@ -191,7 +192,7 @@ class AssembleConfig:
 
 @dataclass
 class ChatConfig:
-    format: Literal[CHAT_FORMATS] | None = _f(
+    format: ChatFormatName | None = _f(
         None,
         "How conversations are rendered. Default: the backbone's own format for stage instruct (what its "
         "checkpoints were trained with), plain for stage align (LLaVA-1.5's: image + caption + newline, no "
@@ -247,7 +248,7 @@ class EvalConfig:
 @dataclass
 class MergeConfig:
     dtype: DType = _f("bfloat16", "dtype of the merged weights.")
-    base: Literal[MERGE_BASES] = _f(
+    base: MergeBase = _f(
         "dequantized",
         "QLoRA runs: fold LoRA into the NF4 base as trained, dequantized to 16-bit (matches the adapter), "
         "or into the original 16-bit weights (differs by the quantization error).",

@@ -35,8 +35,10 @@ every processor lora_llava writes, so ``apply_chat_template`` builds the same pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Literal, get_args
 
+from lora_llava.annotations import Tokenizer
 from lora_llava.errors import UserError
 
 Message = tuple[str, str]  # (role, text) with role in system | user | assistant
@@ -59,10 +61,6 @@ class ChatFormat:
     system_in_first_user: bool = False  # LLaMA-2 style: the wrapped system prompt opens the first user turn
     user_images_only: bool = False  # plain: a user turn renders only its <image> placeholders
     single_exchange: bool = False  # plain: exactly one user turn and one answer
-
-    def with_system(self, system: str | None) -> ChatFormat:
-        """This format with another default system prompt (``""``: none; ``None``: unchanged)."""
-        return self if system is None else replace(self, system=system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """Return ``(text, target_spans)``; spans are [start, end) character ranges of what is generated."""
@@ -241,11 +239,15 @@ _FORMATS: dict[str, dict] = {
     ),
 }
 
-CHAT_FORMATS = tuple(_FORMATS)
+# the names, as types (recipe keys are checked against them); _FORMATS must define exactly these
+ConversationFormatName = Literal["vicuna_v1", "mistral_instruct", "chatml_direct", "chatml", "llama3"]
+ChatFormatName = Literal[ConversationFormatName, "plain"]  # plain: stage-1 alignment only
+CHAT_FORMATS: tuple[str, ...] = tuple(_FORMATS)
+CONVERSATION_FORMATS: tuple[str, ...] = get_args(ConversationFormatName)
+if set(_FORMATS) != {*CONVERSATION_FORMATS, "plain"}:
+    raise ImportError(f"chat formats defined {sorted(_FORMATS)} but named {sorted(CONVERSATION_FORMATS)} + plain")
 # formats whose answers end with the tokenizer's own EOS token (its spelling differs between tokenizers)
 EOS_STOP_FORMATS = {"vicuna_v1", "mistral_instruct"}
-# the formats a conversation (stage 2) can be trained in; plain is for stage-1 alignment only
-CONVERSATION_FORMATS = tuple(n for n in _FORMATS if n != "plain")
 
 
 def chat_format(name: str, stop: str | None = None, system: str | None = None) -> ChatFormat:
@@ -265,7 +267,7 @@ def default_system(name: str) -> str:
     return _FORMATS[name].get("system", "")
 
 
-def stop_token_id(tokenizer, stop: str) -> int | None:
+def stop_token_id(tokenizer: Tokenizer, stop: str) -> int | None:
     """The id of the single token ``stop`` becomes at the end of an answer, or None when it is not one token."""
     ids = tokenizer.encode("A" + stop, add_special_tokens=False)
     if not ids:
@@ -276,7 +278,9 @@ def stop_token_id(tokenizer, stop: str) -> int | None:
     return None
 
 
-def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], stop_id: int | None):
+def tokenize_with_labels(
+    tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]], stop_id: int | None
+) -> tuple[list[int], list[int]]:
     """Tokenize ``text``; label (= copy) exactly the tokens that start inside ``spans``, -100 elsewhere.
 
     Raises ``ValueError`` when the rendered text cannot be aligned with the tokens: a span with no
@@ -313,6 +317,6 @@ def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], sto
     return ids, labels
 
 
-def format_for(name: str, tokenizer, system: str | None = None) -> ChatFormat:
+def format_for(name: str, tokenizer: Tokenizer, system: str | None = None) -> ChatFormat:
     """The chat format ``name`` with the stop string this tokenizer ends answers with (and ``system``)."""
     return chat_format(name, stop=tokenizer.eos_token if name in EOS_STOP_FORMATS else None, system=system)

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_llava.config.schema import DataSource, Recipe
+from lora_llava.config.schema import DataConfig, DataSource, Recipe
 from lora_llava.data.budget import fit_sample, histogram
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample, open_source
@@ -177,7 +177,7 @@ def _read(
     return out
 
 
-def _truncatable(encoder: Encoder, sample: Sample, d) -> bool:
+def _truncatable(encoder: Encoder, sample: Sample, d: DataConfig) -> bool:
     """Whether truncate_turns would keep part of ``sample`` (for the what-if counts)."""
     return fit_sample(encoder, sample, d.max_length, "truncate_turns").action == "truncated"
 
@@ -220,7 +220,9 @@ def prepare_data(
     return report
 
 
-def enforce_policy(report: DataReport, d, run_dir: str | os.PathLike | None, max_listed: int | None = MAX_LISTED):
+def enforce_policy(
+    report: DataReport, d: DataConfig, run_dir: str | os.PathLike | None, max_listed: int | None = MAX_LISTED
+) -> None:
     """Apply ``data.on_bad_sample``: raise UserError listing bad samples, or write rejected.jsonl (skip)."""
     listed = report.bad if max_listed is None else report.bad[:max_listed]
     listing = "\n  ".join(b.describe() for b in listed)

@@ -26,19 +26,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora_llava.annotations import Processor
 from lora_llava.compat import image_token_counts
 from lora_llava.data.chat import ChatFormat, stop_token_id, tokenize_with_labels
 from lora_llava.data.formats import IMAGE, Sample
-from lora_llava.data.images import image_size, load_image, pad_to_square
+from lora_llava.data.images import ImageRef, image_size, load_image, pad_to_square
 
 
 class Encoder:
-    def __init__(self, processor, fmt: ChatFormat, max_length: int | None = None, pad_to_square: bool = False) -> None:
+    def __init__(
+        self, processor: Processor, fmt: ChatFormat, max_length: int | None = None, pad_to_square: bool = False
+    ) -> None:
         self.processor = processor
         self.pad_to_square = pad_to_square
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         # the processor's mean color, truncated as upstream LLaVA-1.5 and transformers' LlavaImageProcessor do
-        self.pad_color = tuple(int(255 * m) for m in mean)
+        r, g, b = (int(255 * m) for m in mean)
+        self.pad_color = (r, g, b)
         self.tokenizer = processor.tokenizer
         self.fmt = fmt
         self.max_length = max_length
@@ -53,11 +57,11 @@ class Encoder:
     # -- image tokens -------------------------------------------------------------------------
     def image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Image tokens per image of (width, height), as the backbone's processor expands them."""
-        new = sorted({tuple(s) for s in sizes} - self._counts.keys())
+        new = sorted({(w, h) for w, h in sizes} - self._counts.keys())
         if new:
             counts = image_token_counts(self.processor, [(h, w) for w, h in new])
             self._counts.update(zip(new, counts))
-        return [self._counts[tuple(s)] for s in sizes]
+        return [self._counts[(w, h)] for w, h in sizes]
 
     def expand(self, messages: list[tuple[str, str]], counts: list[int]) -> list[tuple[str, str]]:
         """``messages`` with the k-th ``<image>`` replaced by ``counts[k]`` image tokens."""
@@ -82,7 +86,7 @@ class Encoder:
         ids, labels = tokenize_with_labels(self.tokenizer, text, spans, self.stop_id)
         return self._repeat_image_tokens(ids, labels, counts)
 
-    def _repeat_image_tokens(self, ids: list[int], labels: list[int], counts: list[int]):
+    def _repeat_image_tokens(self, ids: list[int], labels: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
         at = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(at) != len(counts):
             raise ValueError(
@@ -102,7 +106,7 @@ class Encoder:
             start = i + 1
         return out_ids + ids[start:], out_labels + labels[start:]
 
-    def load(self, src) -> Image.Image:
+    def load(self, src: ImageRef) -> Image.Image:
         """A sample's image as the model sees it (padded to a square when ``pad_to_square``)."""
         img = load_image(src)
         return pad_to_square(img, self.pad_color) if self.pad_to_square else img

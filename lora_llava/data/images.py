@@ -53,7 +53,7 @@ class EmbeddedImage(Protocol):
 ImageRef = Path | EmbeddedImage  # what a Sample holds per image
 
 
-def _open(src: str | os.PathLike | EmbeddedImage) -> tuple[int, object]:
+def _open(src: str | os.PathLike | EmbeddedImage) -> tuple[int, Path | io.BytesIO]:
     """(size in bytes, something Image.open reads) for a file path or an embedded image."""
     if isinstance(src, (str, os.PathLike)):
         return Path(src).stat().st_size, Path(src)

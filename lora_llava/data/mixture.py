@@ -3,8 +3,9 @@
 Usage::
 
     indices = select_indices(len(reader), src, seed=42)    # all, or a seeded draw (fraction / max_samples)
-    train, carved = carve_eval_split(pools, eval_split=0.05, seed=42)   # pools: per source, good samples
-    rows = mixture_rows(sources, train_per_source, supervised)          # the table ``check`` prints
+    k = eval_split_size(0.05, sum(len(p) for p in pools))                # pools: per source, good samples
+    train, carved = carve_eval_split(pools, k, seed=42)
+    print(format_mixture(finish_rows(rows), seed=42))                   # the table ``check`` prints
 
 Every draw is seeded: the same recipe (and data) gives the same samples on every machine. A
 source's draw depends on the seed and its path only, so adding a source leaves the others' draws

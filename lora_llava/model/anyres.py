@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+from lora_llava.annotations import Model, Processor
 from lora_llava.errors import UserError
 
 
@@ -24,7 +25,7 @@ def cap_tiles(pinpoints: list, tile: int, max_tiles: int | None) -> list:
     return kept
 
 
-def apply_max_tiles(model, processor, max_tiles: int | None) -> None:
+def apply_max_tiles(model: Model, processor: Processor, max_tiles: int | None) -> None:
     """Cap LLaVA-NeXT's AnyRes grids on the model config (when given) and the processor together."""
     ip = getattr(processor, "image_processor", None)
     if not max_tiles or ip is None or not getattr(ip, "image_grid_pinpoints", None):

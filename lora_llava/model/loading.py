@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lora_llava.annotations import Model, Processor
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.errors import UserError
@@ -28,7 +30,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def bnb_config(spec: BackboneSpec, q: QuantizationConfig):
+def bnb_config(spec: BackboneSpec, q: QuantizationConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -48,7 +50,7 @@ def quiet_transformers() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def load_processor(path: str | Path):
+def load_processor(path: str | Path) -> Processor:
     from transformers import AutoProcessor
 
     try:
@@ -69,7 +71,7 @@ def load_base(
     quantized: bool | None = None,
     dtype: torch.dtype | None = None,
     max_tiles: int | None = None,
-):
+) -> tuple[Model, Processor]:
     """Load the backbone; 4-bit LM when ``quantized`` (default: ``q.load_in_4bit``)."""
     quiet_transformers()
     path = spec.local_path()

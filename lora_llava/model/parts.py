@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_llava.annotations import Model
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
@@ -45,7 +46,7 @@ class PartRow:
     lora_layers: int
 
 
-def part_table(model, spec: BackboneSpec) -> list[PartRow]:
+def part_table(model: Model, spec: BackboneSpec) -> list[PartRow]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows = []
     for role, path in spec.roles().items():
@@ -102,7 +103,7 @@ def format_part_table(rows: list[PartRow]) -> str:
     return "\n".join(lines)
 
 
-def check_policy(model, spec: BackboneSpec, recipe: Recipe) -> list[PartRow]:
+def check_policy(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[PartRow]:
     """Raise UserError listing every way the loaded model breaks the recipe's part policies."""
     from lora_llava.config.load import lm_policy
 

@@ -16,23 +16,24 @@ import weakref
 
 import torch
 
+from lora_llava.annotations import Model
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 
 
-def base_model(model) -> torch.nn.Module:
+def base_model(model: Model) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def get_module(model, dotted: str) -> torch.nn.Module:
+def get_module(model: Model, dotted: str) -> torch.nn.Module:
     """``model.get_submodule`` that also sees through a PEFT wrapper."""
     return base_model(model).get_submodule(dotted)
 
 
-def image_newline(model, spec: BackboneSpec) -> torch.nn.Parameter | None:
+def image_newline(model: Model, spec: BackboneSpec) -> torch.nn.Parameter | None:
     """LLaVA-NeXT's learned row separator (trained and saved with the projector), or None."""
     if not spec.image_newline:
         return None
@@ -40,7 +41,7 @@ def image_newline(model, spec: BackboneSpec) -> torch.nn.Parameter | None:
     return getattr(base_model(model).get_submodule(owner), name)
 
 
-def connector_state(model, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+def connector_state(model: Model, spec: BackboneSpec) -> dict[str, torch.Tensor]:
     """The projector's weights, plus LLaVA-NeXT's image newline (key ``image_newline``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in get_module(model, spec.projector).state_dict().items()}
     nl = image_newline(model, spec)
@@ -49,7 +50,7 @@ def connector_state(model, spec: BackboneSpec) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cast_input_hook(module, args):
+def _cast_input_hook(module: torch.nn.Module, args: tuple) -> tuple:
     w = next(module.parameters())
     return tuple(a.to(w.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
@@ -57,7 +58,7 @@ def _cast_input_hook(module, args):
 _CASTING: weakref.WeakSet = weakref.WeakSet()  # projectors whose inputs follow their own dtype
 
 
-def prepare_projector(model, spec: BackboneSpec, trainable: bool) -> None:
+def prepare_projector(model: Model, spec: BackboneSpec, trainable: bool) -> None:
     """Projector (and image newline) in float32 when trained, frozen otherwise; inputs follow its dtype."""
     proj = get_module(model, spec.projector)
     if trainable:
@@ -86,7 +87,7 @@ def lora_targets(spec: BackboneSpec, recipe: Recipe) -> str | None:
     return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
 
 
-def attach_adapters(model, spec: BackboneSpec, recipe: Recipe):
+def attach_adapters(model: Model, spec: BackboneSpec, recipe: Recipe) -> Model:
     """Apply the recipe's part policies: freeze everything, then LoRA where asked, full training where asked."""
     from peft import LoraConfig, get_peft_model
 

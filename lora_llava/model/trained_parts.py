@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_llava.annotations import Model, Processor
 from lora_llava.artifacts import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, PROJECTOR_FILE, VISION_FILE, AdapterMeta
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
 from lora_llava.config.schema import Recipe
@@ -27,7 +28,7 @@ def has_lora(folder: Path) -> bool:
     return (Path(folder) / LORA_CONFIG_FILE).is_file()
 
 
-def save_trained_parts(model, spec: BackboneSpec, recipe: Recipe, out: Path) -> None:
+def save_trained_parts(model: Model, spec: BackboneSpec, recipe: Recipe, out: Path) -> None:
     """Write what training changed: LoRA (PEFT files), projector (+ image newline), vision tower if full."""
     from safetensors.torch import save_file
 
@@ -40,7 +41,7 @@ def save_trained_parts(model, spec: BackboneSpec, recipe: Recipe, out: Path) -> 
         save_file({k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}, out / VISION_FILE)
 
 
-def restore_trained_parts(model, spec: BackboneSpec, folder: Path) -> None:
+def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> None:
     """Load the trained projector (+ image newline) and, when trained fully, the vision tower."""
     from safetensors.torch import load_file
 
@@ -69,7 +70,7 @@ def restore_trained_parts(model, spec: BackboneSpec, folder: Path) -> None:
             )
 
 
-def check_lora_loaded(model, folder: Path) -> None:
+def check_lora_loaded(model: Model, folder: Path) -> None:
     """Every saved LoRA tensor has a live parameter (nothing left freshly initialized)."""
     from safetensors import safe_open
 
@@ -81,8 +82,8 @@ def check_lora_loaded(model, folder: Path) -> None:
 
 
 def load_adapter_model(
-    adapter_dir: Path, meta: AdapterMeta, quantized: bool | None = None, dtype: torch.dtype | None = None
-):
+    adapter_dir: Path, meta: AdapterMeta, dtype: torch.dtype | None = None
+) -> tuple[Model, Processor, Recipe]:
     """Rebuild a trained model: base as recorded, trained projector, LoRA weights; nothing left fresh."""
     from peft import PeftModel
 
@@ -90,7 +91,7 @@ def load_adapter_model(
 
     recipe = load_recipe(adapter_dir / "recipe.yaml")
     spec = resolve_backbone(meta.backbone)
-    model, _ = load_base(spec, recipe.quantization, quantized=quantized, dtype=dtype, max_tiles=recipe.images.max_tiles)
+    model, _ = load_base(spec, recipe.quantization, dtype=dtype, max_tiles=recipe.images.max_tiles)
     restore_trained_parts(model, spec, adapter_dir)
     if has_lora(adapter_dir):
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)

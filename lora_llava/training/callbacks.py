@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -37,7 +38,7 @@ class CountingCollator(Collator):
         super().__init__(pad_id)
         self.stats = stats
 
-    def __call__(self, items):
+    def __call__(self, items: list[dict]) -> dict:
         batch = super().__call__(items)
         self.stats.tokens += batch["attention_mask"].numel()
         self.stats.pad += int((batch["attention_mask"] == 0).sum())
@@ -66,7 +67,7 @@ class MetricsCallback(TrainerCallback):
         self.log = log
         self.stats = stats
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs:
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if self.stats.tokens:
@@ -77,6 +78,6 @@ class MetricsCallback(TrainerCallback):
 class StopOnNonFinite(TrainerCallback):
     """Stop training once a logged loss is NaN or infinite."""
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.log_history and not math.isfinite(state.log_history[-1].get("loss", 0.0)):
             control.should_training_stop = True

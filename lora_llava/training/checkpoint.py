@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -50,7 +51,7 @@ class PublishCheckpoints(TrainerCallback):
     def __init__(self, checkpoints: Path) -> None:
         self.checkpoints = checkpoints
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         name = f"{CHECKPOINT_PREFIX}{state.global_step}"
         staged = Path(args.output_dir) / name
         target = self.checkpoints / name

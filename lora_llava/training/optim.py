@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_llava.annotations import Model
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.schema import Recipe
 from lora_llava.model.trainability import get_module, image_newline
@@ -22,7 +23,7 @@ from lora_llava.model.trainability import get_module, image_newline
 PARTS = ("language_model", "projector", "vision_tower")
 
 
-def optimizer_groups(model, spec: BackboneSpec, recipe: Recipe) -> list[dict[str, Any]]:
+def optimizer_groups(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[dict[str, Any]]:
     """One AdamW group per trained part (``name`` says which), trainable parameters only."""
     proj_ids = {id(p) for p in get_module(model, spec.projector).parameters()}
     nl = image_newline(model, spec)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_llava.annotations import Log
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
 from lora_llava.config.load import chat_format_name
 from lora_llava.config.schema import Recipe
@@ -41,7 +42,7 @@ class PreparedRun:
         return self.encoder.fmt
 
 
-def backbone_for(recipe: Recipe, log=print) -> BackboneSpec:
+def backbone_for(recipe: Recipe, log: Log = print) -> BackboneSpec:
     """The recipe's backbone spec; ``backbone: assemble`` builds (or reuses) ``<output_dir>/assembled``."""
     if recipe.backbone == "assemble":
         from lora_llava.artifacts import RunDir
@@ -57,7 +58,7 @@ def backbone_for(recipe: Recipe, log=print) -> BackboneSpec:
     return spec
 
 
-def prepare_run(recipe: Recipe, run_dir: Path | None = None, log=print, enforce: bool = True) -> PreparedRun:
+def prepare_run(recipe: Recipe, run_dir: Path | None = None, log: Log = print, enforce: bool = True) -> PreparedRun:
     """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights).
 
     ``enforce=False`` returns the report without applying data.on_bad_sample (see ``enforce_policy``).

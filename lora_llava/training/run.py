@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lora_llava.annotations import Log, Model
 from lora_llava.artifacts import RunDir, write_adapter
 from lora_llava.compat import allow_training_quantized_base
 from lora_llava.config.load import save_recipe
@@ -55,7 +56,7 @@ class TrainResult:
     train_samples: int
 
 
-def train(recipe: Recipe, log=print, prepared: PreparedRun | None = None) -> TrainResult:
+def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None) -> TrainResult:
     """Train ``recipe``; ``prepared`` is a ``prepare_run(recipe, run_dir)`` already at hand."""
     from transformers import set_seed
 
@@ -97,7 +98,7 @@ def train(recipe: Recipe, log=print, prepared: PreparedRun | None = None) -> Tra
     return TrainResult(run.path, run.adapter, loss, steps, seconds, stats.fraction, len(prepared.report.train))
 
 
-def _report_data(prepared: PreparedRun, run: RunDir, log) -> None:
+def _report_data(prepared: PreparedRun, run: RunDir, log: Log) -> None:
     report = prepared.report
     log(describe_format(prepared.fmt))
     log(report.summary())
@@ -109,7 +110,7 @@ def _report_data(prepared: PreparedRun, run: RunDir, log) -> None:
 
 
 def _trainer(
-    recipe: Recipe, prepared: PreparedRun, model, run: RunDir, stats: PaddingStats, resume: Path | None
+    recipe: Recipe, prepared: PreparedRun, model: Model, run: RunDir, stats: PaddingStats, resume: Path | None
 ) -> LlavaTrainer:
     report = prepared.report
     grouped = recipe.train.group_by_length

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lora_llava.annotations import Model
 from lora_llava.artifacts import LORA_WEIGHTS_FILE, RECIPE_FILE, RunDir
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.compat import CompatTrainer
@@ -26,7 +28,7 @@ from lora_llava.model.trained_parts import has_lora, restore_trained_parts, save
 from lora_llava.training.checkpoint import STAGING
 
 
-def training_arguments(recipe: Recipe, run_dir: Path):
+def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     """The recipe's ``train`` section as TrainingArguments (checkpoints go to the staging folder)."""
     from transformers import TrainingArguments
 
@@ -70,12 +72,12 @@ class LlavaTrainer(CompatTrainer):
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         spec: BackboneSpec,
         recipe: Recipe,
         lengths: list[int] | None = None,
         has_image: list[bool] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spec = spec
@@ -83,7 +85,7 @@ class LlavaTrainer(CompatTrainer):
         self.lengths = lengths
         self.has_image = has_image
 
-    def train_sampler(self, dataset):
+    def train_sampler(self, dataset: Any) -> Any:
         if self.lengths is None or self.has_image is None:
             return None
         if len(dataset) != len(self.lengths):
@@ -99,7 +101,7 @@ class LlavaTrainer(CompatTrainer):
         save_trained_parts(self.model, self.spec, self.recipe, out)
         save_recipe(self.recipe, out / RECIPE_FILE)
 
-    def load_checkpoint_weights(self, checkpoint: str, model) -> None:
+    def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -114,7 +116,9 @@ class LlavaTrainer(CompatTrainer):
         for p in model.parameters():  # restoring must not change what trains
             p.requires_grad_(id(p) in trainable)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: Model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
         if not loss.requires_grad:

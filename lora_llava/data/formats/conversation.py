@@ -29,7 +29,6 @@ from lora_llava.data.images import EmbeddedImage, ImageError, ImageRef, load_ima
 from lora_llava.errors import UserError
 
 BUILTIN_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FORMATS = ("llava", "sharegpt", "messages")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _json_list(path: Path, raw: bytes) -> list:
 class _ImageColumn:
     """One image column of a `datasets.Dataset`, read row by row as Arrow (nothing decoded)."""
 
-    def __init__(self, dataset, column: str, label: str) -> None:
+    def __init__(self, dataset: Any, column: str, label: str) -> None:
         self.rows = dataset.select_columns([column]).with_format("arrow")
         self.column = column
         self.label = label
@@ -131,7 +131,7 @@ class DatasetImage:
         return f"DatasetImage({self.store.label}, {self.name})"
 
 
-def _is_image_feature(feature) -> bool:
+def _is_image_feature(feature: Any) -> bool:
     from datasets import Image, List, Sequence, Value
 
     if isinstance(feature, (List, Sequence)):
@@ -189,7 +189,7 @@ class DatasetsStorage:
                 yield row, None, rec
 
 
-def _open_dataset(src: DataSource, path: Path):
+def _open_dataset(src: DataSource, path: Path) -> Any:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     if path.is_dir():
