@@ -107,3 +107,98 @@ def _one_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+# -- fixtures shared across test modules ---------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """tmp_path/images with ok.png, plus an image outside the folder."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(images / "ok.png")
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "outside.png")
+    return images
+
+
+@pytest.fixture(scope="module")
+def aspect_data(tmp_path_factory):
+    """One single-image sample per aspect ratio (wide, tall, square, tiny, large)."""
+    root = tmp_path_factory.mktemp("aspects")
+    sizes = [(64, 64), (100, 40), (30, 90), (200, 210), (17, 300), (96, 33)]
+    import json
+
+    from helpers import draw_shape
+
+    from lora_llava.config.schema import DataSource
+    from lora_llava.data.formats import read_source
+
+    recs = []
+    for i, (w, h) in enumerate(sizes):
+        draw_shape(root / f"{i}.png", w, h)
+        recs.append(
+            {
+                "id": f"{w}x{h}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the shape?"},
+                    {"from": "gpt", "value": "Red"},
+                ],
+            }
+        )
+    (root / "d.json").write_text(json.dumps(recs))
+    samples, bad = read_source(DataSource(path=str(root / "d.json"), image_folder=str(root)))
+    assert not bad
+    return samples
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    from lora_llava.backbones.assemble import assemble
+    from lora_llava.config.schema import AssembleConfig
+
+    out = tmp_path_factory.mktemp("asm")
+    return {
+        "mlp": assemble(
+            AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2"), out / "mlp", log=print
+        ),
+        "linear": assemble(
+            AssembleConfig(vision_encoder="tiny-clip", language_model="tiny-qwen2", projector="linear"),
+            out / "linear",
+            log=print,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_path):
+    from lora_llava.backbones.registry import resolve_backbone
+
+    return resolve_backbone("tiny")
+
+
+@pytest.fixture
+def recipe(make_recipe):
+    return make_recipe()
+
+
+@pytest.fixture
+def qlora(spec, recipe):
+    from lora_llava.model.loading import load_base
+    from lora_llava.model.trainability import attach_adapters
+
+    model, _ = load_base(spec, recipe.quantization)
+    return attach_adapters(model, spec, recipe)
+
+
+@pytest.fixture(scope="module")
+def eval_samples(shapes):
+    from lora_llava.config import DataSource
+    from lora_llava.data.formats import read_source
+
+    samples, bad = read_source(DataSource(path=str(shapes / "eval.json"), image_folder=str(shapes / "images")))
+    assert not bad and len(samples) == 16
+    return samples

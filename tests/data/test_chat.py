@@ -1,17 +1,8 @@
-"""Fidelity to what the checkpoints were trained with: each backbone's prompt byte by byte against upstream
-LLaVA's, labels on every generated token (sentencepiece-style tokenization included), the saved chat template,
-LLaVA-1.5's image padding under stock transformers, and LLaVA-1.5's plain stage-1 format.
-
-Usage: ``python -m pytest -q tests/test_fidelity.py``
-"""
+"""Chat formats: upstream LLaVA's prompts byte by byte, saved templates, labels on every generated token for every tokenizer style."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from PIL import Image
 
 from lora_llava.backbones.registry import registered_backbones, resolve_backbone
 from lora_llava.data.chat import (
@@ -23,12 +14,229 @@ from lora_llava.data.chat import (
     tokenize_with_labels,
 )
 
+SPECIALS = {
+    "vicuna_v1": (["<s>", "</s>", "<pad>"], "</s>", "<s>"),
+    "mistral_instruct": (["<s>", "</s>", "<pad>"], "</s>", "<s>"),
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", None),
+    "chatml_direct": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", None),
+    "llama3": (
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+    ),
+}
+
+
+CONVERSATION = [
+    ("system", "Answer briefly."),
+    ("user", "What color is the car?"),
+    ("assistant", "Red."),
+    ("user", "And the sky?"),
+    ("assistant", "Blue, with clouds."),
+]
+
+
+def _tokenizer(fmt: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, eos, bos = SPECIALS[fmt]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What color is the car? Red. And the sky? Blue, with clouds. Answer briefly. USER ASSISTANT INST"] * 8
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=specials[-1])
+
+
+EXPECTED_TEXT = {
+    "vicuna_v1": "Answer briefly. USER: What color is the car? ASSISTANT: Red.</s>USER: And the sky? "
+    "ASSISTANT: Blue, with clouds.</s>",
+    "mistral_instruct": "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat color is the car? [/INST] Red. </s>"
+    "[INST] And the sky? [/INST] Blue, with clouds. </s>",
+    "chatml_direct": "<|im_start|>system\nAnswer briefly.<|im_end|><|im_start|>user\nWhat color is the car?<|im_end|>"
+    "<|im_start|>assistant\nRed.<|im_end|><|im_start|>user\nAnd the sky?<|im_end|><|im_start|>assistant\n"
+    "Blue, with clouds.<|im_end|>",
+    "chatml": "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat color is the car?<|im_end|>\n"
+    "<|im_start|>assistant\nRed.<|im_end|>\n<|im_start|>user\nAnd the sky?<|im_end|>\n<|im_start|>assistant\n"
+    "Blue, with clouds.<|im_end|>\n",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|><|start_header_id|>user"
+    "<|end_header_id|>\n\nWhat color is the car?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nRed."
+    "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd the sky?<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\nBlue, with clouds.<|eot_id|>",
+}
+
+
+# what the labelled tokens decode to, run by run (a leading space belongs to the answer's first token)
+EXPECTED_LABELLED = {
+    "vicuna_v1": [" Red.</s>", " Blue, with clouds.</s>"],
+    "mistral_instruct": [" Red. </s>", " Blue, with clouds. </s>"],
+    "chatml_direct": ["Red.<|im_end|>", "Blue, with clouds.<|im_end|>"],
+    "chatml": ["Red.<|im_end|>", "Blue, with clouds.<|im_end|>"],
+    "llama3": ["Red.<|eot_id|>", "Blue, with clouds.<|eot_id|>"],
+}
+
+
+def _runs(ids, labels):
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab == -100:
+            if cur:
+                runs.append(cur)
+                cur = []
+        else:
+            assert lab == i
+            cur.append(i)
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("name", sorted(SPECIALS))
+def test_answer_only_labels_token_by_token(name):
+    tok = _tokenizer(name)
+    fmt = format_for(name, tok)
+    text, spans = fmt.render(CONVERSATION)
+    assert text == EXPECTED_TEXT[name]
+    stop_id = tok.convert_tokens_to_ids(fmt.stop)
+    ids, labels = tokenize_with_labels(tok, text, spans, stop_id)
+    runs = _runs(ids, labels)
+    assert [tok.decode(r) for r in runs] == EXPECTED_LABELLED[name]
+    assert all(r[-1] == stop_id for r in runs)
+    # every other token is masked: the system prompt, role headers, questions, the BOS
+    unlabelled = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+    for part in ("Answer briefly.", "What color is the car?", "And the sky?"):
+        assert part in unlabelled
+    assert "Red" not in unlabelled and "clouds" not in unlabelled
+    assert sum(lab != -100 for lab in labels) == sum(len(r) for r in runs)
+
+
+@pytest.mark.parametrize("name", sorted(SPECIALS))
+def test_saved_template_renders_the_training_text(name):
+    tok = _tokenizer(name)
+    fmt = format_for(name, tok)
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    assert tok.apply_chat_template(messages, chat_template=fmt.jinja, tokenize=False) == fmt.render(CONVERSATION)[0]
+    prompt = tok.apply_chat_template(messages[:4], chat_template=fmt.jinja, tokenize=False, add_generation_prompt=True)
+    assert prompt == fmt.render(CONVERSATION[:4], add_generation_prompt=True)[0]
+    assert prompt.endswith(fmt.generation_prompt)
+
+
+@pytest.mark.parametrize("name", ["chatml", "chatml_direct", "llama3"])
+def test_a_format_the_tokenizer_does_not_speak_fails_loudly(name):
+    tok = _tokenizer("vicuna_v1")  # knows </s>, not <|im_end|> / <|eot_id|>
+    fmt = chat_format(name)
+    text, spans = fmt.render(CONVERSATION)
+    with pytest.raises(ValueError, match="does not end with the stop token"):
+        tokenize_with_labels(tok, text, spans, tok.eos_token_id)
+
+
+def test_stop_string_follows_the_format():
+    tok = _tokenizer("chatml")
+    assert format_for("chatml", tok).stop == "<|im_end|>"
+    assert format_for("vicuna_v1", _tokenizer("vicuna_v1")).stop == "</s>"
+    assert format_for("llama3", _tokenizer("llama3")).stop == "<|eot_id|>"
+
+
+CONV_ITEMS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a shape?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+    {"role": "user", "content": [{"type": "text", "text": "What color is it?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "Red"}]},
+]
+
+
+CONV_STRINGS = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "<image>\nIs there a shape?"},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "user", "content": "What color is it?"},
+    {"role": "assistant", "content": "Red"},
+]
+
+
+def _as_messages(conv: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for m in conv:
+        c = m["content"]
+        if not isinstance(c, str):
+            c = "<image>\n" * sum(i["type"] == "image" for i in c) + "".join(
+                i["text"] for i in c if i["type"] == "text"
+            )
+        out.append((m["role"], c))
+    return out
+
+
+@pytest.mark.parametrize(
+    "conv, expected_full",
+    [
+        (
+            CONV_ITEMS,
+            VICUNA_SYSTEM + " USER: <image>\nIs there a shape? ASSISTANT: Yes.</s>USER: What color is it? "
+            "ASSISTANT: Red</s>",
+        ),
+        (
+            CONV_STRINGS,
+            "Answer briefly. USER: <image>\nIs there a shape? ASSISTANT: Yes.</s>"
+            "USER: What color is it? ASSISTANT: Red</s>",
+        ),
+    ],
+    ids=["item-lists", "strings-with-system"],
+)
+def test_render_equals_saved_chat_template(tiny_processor, conv, expected_full):
+    fmt = chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token)
+    assert tiny_processor.chat_template == fmt.jinja
+
+    full, spans = fmt.render(_as_messages(conv))
+    assert full == expected_full
+    assert tiny_processor.apply_chat_template(conv, tokenize=False) == full
+    assert [full[a:b] for a, b in spans] == [" Yes.</s>", " Red</s>"]
+
+    prompt, spans = fmt.render(_as_messages(conv[:-1]), add_generation_prompt=True)
+    assert prompt == expected_full[: -len(" Red</s>")]
+    assert prompt.endswith("What color is it? ASSISTANT:")
+    assert tiny_processor.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True) == prompt
+    assert [prompt[a:b] for a, b in spans] == [" Yes.</s>"]
+
+
+def test_stop_token_id_not_emitted_raises(tiny_processor):
+    tok = tiny_processor.tokenizer
+    fmt = chat_format("vicuna_v1", stop="<|im_end|>", system="")  # not a token of the tiny tokenizer
+    text, spans = fmt.render([("user", "What color?"), ("assistant", "Red")])
+    assert text == "USER: What color? ASSISTANT: Red<|im_end|>"
+    gt = tok.convert_tokens_to_ids(">")
+    with pytest.raises(ValueError) as err:
+        tokenize_with_labels(tok, text, spans, tok.eos_token_id)
+    assert str(err.value) == (
+        f"answer at characters 28-42 does not end with the stop token id {tok.eos_token_id} (got {gt}): "
+        "the chat format does not match the tokenizer"
+    )
+    # a stop id the tokenizer never emits for the rendered stop string fails too
+    text, spans = chat_format("vicuna_v1", stop=tok.eos_token, system="").render([("user", "Q?"), ("assistant", "Red")])
+    with pytest.raises(ValueError, match=r"does not end with the stop token id 3 \(got 2\)"):
+        tokenize_with_labels(tok, text, spans, tok.pad_token_id)
+    # and a span no token covers
+    with pytest.raises(ValueError, match="maps to no token"):
+        tokenize_with_labels(tok, text, [(len(text), len(text) + 3)], tok.eos_token_id)
+
+
 TWO_TURNS = [
     ("user", "<image>\nWhat is in the picture?"),
     ("assistant", "A dog on a sofa."),
     ("user", "What color is the dog?"),
     ("assistant", "2 brown spots."),
 ]
+
 
 # Upstream LLaVA's rendering of TWO_TURNS (conversation.py get_prompt with each backbone's conv template:
 # conv_vicuna_v1, conv_mistral_instruct, conv_chatml_direct), written out as data.
@@ -41,6 +249,8 @@ UPSTREAM = {
     "picture?<|im_end|><|im_start|>assistant\nA dog on a sofa.<|im_end|><|im_start|>user\nWhat color is the dog?"
     "<|im_end|><|im_start|>assistant\n2 brown spots.<|im_end|>",
 }
+
+
 # ... and the generation prompt before the second answer
 UPSTREAM_PROMPT = {
     "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\nWhat is in the picture? ASSISTANT: A dog on a sofa.</s>"
@@ -51,6 +261,8 @@ UPSTREAM_PROMPT = {
     "picture?<|im_end|><|im_start|>assistant\nA dog on a sofa.<|im_end|><|im_start|>user\nWhat color is the dog?"
     "<|im_end|><|im_start|>assistant\n",
 }
+
+
 FORMAT_OF = {
     "tiny": "vicuna_v1",
     "tiny-sp": "vicuna_v1",
@@ -170,9 +382,9 @@ def test_a_conversations_own_system_turn_replaces_the_default():
     assert chat_format("vicuna_v1", system="").render(TWO_TURNS[:2])[0].startswith("USER: <image>")
 
 
-# ------------------------------------------------------------- labels: every generated token, any tokenizer
-
 ANSWERS = ["2", "42 apples", "7", '"Yes," she said.', "(b)", "東京タワー", "Up", "-3.5", "…", "été", "Red"]
+
+
 EXTRA_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -242,25 +454,6 @@ def test_plain_format_labels_the_caption_and_its_newline(sp_tokenizer, bpe_token
         assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "A cat.\n"
 
 
-def test_answer_2_on_the_sentencepiece_backbone_token_by_token(_offline_cache):
-    """tiny-sp: " 2" after "ASSISTANT:" is a lone "\u2581" then "2"; all three generated tokens carry loss."""
-    from lora_llava.data.encode import Encoder
-    from lora_llava.data.formats import Sample
-    from lora_llava.model.loading import load_processor
-
-    processor = load_processor(resolve_backbone("tiny-sp").local_path())
-    tok = processor.tokenizer
-    enc = Encoder(processor, format_for("vicuna_v1", tok))
-    sample = Sample("mem", 0, "two", [("user", "How many?"), ("assistant", "2")])
-    ids, labels = enc.tokens(sample, [])
-    pieces = tok.convert_ids_to_tokens(ids)
-    assert pieces[-4:] == ["\u2581ASSISTANT:", "\u2581", "2", "</s>"]
-    assert [lab != -100 for lab in labels[-4:]] == [False, True, True, True]
-    assert sum(lab != -100 for lab in labels) == 3
-    # the system prompt, the question and the BOS carry none
-    assert tok.decode(ids[: len(ids) - 3], skip_special_tokens=True) == VICUNA_SYSTEM + " USER: How many? ASSISTANT:"
-
-
 def test_a_token_joining_prompt_and_answer_is_refused():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -275,186 +468,3 @@ def test_a_token_joining_prompt_and_answer_is_refused():
         ValueError, match="token ': ' at characters 17-19 joins the generation prompt and the answer at character 18"
     ):
         tokenize_with_labels(tok, text, spans, 1)
-
-
-# ------------------------------------------------------------------------------ trained runs, saved artifacts
-
-
-def test_trained_adapter_renders_and_records_the_system_prompt(trained_run):
-    from transformers import AutoProcessor
-
-    adapter = trained_run / "adapter"
-    meta = json.loads((adapter / "lora_llava.json").read_text())
-    assert (meta["chat_format"], meta["system_prompt"]) == ("vicuna_v1", VICUNA_SYSTEM)
-    stock = AutoProcessor.from_pretrained(adapter)
-    text = stock.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True)
-    assert text == VICUNA_SYSTEM + " USER: Hi? ASSISTANT:"
-
-
-def test_system_prompt_switch_reaches_training_eval_and_the_template(make_recipe, tmp_path):
-    from transformers import AutoProcessor
-
-    from lora_llava.infer import load_model
-    from lora_llava.training.prepare import prepare_run
-    from lora_llava.workflows import train
-
-    recipe = make_recipe(chat={"system_prompt": ""}, train={"max_steps": 1})
-    train(recipe, log=lambda *_: None)
-    adapter = tmp_path / "run" / "adapter"
-    assert json.loads((adapter / "lora_llava.json").read_text())["system_prompt"] == ""
-    stock = AutoProcessor.from_pretrained(adapter)
-    assert stock.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False) == "USER: Hi? "
-    sample = prepare_run(recipe, log=lambda *_: None).report.train[0]
-    loaded = load_model(str(tmp_path / "run"))
-    ids, _ = loaded.encoder.tokens(sample, [(64, 64)])
-    assert loaded.processor.tokenizer.decode(ids, skip_special_tokens=True).startswith("USER: ")
-
-
-def test_stock_autoprocessor_pads_like_training(make_recipe, shapes, tmp_path):
-    """LLaVA-1.5's pad handling survives into the adapter and the merged model: stock transformers'
-    AutoProcessor pads with the same color, and the pixel values equal those trained on."""
-    from transformers import AutoProcessor
-
-    from lora_llava.data.encode import Encoder
-    from lora_llava.data.formats import Sample
-    from lora_llava.merging import merge
-    from lora_llava.model.loading import load_processor
-    from lora_llava.workflows import train
-
-    recipe = make_recipe(images={"pad_to_square": True}, train={"max_steps": 1})
-    train(recipe, log=lambda *_: None)
-    merge(str(tmp_path / "run"), str(tmp_path / "merged"), log=lambda *_: None)
-    wide = tmp_path / "wide.png"
-    Image.new("RGB", (97, 40), (10, 200, 30)).save(wide)
-    base = load_processor(resolve_backbone("tiny").local_path())
-    trained = Encoder(base, format_for("vicuna_v1", base.tokenizer), pad_to_square=True)
-    expected = trained.encode(Sample("mem", 0, "w", [("user", "<image>\nQ"), ("assistant", "A")], [wide]))
-    img = trained.load(wide)
-    assert img.getpixel((48, 1)) == (122, 116, 104)  # int(255 * CLIP mean), as upstream's expand2square
-    for folder in (tmp_path / "run" / "adapter", tmp_path / "merged"):
-        stock = AutoProcessor.from_pretrained(folder)
-        assert stock.image_processor.do_pad
-        got = stock.image_processor(images=[Image.open(wide)], return_tensors="pt")["pixel_values"]
-        assert torch.equal(got, expected["pixel_values"])
-    unpadded = base.image_processor(images=[Image.open(wide)], return_tensors="pt")["pixel_values"]
-    assert not torch.equal(unpadded, expected["pixel_values"])
-
-
-def test_pad_to_square_is_refused_for_anyres_backbones(make_recipe):
-    from lora_llava.errors import UserError
-    from lora_llava.training.prepare import prepare_run
-
-    with pytest.raises(UserError, match="images.pad_to_square is LLaVA-1.5's image handling; backbone tiny-next"):
-        prepare_run(make_recipe(backbone="tiny-next", images={"pad_to_square": True}), log=lambda *_: None)
-
-
-# ------------------------------------------------------------------------------------------------- stage 1
-
-
-def _align_data(tmp_path, shapes, extra=()):
-    recs = json.loads((shapes / "align.json").read_text())[:12] + list(extra)
-    path = tmp_path / "align.json"
-    path.write_text(json.dumps(recs))
-    return {"train": [{"path": str(path), "image_folder": str(shapes / "images")}], "eval": []}
-
-
-def test_stage1_plain_renders_image_and_caption_and_records_itself(make_recipe, shapes, tmp_path):
-    from lora_llava.training.prepare import prepare_run
-    from lora_llava.workflows import train
-
-    recipe = make_recipe(stage="align", data=_align_data(tmp_path, shapes), train={"max_steps": 1})
-    p = prepare_run(recipe, log=lambda *_: None)
-    processor, encoder, report = p.processor, p.encoder, p.report
-    assert encoder.fmt.name == "plain"
-    sample = report.train[0]
-    ids, labels = encoder.tokens(sample, [(64, 64)])
-    tok = processor.tokenizer
-    caption = sample.messages[-1][1]
-    assert tok.decode(ids, skip_special_tokens=False).replace("<image>", "") == f"<s>{caption}\n"
-    assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == caption + "\n"
-    train(recipe, log=lambda *_: None)
-    adapter_meta = json.loads((tmp_path / "run" / "adapter" / "lora_llava.json").read_text())
-    model_meta = json.loads((tmp_path / "run" / "model" / "lora_llava.json").read_text())
-    assert (adapter_meta["chat_format"], adapter_meta["backbone_chat_format"]) == ("plain", "vicuna_v1")
-    assert (model_meta["chat_format"], model_meta["align_format"]) == ("vicuna_v1", "plain")
-    assert model_meta["system_prompt"] == VICUNA_SYSTEM
-    assert (tmp_path / "run" / "adapter" / "chat_template.jinja").read_text() == chat_format("plain").jinja
-    model_template = (tmp_path / "run" / "model" / "chat_template.jinja").read_text()
-    assert model_template == format_for("vicuna_v1", tok).jinja
-    # stage 2 from the aligned model trains in the backbone's own format
-    assert resolve_backbone(str(tmp_path / "run")).chat_format == "vicuna_v1"
-
-
-def test_stage1_plain_reports_samples_it_cannot_render(make_recipe, shapes, tmp_path):
-    from lora_llava.errors import UserError
-    from lora_llava.training.prepare import prepare_run
-
-    extra = [
-        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
-        {"id": "two-turns", "image": "train_0000.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A shape."},
-            {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red."}]},
-    ]  # fmt: skip
-    recipe = make_recipe(stage="align", data=_align_data(tmp_path, shapes, extra))
-    with pytest.raises(UserError) as e:
-        prepare_run(recipe, log=lambda *_: None)
-    msg = str(e.value)
-    assert msg.startswith("2 bad sample(s) of 14:")
-    assert "(id text-only): chat format plain (stage-1 alignment) needs an image in every sample" in msg
-    assert "(id two-turns): chat format plain (stage-1 alignment) takes one image and one caption per sample" in msg
-
-
-def test_stage1_chat_style_gives_bare_captions_a_brief_instruction(make_recipe, shapes, tmp_path):
-    from lora_llava.data.prompts import BRIEF_DESCRIPTION_PROMPTS
-    from lora_llava.training.prepare import prepare_run
-
-    bare = [{"id": f"bare-{i}", "image": "train_0001.png", "conversations": [
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle."}]} for i in range(6)]  # fmt: skip
-    data = _align_data(tmp_path, shapes, bare)
-    recipe = make_recipe(stage="align", data=data, chat={"format": "vicuna_v1"})
-    report = prepare_run(recipe, log=lambda *_: None).report
-    prompts = {s.id: s.messages[0][1] for s in report.train if s.id.startswith("bare-")}
-    assert all(
-        p.startswith("<image>\n") and p[len("<image>\n") :] in BRIEF_DESCRIPTION_PROMPTS for p in prompts.values()
-    )
-    assert len(set(prompts.values())) > 1  # drawn per sample ...
-    again = {s.id: s.messages[0][1] for s in prepare_run(recipe, log=lambda *_: None).report.train if s.id in prompts}
-    assert again == prompts  # ... and the same on every run
-    written = {s.id: s.messages[0][1] for s in report.train if not s.id.startswith("bare-")}
-    assert all("<image>\n" in p and p.split("\n", 1)[1] for p in written.values())  # instructions kept as written
-
-
-def test_plain_is_refused_for_instruction_tuning(make_recipe):
-    from lora_llava.errors import UserError
-
-    with pytest.raises(UserError, match="chat.format: plain is LLaVA-1.5's stage-1"):
-        make_recipe(chat={"format": "plain"})
-
-
-# ------------------------------------------------------------------------------------------------ recipes
-
-
-def test_llava15_recipes_pad_and_v16_tile_caps_cap():
-    from lora_llava.config import load_recipe
-    from lora_llava.model.anyres import cap_tiles
-    from lora_llava.recipes import list_recipes, recipe_path
-
-    v16_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    for name, _ in list_recipes():
-        r = load_recipe(recipe_path(name))
-        if name.startswith("llava-1.5"):
-            assert r.images.pad_to_square, name
-        if name.startswith("llava-v1.6") and r.images.max_tiles:
-            assert len(cap_tiles(v16_grids, 336, r.images.max_tiles)) < len(v16_grids), name
-        text = recipe_path(name).read_text()
-        if name.startswith("llava-"):
-            assert f"global batch {r.train.batch_size * r.train.grad_accum} per optimizer step" in text, name
-
-
-def test_a_tile_cap_that_caps_nothing_is_reported(make_recipe):
-    from lora_llava.training.prepare import prepare_run
-
-    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 4}), log=lambda *_: None).report
-    assert "images.max_tiles=4 caps nothing: every AnyRes grid of tiny-next has at most 4 tiles" in report.summary()
-    report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 3}), log=lambda *_: None).report
-    assert "caps nothing" not in report.summary()

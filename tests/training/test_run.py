@@ -1,8 +1,4 @@
-"""Training end to end on tiny: the run directory and adapter artifact, reloading it as trained,
-reproducibility, merging into plain 16-bit weights, evaluation and offline wandb.
-
-Usage: ``python -m pytest -q tests/test_training.py``
-"""
+"""Training a recipe: the run directory, adapter metadata, metrics, a reloaded adapter equals the trained model, determinism, wandb."""
 
 from __future__ import annotations
 
@@ -10,13 +6,10 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
+from helpers import PROJECTOR, quiet
 from safetensors.torch import load_file
 
-from lora_llava.errors import UserError
-
-PROJECTOR = "model.multi_modal_projector"
 ADAPTER_FILES = {
     "README.md",  # PEFT's model card
     "adapter_config.json",
@@ -29,34 +22,6 @@ ADAPTER_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
 }
-MERGED_FILES = {
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-    "lora_llava.json",
-    "merge_report.json",
-    "model.safetensors",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-}
-
-
-def _quiet(*_):
-    pass
-
-
-@pytest.fixture(scope="module")
-def eval_samples(shapes):
-    from lora_llava.config import DataSource
-    from lora_llava.data.formats import read_source
-
-    samples, bad = read_source(DataSource(path=str(shapes / "eval.json"), image_folder=str(shapes / "images")))
-    assert not bad and len(samples) == 16
-    return samples
-
-
-# -- the artifact --------------------------------------------------------------------------------
 
 
 def test_run_dir_layout(trained_run: Path):
@@ -97,9 +62,6 @@ def test_metrics_jsonl(trained_run: Path):
     assert all(0.0 <= r["padding_fraction"] < 1.0 for r in loss_rows)
     meta = json.loads((trained_run / "adapter" / "lora_llava.json").read_text())
     assert rows[-1]["train_loss"] == meta["train_loss"]
-
-
-# -- reloading -----------------------------------------------------------------------------------
 
 
 def test_adapter_round_trip_restores_trained_weights(trained_run: Path, eval_samples, tiny_path):
@@ -145,7 +107,7 @@ def test_two_identical_trainings_match(make_recipe, tmp_path):
     results = []
     for name in ("a", "b"):
         recipe = make_recipe(output_dir=str(tmp_path / name), train={"max_steps": 3})
-        results.append(train(recipe, log=_quiet))
+        results.append(train(recipe, log=quiet))
     ra, rb = results
     assert ra.steps == rb.steps == 3
     assert math.isfinite(ra.train_loss)
@@ -154,103 +116,6 @@ def test_two_identical_trainings_match(make_recipe, tmp_path):
     sb = load_file(rb.adapter_dir / "adapter_model.safetensors")
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-# -- merging -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def merged(trained_run, tmp_path_factory):
-    from lora_llava.merging import merge
-
-    out = tmp_path_factory.mktemp("merge") / "merged"
-    report = merge(str(trained_run), str(out), log=_quiet)
-    return out, report
-
-
-def test_merge_output_is_plain_16bit_checkpoint(merged):
-    from transformers import LlavaForConditionalGeneration
-
-    out, report = merged
-    assert {p.name for p in out.iterdir()} == MERGED_FILES
-    assert [p.name for p in out.parent.iterdir()] == ["merged"]  # no temp dir left beside it
-    assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report.to_json()))
-    assert report.dtype == "bfloat16" and report.base == "dequantized"
-
-    weights = load_file(out / "model.safetensors")
-    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
-    assert not [k for k in weights if "lora_" in k or "absmax" in k or "quant" in k]
-
-    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert getattr(model.config, "quantization_config", None) is None
-    assert model.dtype == torch.bfloat16
-    assert not [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit" or "lora_" in n]
-    meta = json.loads((out / "lora_llava.json").read_text())
-    assert meta["merged"] is True and meta["backbone"] == "tiny" and meta["chat_format"] == "vicuna_v1"
-
-
-def test_merge_parity(merged):
-    _, report = merged
-    p = report.parity
-    assert p.samples == 4
-    assert p.answers_equal == p.answers_total == 4
-    assert p.adapter_answers == p.merged_answers
-    assert 0.0 <= p.max_abs_logit_diff < 0.1
-
-
-def test_merge_refuses_non_empty_output(trained_run, tmp_path):
-    from lora_llava.merging import merge
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    with pytest.raises(UserError, match="exists and is not empty"):
-        merge(str(trained_run), str(out), log=_quiet)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
-
-def test_merge_refuses_merged_dir(merged, tmp_path):
-    from lora_llava.merging import merge
-
-    out, _ = merged
-    with pytest.raises(UserError, match="is already merged; this needs a run or adapter directory"):
-        merge(str(out), str(tmp_path / "again"), log=_quiet)
-    assert not (tmp_path / "again").exists()
-
-
-def test_merge_into_original_weights_shows_quantization_error(trained_run, merged, tmp_path):
-    from lora_llava.merging import merge
-
-    _, dequantized = merged
-    original = merge(str(trained_run), str(tmp_path / "orig"), base_mode="original", log=_quiet)
-    assert original.base == "original"
-    assert original.parity.max_abs_logit_diff > dequantized.parity.max_abs_logit_diff
-
-
-# -- evaluation ----------------------------------------------------------------------------------
-
-
-def test_evaluate(trained_run, eval_samples):
-    from lora_llava.infer import evaluate, load_model
-
-    result = evaluate(load_model(str(trained_run)), eval_samples, max_new_tokens=4)
-    assert result.n == len(eval_samples) == 16
-    assert 0.0 <= result.accuracy <= 1.0
-    assert result.accuracy == result.correct / 16
-    assert result.correct == sum(r["correct"] for r in result.predictions)
-    assert [r["id"] for r in result.predictions] == [s.id for s in eval_samples]
-
-
-def test_normalize():
-    from lora_llava.infer import normalize
-
-    assert normalize("Red.") == normalize(" red") == "red"
-    assert normalize('"Blue!"') == "blue"
-    assert normalize("red") != normalize("green")
-
-
-# -- wandb ---------------------------------------------------------------------------------------
 
 
 def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
@@ -268,7 +133,7 @@ def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
 
     recipe = make_recipe(train={"max_steps": 1, "report_to": "wandb", "wandb_project": "lora-llava-test"})
     try:
-        result = train(recipe, log=_quiet)
+        result = train(recipe, log=quiet)
     finally:
         import wandb
 

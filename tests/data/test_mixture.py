@@ -1,9 +1,4 @@
-"""Mixtures, eval split, prompt styles, the token budget and the data report: seeded draws that
-repeat, exact turns kept by truncate_turns (never inside image tokens), what each over-length policy
-does, and ``lora-llava check`` / ``train`` on a mixture of three formats.
-
-Usage: ``python -m pytest -q tests/test_mixture.py``
-"""
+"""Mixtures: seeded draws, repeats, eval split, prompt styles, over-length policies, histograms."""
 
 from __future__ import annotations
 
@@ -68,9 +63,6 @@ def write(root: Path, name: str, records: list[dict]) -> str:
     return str(root / name)
 
 
-# --------------------------------------------------------------------------------------------- sampling
-
-
 def test_source_draws_are_seeded_and_sized():
     src = DataSource(path="a.json", fraction=0.25)
     a = select_indices(40, src, seed=1)
@@ -132,9 +124,6 @@ def test_eval_split_and_fraction_bounds_are_recipe_errors(root):
         recipe(root, [{"path": "a.json"}], eval_split=0)
 
 
-# ---------------------------------------------------------------------------------------- prompt styles
-
-
 def test_short_answer_style_goes_on_every_human_turn_once(root):
     messages = [("system", "Be brief."), ("user", "<image>\nWhat is it?"), ("assistant", "A cat"), ("user", "Color? ")]
     messages.append(("assistant", "Orange"))
@@ -156,9 +145,6 @@ def test_short_answer_style_goes_on_every_human_turn_once(root):
         "<image>\nQuestion 0 about sample 0?\nAnswer the question using a single word or phrase.",
         "Question 1 about sample 0?\nAnswer the question using a single word or phrase.",
     ]
-
-
-# ------------------------------------------------------------------------------------------- the budget
 
 
 def _read(root: Path, records: list[dict]):
@@ -257,9 +243,6 @@ def test_duplicate_ids_are_warned_in_the_report(root, encoder):
     rep = prepare_data(recipe(root, [{"path": path}]), encoder)
     assert rep.warnings == [f"{path}: 1 duplicate id(s) (2 samples), e.g. s0"]
     assert f"warning: {path}: 1 duplicate id(s) (2 samples), e.g. s0" in rep.summary().splitlines()
-
-
-# ------------------------------------------------------------------------------- check / train, 3 formats
 
 
 @pytest.fixture

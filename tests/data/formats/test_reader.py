@@ -1,17 +1,14 @@
-"""Every data format read from real files written here: LLaVA-Instruct lists of images, TRL/OpenAI
-``messages`` in JSON/JSONL, parquet and ``datasets`` folders (images as bytes or paths), ShareGPT
-text-only conversations, column and speaker mapping without code, and bad samples named in each.
-
-Usage: ``python -m pytest -q tests/test_formats.py``
-"""
+"""Reading every data format into samples, with every bad sample named by file, line or index, id and reason."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
+from helpers import GOOD_TURNS, conv, read_one
 from PIL import Image
 
 from lora_llava.config import load_recipe
@@ -20,6 +17,159 @@ from lora_llava.data.formats import open_source, read_source
 from lora_llava.data.formats.storage import DatasetImage
 from lora_llava.data.images import load_image
 from lora_llava.errors import UserError
+
+
+def _corrupt(folder: Path) -> None:
+    noise = Image.effect_noise((64, 64), 80).convert("RGB")
+    noise.save(folder / "full.png")
+    data = (folder / "full.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+
+
+BAD_CASES = {
+    "missing-image": ({"image": "nope.png", "conversations": GOOD_TURNS}, "image 'nope.png' not found in"),
+    "truncated-image": (
+        {"image": "truncated.png", "conversations": GOOD_TURNS},
+        "not a readable image (OSError: image file is truncated",
+    ),
+    "text-as-png": (
+        {"image": "text.png", "conversations": GOOD_TURNS},
+        "not a readable image (UnidentifiedImageError: cannot identify image file",
+    ),
+    "dotdot": ({"image": "../outside.png", "conversations": GOOD_TURNS}, "leaves the image folder ('..')"),
+    "absolute": ({"image": "<ABS>", "conversations": GOOD_TURNS}, "is an absolute path; give it relative to"),
+    "symlink-out": ({"image": "link.png", "conversations": GOOD_TURNS}, "outside the image folder"),
+    "url": ({"image": "http://x/y.png", "conversations": GOOD_TURNS}, "is a URL"),
+    "placeholder-no-image": ({"conversations": GOOD_TURNS}, "1 <image> placeholder(s) but no image"),
+    "two-placeholders-one-image": (
+        {"image": "ok.png", "conversations": conv("human: <image>\n<image>\nWhat?", "gpt: Red")},
+        "2 <image> placeholder(s) but 1 image(s)",
+    ),
+    "empty-conversations": ({"image": "ok.png", "conversations": []}, "'conversations' is empty or not a list"),
+    "no-conversations": ({"image": "ok.png"}, "missing field 'conversations'"),
+    "gpt-first": (
+        {"image": "ok.png", "conversations": conv("gpt: Red", "human: What?")},
+        "wrong role order at turn 0",
+    ),
+    "missing-value": (
+        {"image": "ok.png", "conversations": [{"from": "human"}, {"from": "gpt", "value": "Red"}]},
+        "turn 0 needs 'from' and 'value'",
+    ),
+    "non-string-value": (
+        {"image": "ok.png", "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": 3}]},
+        "turn 1: 'value' must be a string, got int",
+    ),
+    "ends-with-human": (
+        {"image": "ok.png", "conversations": conv("human: What?", "gpt: Red", "human: And?")},
+        "no answer to learn: the conversation must end with a gpt turn",
+    ),
+    "empty-answer": (
+        {"image": "ok.png", "conversations": conv("human: What?", "gpt:  ")},
+        "an answer is empty: nothing to learn",
+    ),
+    "unknown-speaker": (
+        {"image": "ok.png", "conversations": conv("bot: What?", "gpt: Red")},
+        "turn 0: unknown speaker 'bot'",
+    ),
+    "image-in-answer": (
+        {"image": "ok.png", "conversations": conv("human: What?", "gpt: <image> Red")},
+        "<image> in an answer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_sample_reason(folder, case):
+    record, reason = BAD_CASES[case]
+    record = {"id": case, **record}
+    (folder / "text.png").write_text("this is not an image\n")
+    _corrupt(folder)
+    os.symlink(folder.parent / "outside.png", folder / "link.png")
+    if record.get("image") == "<ABS>":
+        record["image"] = str(folder / "ok.png")  # exists, but absolute paths are refused
+    good, bad = read_one(folder, record)
+    assert good == []
+    assert len(bad) == 1
+    assert bad[0].id == case and bad[0].index == 0 and bad[0].line is None
+    assert reason in bad[0].reason, bad[0].reason
+    assert bad[0].describe() == f"{folder.parent / 'one.json'} sample 0 (id {case}): {bad[0].reason}"
+
+
+def test_jsonl_broken_and_non_utf8_lines_name_their_line(folder):
+    good = {"id": "g", "image": "ok.png", "conversations": GOOD_TURNS}
+    lines = [
+        json.dumps(good).encode(),
+        b"",  # blank lines are skipped but still counted
+        b'{"id": "broken", "conversations": [',
+        json.dumps({**good, "id": "h"}).encode(),
+        '{"id": "latin", "conversations": "caf\u00e9"}'.encode("latin-1"),
+    ]
+    path = folder.parent / "data.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    samples, bad = read_source(DataSource(path=str(path), image_folder=str(folder)))
+    assert [(s.id, s.line, s.index) for s in samples] == [("g", 1, 0), ("h", 4, 2)]
+    assert [(b.line, b.index, b.id) for b in bad] == [(3, 1, None), (5, 3, None)]
+    assert bad[0].reason.startswith("broken JSON line (")
+    assert bad[0].describe().startswith(f"{path} line 3: broken JSON line")
+    assert bad[1].reason.startswith("not UTF-8 (invalid continuation byte at byte ")
+    assert bad[1].describe().startswith(f"{path} line 5: not UTF-8")
+
+
+def test_unusable_files_raise_user_error(tmp_path):
+    with pytest.raises(UserError, match="data file .* not found"):
+        read_source(DataSource(path=str(tmp_path / "missing.json")))
+    (tmp_path / "obj.json").write_text('{"id": 1}')
+    with pytest.raises(UserError, match="expected a JSON list of samples, got dict"):
+        read_source(DataSource(path=str(tmp_path / "obj.json")))
+    (tmp_path / "bad.json").write_text('[{"id": 1},\n {"id": ]')
+    with pytest.raises(UserError, match="invalid JSON at line 2, column"):
+        read_source(DataSource(path=str(tmp_path / "bad.json")))
+
+
+def test_image_without_placeholder_gets_one_in_front(folder):
+    record = {
+        "id": "a",
+        "image": "ok.png",
+        "conversations": conv("human: What color?", "gpt: Red", "human: Sure?", "gpt: Yes"),
+    }
+    (sample,), bad = read_one(folder, record)
+    assert bad == []
+    assert sample.messages == [
+        ("user", "<image>\nWhat color?"),
+        ("assistant", "Red"),
+        ("user", "Sure?"),
+        ("assistant", "Yes"),
+    ]
+    assert sample.images == [folder / "ok.png"]
+
+
+@pytest.mark.parametrize(
+    "first_turn",
+    ["What color?\n<image>", "What color? <image>", "<image>\nWhat color?", "<image>What color?"],
+)
+def test_single_placeholder_moves_to_the_start(folder, first_turn):
+    record = {"id": "a", "image": "ok.png", "conversations": conv(f"human: {first_turn}", "gpt: Red")}
+    (sample,), bad = read_one(folder, record)
+    assert bad == []
+    assert sample.messages == [("user", "<image>\nWhat color?"), ("assistant", "Red")]
+
+
+def test_placeholder_in_a_later_turn_moves_to_the_first(folder):
+    record = {
+        "id": "a",
+        "image": "ok.png",
+        "conversations": conv("human: Hi", "gpt: Hello", "human: <image>\nColor?", "gpt: Red"),
+    }
+    (sample,), _ = read_one(folder, record)
+    assert sample.messages[0] == ("user", "<image>\nHi") and sample.messages[2] == ("user", "Color?")
+
+
+def test_text_only_and_system_samples(folder):
+    record = {"id": "t", "conversations": conv("system: Be brief.", "human: Hi", "gpt: Hello")}
+    (sample,), bad = read_one(folder, record)
+    assert bad == [] and sample.images == []
+    assert sample.messages == [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")]
+
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)
 
@@ -55,9 +205,6 @@ def text(t: str) -> dict:
 IMG = {"type": "image"}
 
 
-# ------------------------------------------------------------------------------------------------ llava
-
-
 def test_llava_jsonl_with_a_list_of_images(root):
     records = [
         {  # placeholders where the text puts them: they stay there, images in order
@@ -86,9 +233,6 @@ def test_llava_jsonl_with_a_list_of_images(root):
     assert [p.name for p in none.images] == ["blue.png", "red.png"] and none.line == 2
 
 
-# --------------------------------------------------------------------------------------------- messages
-
-
 MESSAGES = [
     {
         "id": "m0",
@@ -103,6 +247,8 @@ MESSAGES = [
     },
     {"id": "m1", "messages": [user(text("Hi")), {"role": "assistant", "content": [text("Hello")]}], "images": []},
 ]
+
+
 EXPECTED_M0 = [
     ("system", "Be brief."),
     ("user", "<image>\nWhat color is it?"),
@@ -201,9 +347,6 @@ def test_datasets_images_given_as_paths_stay_confined(root):
     )
 
 
-# --------------------------------------------------------------------------------------------- sharegpt
-
-
 def test_sharegpt_text_only_both_turn_styles(root):
     records = [
         {"id": "fv", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
@@ -227,9 +370,6 @@ def test_sharegpt_text_only_both_turn_styles(root):
     ]
     with pytest.raises(UserError, match="columns.image is set but format sharegpt is text-only"):
         open_source(DataSource(path=str(path), format="sharegpt", columns=Columns(image="img")))
-
-
-# -------------------------------------------------------------------------------------- column mapping
 
 
 def test_columns_and_roles_map_other_names_without_code(root):
@@ -267,9 +407,6 @@ def test_columns_and_roles_map_other_names_without_code(root):
     )
     _, (b,) = read_source(unmapped)
     assert b.reason == "turn 0: unknown speaker 'customer' (human, gpt, system; map others with data.*.roles)"
-
-
-# ----------------------------------------------------------------------------------------- bad samples
 
 
 def test_bad_samples_in_the_new_formats_name_sample_and_reason(root):
@@ -329,9 +466,9 @@ def test_unusable_sources_are_user_errors(root):
         open_source(DataSource(path=str(root / "data.lines"), image_folder=str(root / "nope")))
 
 
-# ----------------------------------------------------------------------- bad LLaVA data nobody planned for
+PLAIN_TURNS = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
 
-GOOD_TURNS = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+
 ODD_CASES = {
     "nul-in-path": ({"image": "a\x00.png"}, "image 'a\\x00.png' holds a NUL character"),
     "symlink-loop": ({"image": "loop1.png"}, "image 'loop1.png' in '<F>' cannot be opened ("),
@@ -357,7 +494,7 @@ def test_odd_bad_samples_get_a_reason_not_a_traceback(root, case):
     os.symlink("loop2.png", folder / "loop1.png")
     os.symlink("loop1.png", folder / "loop2.png")
     fields, reason = ODD_CASES[case]
-    record = {"id": case, "image": "red.png", "conversations": GOOD_TURNS, **fields}
+    record = {"id": case, "image": "red.png", "conversations": PLAIN_TURNS, **fields}
     (root / "one.json").write_text(json.dumps([record]))
     good, (bad,) = read_source(DataSource(path=str(root / "one.json"), image_folder=str(folder)))
     assert good == [] and bad.id == case

@@ -1,7 +1,4 @@
-"""Recipe loading, validation, overrides and round trips.
-
-Usage: ``python -m pytest -q tests/test_recipe.py``
-"""
+"""Recipes: strict schema, every problem at once, overrides, cross-key rules, round trips."""
 
 from __future__ import annotations
 
@@ -25,6 +22,23 @@ from lora_llava.config import (
 )
 from lora_llava.errors import UserError
 
+
+def test_stage_rules_are_checked_at_load(make_recipe):
+    with pytest.raises(UserError) as e:
+        make_recipe(stage="align", language_model={"policy": "lora"}, projector={"policy": "frozen"})
+    assert "language_model.policy: stage align trains only the projector" in str(e.value)
+    assert "projector.policy: stage align trains the projector; it must be full" in str(e.value)
+    with pytest.raises(UserError, match="assemble: required when backbone is `assemble`"):
+        make_recipe(backbone="assemble")
+
+
+def test_plain_is_refused_for_instruction_tuning(make_recipe):
+    from lora_llava.errors import UserError
+
+    with pytest.raises(UserError, match="chat.format: plain is LLaVA-1.5's stage-1"):
+        make_recipe(chat={"format": "plain"})
+
+
 MINIMAL = {"backbone": "llava-tiny", "output_dir": "runs/x", "data": {"train": [{"path": "train.json"}]}}
 
 
@@ -47,9 +61,6 @@ def problems(source, overrides=()) -> list[str]:
     header, *lines = str(info.value).splitlines()
     assert header.startswith("recipe ")
     return [line.strip() for line in lines]
-
-
-# -------------------------------------------------------------------------------------------- defaults
 
 
 def test_minimal_recipe_fills_defaults(tmp_path):
@@ -86,9 +97,6 @@ def test_dict_source_is_not_mutated():
     before = copy.deepcopy(source)
     load_recipe(source, ["train.max_steps=9", "data.train.0.path=other.json"])
     assert source == before
-
-
-# ---------------------------------------------------------------------------------------------- errors
 
 
 def test_unknown_key_suggests_at_nested_and_list_paths():
@@ -193,9 +201,6 @@ def test_all_problems_reported_at_once(tmp_path):
         assert where in message
 
 
-# ------------------------------------------------------------------------------------------ YAML files
-
-
 def test_string_floats_accepted(tmp_path):
     path = write(
         tmp_path,
@@ -231,9 +236,6 @@ def test_missing_file_and_non_mapping_top_level(tmp_path):
         load_recipe(write(tmp_path, "- a\n- b\n", name="list.yaml"))
     with pytest.raises(UserError, match="empty.yaml: file is empty"):
         load_recipe(write(tmp_path, "", name="empty.yaml"))
-
-
-# ------------------------------------------------------------------------------------------- overrides
 
 
 def test_overrides_parse_values(tmp_path):
@@ -298,9 +300,6 @@ def test_bad_overrides_name_the_override(override, reason):
         load_recipe(MINIMAL, [override])
     assert str(info.value).startswith(f"override {override!r}: ")
     assert reason in str(info.value)
-
-
-# ----------------------------------------------------------------------------------- saving, describing
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -1,0 +1,51 @@
+"""lora-llava eval: scores, JSON output, and every user mistake as one error line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import assert_user_error, run_cli
+
+
+def test_eval_on_missing_model_dir(capsys, tmp_path, shapes):
+    code, out, err = run_cli(
+        capsys, "eval", tmp_path / "no-such-run", "--data", shapes / "eval.json",
+        "--image-folder", shapes / "images",
+    )  # fmt: skip
+    assert_user_error(code, out, err, f"no directory '{tmp_path / 'no-such-run'}': it does not exist")
+
+
+def test_eval_with_bad_data_lists_it(capsys, tmp_path, shapes):
+    data = json.loads((shapes / "eval.json").read_text())[:2] + [{"id": "x", "image": "nope.png", "conversations": []}]
+    (tmp_path / "eval.json").write_text(json.dumps(data))
+    code, out, err = run_cli(
+        capsys, "eval", "tiny", "--data", tmp_path / "eval.json", "--image-folder", shapes / "images"
+    )
+    assert_user_error(code, out, err, "1 bad sample(s) in", "sample 2 (id x): 'conversations' is empty")
+
+
+def test_eval_json_on_trained_run(capsys, trained_run, shapes):
+    code, out, err = run_cli(
+        capsys, "eval", trained_run, "--data", shapes / "eval.json", "--image-folder", shapes / "images",
+        "--json", "--max-samples", "8", "--max-new-tokens", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)  # the whole of stdout is one JSON object
+    assert isinstance(result, dict)
+    assert {"accuracy", "n"} <= set(result)
+    assert result["n"] == 8
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == pytest.approx(result["correct"] / 8)
+
+
+def test_eval_argument_and_data_mistakes(capsys, tmp_path, trained_run, shapes):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        run_cli(capsys, "eval", trained_run, "--data", shapes / "eval.json", "--batch-size", "0")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size: must be at least 1, got 0" in err and "Traceback" not in err
+    (tmp_path / "empty.json").write_text("[]")
+    code, out, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "empty.json")
+    assert_user_error(code, out, err, "no samples to score in")
+    code, out, err = run_cli(capsys, "eval", trained_run, "--data", shapes / "eval.json")  # no --image-folder
+    assert_user_error(code, out, err, "image paths are relative to --image-folder")

@@ -1,0 +1,83 @@
+"""The lora-llava command: user errors as one error line (exit 2), help for every verb."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import assert_user_error, run_cli, write_recipe
+
+from lora_llava.cli.main import VERBS, main
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "check", tmp_path / "nope.yaml")
+    assert_user_error(code, out, err, f"error: recipe file '{tmp_path / 'nope.yaml'}' not found")
+
+
+def test_unknown_recipe_name_suggests(capsys):
+    code, out, err = run_cli(capsys, "train", "quickstrat")
+    assert_user_error(code, out, err, "error: no recipe 'quickstrat'", "did you mean 'quickstart'?")
+
+
+def test_recipe_with_unknown_key_suggests(capsys, tmp_path, shapes):
+    path = write_recipe(tmp_path / "r.yaml", shapes)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] = {"lerning_rate": 1e-3}
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli(capsys, "check", path)
+    assert_user_error(code, out, err, "1 problem", "train.lerning_rate: unknown key; did you mean 'learning_rate'?")
+
+
+def test_bad_override(capsys):
+    code, out, err = run_cli(capsys, "check", "quickstart", "train.batch_size=abc")
+    assert_user_error(code, out, err, "train.batch_size: expected an integer, got 'abc' (str)")
+
+
+def test_bad_override_syntax(capsys):
+    code, out, err = run_cli(capsys, "train", "quickstart", "train.max_steps")
+    # argparse takes a bare word as an override; load_recipe rejects it without '='
+    assert_user_error(code, out, err, "override 'train.max_steps': missing '='")
+
+
+def test_no_verb_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2 and "usage: lora-llava" in out
+
+
+def test_real_script_prints_no_traceback(tmp_path):
+    script = Path(sys.executable).parent / "lora-llava"
+    assert script.is_file()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(script), "check", "quickstrat"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "error: no recipe 'quickstrat': not a file and not a built-in recipe\n"
+        "hint: did you mean 'quickstart'? list them with: lora-llava recipes\n"
+    )
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_help(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lora-llava {verb}")
+    assert "\nexamples:\n" in out
+    assert f"  lora-llava {verb}" in out
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and all(verb in out for verb in VERBS)

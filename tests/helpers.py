@@ -1,0 +1,115 @@
+"""Helpers shared by the tests: running the command, writing recipes and records, model inspection.
+
+Usage (tests/ is on the import path, see pyproject's pytest settings)::
+
+    from helpers import run_cli, assert_user_error
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from lora_llava.cli.main import main
+from lora_llava.config.schema import DataSource
+from lora_llava.data.formats import read_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, out: str, err: str, *expected: str) -> None:
+    assert code == 2, (out, err)
+    assert err.startswith("error: "), err
+    assert sum(ln.startswith("error:") for ln in err.splitlines()) == 1, err
+    assert "Traceback" not in err and "Traceback" not in out
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def write_recipe(path: Path, shapes: Path, train: Path | None = None, **data) -> Path:
+    raw = {
+        "backbone": "tiny",
+        "output_dir": str(path.parent / "run"),
+        "data": {
+            "train": [{"path": str(train or shapes / "train.json"), "image_folder": str(shapes / "images")}],
+            "eval": [{"path": str(shapes / "eval.json"), "image_folder": str(shapes / "images")}],
+            "max_length": 256,
+            **data,
+        },
+        "quantization": {"compute_dtype": "float32"},
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def conv(*turns: str) -> list[dict]:
+    """conv("human: Q", "gpt: A") -> LLaVA conversation turns."""
+    out = []
+    for t in turns:
+        who, _, value = t.partition(": ")
+        out.append({"from": who, "value": value})
+    return out
+
+
+GOOD_TURNS = conv("human: <image>\nWhat color is the shape?", "gpt: Red")
+
+
+def read_one(folder: Path, record: dict):
+    path = folder.parent / "one.json"
+    path.write_text(json.dumps([record]))
+    return read_source(DataSource(path=str(path), image_folder=str(folder)))
+
+
+def draw_shape(path, w, h):
+    img = Image.new("RGB", (w, h), (230, 230, 230))
+    ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=(200, 20, 20))
+    img.save(path)
+
+
+def base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+LM = "model.language_model"
+
+
+VISION = "model.vision_tower"
+
+
+PROJECTOR = "model.multi_modal_projector"
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def is_4bit(m: torch.nn.Module) -> bool:
+    return isinstance(m, bnb.nn.Linear4bit)
+
+
+def quiet(*_):
+    pass
+
+
+def align_data(tmp_path, shapes, extra=()):
+    recs = json.loads((shapes / "align.json").read_text())[:12] + list(extra)
+    path = tmp_path / "align.json"
+    path.write_text(json.dumps(recs))
+    return {"train": [{"path": str(path), "image_folder": str(shapes / "images")}], "eval": []}
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+N_IMAGE_TOKENS = 16  # tiny: 32 px image, 8 px patches -> 4 x 4 (CLS dropped by the "default" strategy)

@@ -1,0 +1,118 @@
+"""Merging: a plain 16-bit checkpoint, verified against the adapter; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import quiet
+from safetensors.torch import load_file
+
+from lora_llava.errors import UserError
+
+
+def test_merge_of_a_next_run_loads_with_its_class(make_recipe, tmp_path):
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration
+
+    from lora_llava.merging import merge
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(
+        backbone="tiny-next", output_dir=str(tmp_path / "run"), images={"max_tiles": 2}, train={"max_steps": 2}
+    )
+    train(recipe, log=lambda *_: None)
+    report = merge(str(tmp_path / "run"), str(tmp_path / "merged"), log=lambda *_: None)
+    assert AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["LlavaNextForConditionalGeneration"]
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(max(p) // 32 * (min(p) // 32) <= 2 for p in model.config.image_grid_pinpoints)
+    assert report.parity.answers_equal == report.parity.answers_total
+    assert report.parity.max_abs_logit_diff < 0.1
+    # the trained image newline made it into the merged weights
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "projector.safetensors")["image_newline"]
+    assert torch.allclose(model.model.image_newline.float(), saved.float(), atol=1e-2)
+
+
+MERGED_FILES = {
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "lora_llava.json",
+    "merge_report.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run, tmp_path_factory):
+    from lora_llava.merging import merge
+
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    report = merge(str(trained_run), str(out), log=quiet)
+    return out, report
+
+
+def test_merge_output_is_plain_16bit_checkpoint(merged):
+    from transformers import LlavaForConditionalGeneration
+
+    out, report = merged
+    assert {p.name for p in out.iterdir()} == MERGED_FILES
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]  # no temp dir left beside it
+    assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report.to_json()))
+    assert report.dtype == "bfloat16" and report.base == "dequantized"
+
+    weights = load_file(out / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert not [k for k in weights if "lora_" in k or "absmax" in k or "quant" in k]
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.dtype == torch.bfloat16
+    assert not [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit" or "lora_" in n]
+    meta = json.loads((out / "lora_llava.json").read_text())
+    assert meta["merged"] is True and meta["backbone"] == "tiny" and meta["chat_format"] == "vicuna_v1"
+
+
+def test_merge_parity(merged):
+    _, report = merged
+    p = report.parity
+    assert p.samples == 4
+    assert p.answers_equal == p.answers_total == 4
+    assert p.adapter_answers == p.merged_answers
+    assert 0.0 <= p.max_abs_logit_diff < 0.1
+
+
+def test_merge_refuses_non_empty_output(trained_run, tmp_path):
+    from lora_llava.merging import merge
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        merge(str(trained_run), str(out), log=quiet)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_merge_refuses_merged_dir(merged, tmp_path):
+    from lora_llava.merging import merge
+
+    out, _ = merged
+    with pytest.raises(UserError, match="is already merged; this needs a run or adapter directory"):
+        merge(str(out), str(tmp_path / "again"), log=quiet)
+    assert not (tmp_path / "again").exists()
+
+
+def test_merge_into_original_weights_shows_quantization_error(trained_run, merged, tmp_path):
+    from lora_llava.merging import merge
+
+    _, dequantized = merged
+    original = merge(str(trained_run), str(tmp_path / "orig"), base_mode="original", log=quiet)
+    assert original.base == "original"
+    assert original.parity.max_abs_logit_diff > dequantized.parity.max_abs_logit_diff

@@ -1,0 +1,109 @@
+"""Stage 1 then stage 2: the aligned model written above training, in the format it records."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import align_data
+
+from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.data.chat import (
+    VICUNA_SYSTEM,
+    chat_format,
+    format_for,
+)
+
+
+def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from lora_llava.workflows import train
+
+    align = make_recipe(
+        backbone="assemble",
+        assemble={"vision_encoder": "tiny-clip", "language_model": "tiny-qwen2"},
+        stage="align",
+        output_dir=str(tmp_path / "align"),
+        data={"train": [{"path": str(shapes / "align.json"), "image_folder": str(shapes / "images")}], "eval": []},
+        train={"max_steps": 3},
+    )
+    train(align, log=lambda *_: None)
+    run = tmp_path / "align"
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == sorted(
+        [
+            "chat_template.jinja",
+            "lora_llava.json",
+            "processor_config.json",
+            "projector.safetensors",
+            "recipe.yaml",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )  # no LoRA: only the projector trained
+    assembled = LlavaForConditionalGeneration.from_pretrained(run / "assembled")
+    aligned, info = LlavaForConditionalGeneration.from_pretrained(run / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = load_file(run / "adapter" / "projector.safetensors")
+    for k, v in aligned.model.multi_modal_projector.state_dict().items():
+        assert torch.allclose(v.float(), trained[k].float(), atol=1e-2), k
+        assert not torch.equal(v.float(), assembled.model.multi_modal_projector.state_dict()[k].float()), k
+    lm_a = aligned.model.language_model.layers[0].mlp.up_proj.weight
+    lm_b = assembled.model.language_model.layers[0].mlp.up_proj.weight
+    assert torch.equal(lm_a, lm_b.to(lm_a.dtype))  # the frozen LLM is kept as it was (no NF4 round trip)
+
+    instruct = make_recipe(backbone=str(run), output_dir=str(tmp_path / "instruct"), train={"max_steps": 2})
+    result = train(instruct, log=lambda *_: None)
+    meta = json.loads((tmp_path / "instruct" / "adapter" / "lora_llava.json").read_text())
+    assert meta["backbone"] == str(run / "model") and meta["chat_format"] == "chatml"
+    assert result.steps == 2
+
+
+def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path):
+    """Text-only samples reach no trainable weight while only the projector trains (chat-style stage 1; the
+    plain format takes image-caption pairs only): no crash; re-running stage 1 replaces its model/."""
+    from lora_llava.workflows import train
+
+    recs = json.loads((shapes / "align.json").read_text())[:16]
+    recs += [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+             for i in range(8)]  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps(recs))
+    recipe = make_recipe(
+        stage="align", output_dir=str(tmp_path / "align"), chat={"format": "vicuna_v1"},
+        data={"train": [{"path": str(tmp_path / "mixed.json"), "image_folder": str(shapes / "images")}], "eval": []},
+        train={"max_steps": 6, "batch_size": 4},
+    )  # fmt: skip
+    first = train(recipe, log=lambda *_: None)
+    assert first.steps == 6
+    stamp = (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns
+    second = train(recipe, log=lambda *_: None)
+    assert second.steps == 6
+    assert (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_stage1_plain_renders_image_and_caption_and_records_itself(make_recipe, shapes, tmp_path):
+    from lora_llava.training.prepare import prepare_run
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(stage="align", data=align_data(tmp_path, shapes), train={"max_steps": 1})
+    p = prepare_run(recipe, log=lambda *_: None)
+    processor, encoder, report = p.processor, p.encoder, p.report
+    assert encoder.fmt.name == "plain"
+    sample = report.train[0]
+    ids, labels = encoder.tokens(sample, [(64, 64)])
+    tok = processor.tokenizer
+    caption = sample.messages[-1][1]
+    assert tok.decode(ids, skip_special_tokens=False).replace("<image>", "") == f"<s>{caption}\n"
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == caption + "\n"
+    train(recipe, log=lambda *_: None)
+    adapter_meta = json.loads((tmp_path / "run" / "adapter" / "lora_llava.json").read_text())
+    model_meta = json.loads((tmp_path / "run" / "model" / "lora_llava.json").read_text())
+    assert (adapter_meta["chat_format"], adapter_meta["backbone_chat_format"]) == ("plain", "vicuna_v1")
+    assert (model_meta["chat_format"], model_meta["align_format"]) == ("vicuna_v1", "plain")
+    assert model_meta["system_prompt"] == VICUNA_SYSTEM
+    assert (tmp_path / "run" / "adapter" / "chat_template.jinja").read_text() == chat_format("plain").jinja
+    model_template = (tmp_path / "run" / "model" / "chat_template.jinja").read_text()
+    assert model_template == format_for("vicuna_v1", tok).jinja
+    # stage 2 from the aligned model trains in the backbone's own format
+    assert resolve_backbone(str(tmp_path / "run")).chat_format == "vicuna_v1"

@@ -1,0 +1,55 @@
+"""One optimizer step moves exactly the trained parts."""
+
+from __future__ import annotations
+
+import torch
+from helpers import PEFT_PREFIX, PROJECTOR, VISION
+
+from lora_llava.model.loading import load_base
+from lora_llava.model.trainability import attach_adapters
+
+
+def test_one_optimizer_step_moves_only_projector_and_lora(spec, recipe):
+    from lora_llava.data.encode import Collator, EncodedDataset
+    from lora_llava.training.optim import optimizer_groups
+    from lora_llava.training.prepare import prepare_run
+
+    p = prepare_run(recipe)
+    processor, encoder, report = p.processor, p.encoder, p.report
+    batch = Collator(processor.tokenizer.pad_token_id)([EncodedDataset(report.train, encoder)[i] for i in range(4)])
+    assert "pixel_values" in batch
+
+    torch.manual_seed(0)
+    model, _ = load_base(spec, recipe.quantization)
+    model = attach_adapters(model, spec, recipe)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    four_bit = {n for n, p in params.items() if type(p).__name__ == "Params4bit"}
+    assert len(four_bit) == 14
+    lora_a = {n for n in params if ".lora_A." in n}
+    lora_b = {n for n in params if ".lora_B." in n}
+    proj = {n for n in params if f".{PROJECTOR}." in n}
+    assert len(lora_a) == len(lora_b) == 14 and len(proj) == 4
+    assert all(not before[n].any() for n in lora_b)  # PEFT starts B at zero
+
+    opt = torch.optim.AdamW(optimizer_groups(model, spec, recipe), lr=recipe.train.learning_rate)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 32
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+
+    after = dict(model.named_parameters())
+    for n in proj | lora_b:
+        assert not torch.equal(before[n], after[n]), f"{n} did not move"
+    # with B == 0 the gradient reaching A is exactly zero, so AdamW (no weight decay) leaves A in place
+    for n in lora_a:
+        assert torch.equal(before[n], after[n]), n
+    frozen = set(params) - proj - lora_a - lora_b
+    assert four_bit < frozen
+    assert any(n.startswith(f"{PEFT_PREFIX}{VISION}.") for n in frozen)
+    assert f"{PEFT_PREFIX}lm_head.weight" in frozen
+    for n in frozen:
+        assert after[n].grad is None, n
+        assert torch.equal(before[n], after[n]), f"frozen {n} changed"
