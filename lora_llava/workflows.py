@@ -12,6 +12,7 @@ from lora_llava.annotations import Log
 from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Encoder
+from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.training.prepare import PreparedRun
 from lora_llava.training.run import TrainResult
@@ -33,12 +34,24 @@ def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None)
     return result
 
 
-def run_eval_samples(recipe: Recipe, encoder: Encoder) -> list:
-    """The samples a run evaluates on: its data.eval sources plus its eval_split, read and checked as training does."""
-    from lora_llava.data.check import prepare_data
+def run_eval_samples(recipe: Recipe, encoder: Encoder) -> list[Sample]:
+    """The samples a run evaluates on: its data.eval sources, plus its eval_split (carved from the training
+    data exactly as training carved it, so only then is the training data read)."""
+    bad: list = []
+    if recipe.data.eval_split:
+        from lora_llava.data.check import prepare_data
 
-    report = prepare_data(recipe, encoder, run_dir=None, enforce=False)
-    if report.bad:
-        listing = "\n  ".join(b.describe() for b in report.bad[:20])
-        raise UserError(f"{len(report.bad)} bad sample(s) in the run's data:\n  {listing}")
-    return report.eval
+        report = prepare_data(recipe, encoder, run_dir=None, enforce=False)
+        samples, bad = report.eval, report.bad
+    else:
+        from lora_llava.data.formats import read_source
+
+        samples = []
+        for src in recipe.data.eval:
+            good, wrong = read_source(src)
+            samples += good
+            bad += wrong
+    if bad:
+        listing = "\n  ".join(b.describe() for b in bad[:20])
+        raise UserError(f"{len(bad)} bad sample(s) in the run's eval data:\n  {listing}", hint="or pass --data")
+    return samples

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
 from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.cli.main import main
 from lora_llava.data.chat import (
     VICUNA_SYSTEM,
     format_for,
@@ -72,3 +76,112 @@ def test_stock_autoprocessor_pads_like_training(make_recipe, shapes, tmp_path):
         assert torch.equal(got, expected["pixel_values"])
     unpadded = base.image_processor(images=[Image.open(wide)], return_tensors="pt")["pixel_values"]
     assert not torch.equal(unpadded, expected["pixel_values"])
+
+
+# -- what a user types: one resolver for every verb ---------------------------------------------------
+
+
+@pytest.fixture
+def legacy(tmp_path, monkeypatch):
+    """A copy of tests/fixtures/legacy_v1: a run directory named ``exp1`` (no "/", "." or "runs/") in the
+    format lora_llava wrote before its artifact module existed, with the answers it gave then."""
+    root = tmp_path / "legacy"
+    shutil.copytree(FIXTURE, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "legacy_v1"
+
+
+def test_an_old_run_directory_opens_and_answers_as_it_did(legacy, capsys):
+    from lora_llava.artifacts import AdapterMeta, open_artifact
+    from lora_llava.config.schema import DataSource
+    from lora_llava.data.formats import read_source
+    from lora_llava.infer import generate, load_model
+
+    art = open_artifact("exp1")
+    assert (art.kind, art.path, art.adapter_dir) == ("run", Path("exp1"), Path("exp1/adapter"))
+    assert isinstance(art.meta, AdapterMeta) and art.meta.backbone == "tiny" and art.meta.steps == 30
+    assert open_artifact("exp1/adapter").kind == "adapter"
+    assert open_artifact("exp1/merged").kind == "merged"
+    assert open_artifact("exp1/checkpoints/checkpoint-30").kind == "checkpoint"
+    expected = json.loads((legacy / "exp1" / "expected_answers.json").read_text())
+    samples, bad = read_source(DataSource(path="data/eval.json", image_folder="data/images"))
+    assert not bad
+    assert generate(load_model("exp1"), samples, 4, 8) == expected["adapter"]
+    assert generate(load_model("exp1/merged"), samples, 4, 8) == expected["merged"]
+    # every verb goes through the same resolver: eval (the run's own eval data) and merge
+    code = main(["eval", "exp1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["n"] == 8
+    assert [r["prediction"] for r in result["predictions"]] == expected["adapter"]
+    assert main(["merge", "exp1", "again"]) == 0
+    assert open_artifact("again").kind == "merged"
+
+
+def test_a_path_that_exists_is_always_a_path(tmp_path, monkeypatch):
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    assert open_artifact("tiny").kind == "backbone"  # no such directory: the registered name
+    Path("tiny").mkdir()
+    with pytest.raises(UserError, match="'tiny' is not a run directory, an adapter/, a checkpoint, a merged model"):
+        open_artifact("tiny")  # a directory of that name now: looked at, never looked up
+    assert open_artifact("someone/llava-x").kind == "backbone"  # a Hub id (not a directory here)
+    with pytest.raises(UserError, match="no directory 'runs/x': it does not exist"):
+        open_artifact("runs/x")
+    with pytest.raises(UserError, match="'nothing' is neither a directory here nor a registered backbone"):
+        open_artifact("nothing")
+    Path("f.txt").write_text("x")
+    with pytest.raises(UserError, match="'f.txt' is a file; expected a run directory"):
+        open_artifact("f.txt")
+
+
+def test_unfinished_runs_say_what_to_do(tmp_path, monkeypatch):
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    Path("r/checkpoints/checkpoint-4").mkdir(parents=True)
+    Path("r/recipe.yaml").write_text("backbone: tiny\n")
+    with pytest.raises(UserError, match="'r' has no adapter: training did not finish"):
+        open_artifact("r")
+    Path("r/checkpoints/checkpoint-4/trainer_state.json").write_text("{}")
+    with pytest.raises(
+        UserError, match=r"has no adapter yet: training did not finish \(latest checkpoint: checkpoint-4\)"
+    ):
+        open_artifact("r")
+
+
+def test_each_kind_writes_and_reads_one_metadata_shape(tmp_path):
+    from lora_llava.artifacts import AdapterMeta, AlignedMeta, AssembledMeta, MergedMeta, read_meta, write_meta
+    from lora_llava.errors import UserError
+
+    metas = [
+        AdapterMeta(backbone="tiny", source="builtin:tiny", family="llava", chat_format="vicuna_v1", steps=3),
+        MergedMeta(merged_from="a", backbone="tiny", source="s", family="llava", chat_format="vicuna_v1"),
+        AlignedMeta(merged_from="a", backbone="t", source="s", family="llava", chat_format="chatml"),
+        AssembledMeta(assembled={"projector": "linear"}, chat_format="chatml"),
+    ]
+    for i, meta in enumerate(metas):
+        (tmp_path / str(i)).mkdir()
+        write_meta(tmp_path / str(i), meta)
+        assert read_meta(tmp_path / str(i)) == meta
+    # metadata written before a field existed reads with that field's meaning then
+    old = {
+        "format": "lora_llava-adapter/1",
+        "backbone": "tiny",
+        "source": "s",
+        "family": "llava",
+        "chat_format": "vicuna_v1",
+    }
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "lora_llava.json").write_text(json.dumps(old))
+    meta = read_meta(tmp_path / "old")
+    assert (meta.system_prompt, meta.backbone_chat_format, meta.stage) == ("", "vicuna_v1", "instruct")
+    (tmp_path / "old" / "lora_llava.json").write_text(json.dumps({**old, "format": "lora_llava-adapter/9"}))
+    with pytest.raises(UserError, match="unknown format 'lora_llava-adapter/9'"):
+        read_meta(tmp_path / "old")
+    assert read_meta(tmp_path) is None

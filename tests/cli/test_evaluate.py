@@ -49,3 +49,15 @@ def test_eval_argument_and_data_mistakes(capsys, tmp_path, trained_run, shapes):
     assert_user_error(code, out, err, "no samples to score in")
     code, out, err = run_cli(capsys, "eval", trained_run, "--data", shapes / "eval.json")  # no --image-folder
     assert_user_error(code, out, err, "image paths are relative to --image-folder")
+
+
+def test_eval_of_a_run_defaults_to_its_own_eval_data_and_settings(capsys, trained_run):
+    code, out, err = run_cli(capsys, "eval", trained_run, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n"] == 16  # the run's data.eval (the shapes eval set)
+    # the run's eval.max_new_tokens (4) bounds the answers: same as asking for it explicitly
+    code, out2, err = run_cli(capsys, "eval", trained_run, "--json", "--max-new-tokens", "4", "--batch-size", "16")
+    assert code == 0 and json.loads(out2) == result
+    code, out, err = run_cli(capsys, "eval", "tiny")
+    assert_user_error(code, out, err, "--data is needed: 'tiny' is a backbone, which records no eval data")

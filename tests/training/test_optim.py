@@ -53,3 +53,30 @@ def test_one_optimizer_step_moves_only_projector_and_lora(spec, recipe):
     for n in frozen:
         assert after[n].grad is None, n
         assert torch.equal(before[n], after[n]), f"frozen {n} changed"
+
+
+def test_each_part_gets_its_own_group_and_rate(spec, make_recipe):
+    from lora_llava.model.loading import load_base
+    from lora_llava.model.trainability import attach_adapters
+    from lora_llava.training.optim import optimizer_groups
+
+    recipe = make_recipe(
+        projector={"learning_rate": 1e-3},
+        vision_tower={"policy": "full", "learning_rate": 1e-5},
+        train={"learning_rate": 2e-4, "weight_decay": 0.1},
+    )
+    model = attach_adapters(load_base(spec, recipe.quantization)[0], spec, recipe)
+    groups = {g["name"]: g for g in optimizer_groups(model, spec, recipe)}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "language_model": (2e-4, 0.1),
+        "projector": (1e-3, 0.0),
+        "vision_tower": (1e-5, 0.1),
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    assert all(any(p is q for q in model.get_submodule("base_model.model.model.vision_tower").parameters())
+               for p in groups["vision_tower"]["params"])  # fmt: skip
+    frozen = make_recipe(projector={"policy": "frozen"})
+    model = attach_adapters(load_base(spec, frozen.quantization)[0], spec, frozen)
+    assert [g["name"] for g in optimizer_groups(model, spec, frozen)] == ["language_model"]

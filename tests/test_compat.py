@@ -1,0 +1,116 @@
+"""Pins every private transformers internal lora_llava relies on (lora_llava/compat.py): each test fails
+loudly when an installed transformers changes the behaviour relied on."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.compat import CompatTrainer, allow_training_quantized_base, image_token_counts
+from lora_llava.model.loading import load_processor
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-next"])
+def test_image_token_counts_equal_what_the_processor_expands(name, _offline_cache):
+    """The private arithmetic agrees with the public path: process an image, count its image tokens."""
+    processor = load_processor(resolve_backbone(name).local_path())
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    sizes = [(32, 32), (40, 100), (90, 30), (64, 64), (300, 17)]  # (height, width)
+    counted = []
+    for h, w in sizes:
+        enc = processor(text="<image>", images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        counted.append(int((enc["input_ids"] == image_id).sum()))
+    assert image_token_counts(processor, sizes) == counted
+    assert len(set(counted)) > 1 or name == "tiny"  # AnyRes counts depend on the size
+
+
+def test_the_quantized_training_flag_is_what_the_trainer_checks(_offline_cache):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from lora_llava.config.schema import QuantizationConfig
+    from lora_llava.model.loading import load_base
+
+    model, _ = load_base(resolve_backbone("tiny"), QuantizationConfig(compute_dtype="float32"))
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
+    allow_training_quantized_base(model)
+    validate_quantization_for_training(model)
+
+
+def test_trainer_private_hooks_keep_their_signatures():
+    load = inspect.signature(Trainer._load_from_checkpoint)
+    assert list(load.parameters) == ["self", "resume_from_checkpoint", "model"]
+    sampler = inspect.signature(Trainer._get_train_sampler)
+    assert list(sampler.parameters) == ["self", "train_dataset"]
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+
+    def forward(self, x, y):
+        return {"loss": ((self.w(x) - y) ** 2).mean()}
+
+
+class _Data(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor([float(i), 1.0]), "y": torch.tensor([2.0 * i])}
+
+
+class _Recording(CompatTrainer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list = []
+
+    def train_sampler(self, dataset):
+        self.calls.append(("sampler", len(dataset)))
+        return torch.utils.data.SequentialSampler(dataset)
+
+    def load_checkpoint_weights(self, checkpoint, model):
+        self.calls.append(("load", checkpoint))
+        model.load_state_dict(torch.load(f"{checkpoint}/w.pt"))
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        import os
+
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(self.model.state_dict(), f"{output_dir}/w.pt")
+
+
+class _CheckpointComplete(TrainerCallback):
+    """What on_save sees: the checkpoint the Trainer has just written, whole."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def on_save(self, args, state, control, **kwargs):
+        from pathlib import Path
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.seen.append(sorted(p.name for p in folder.iterdir()))
+
+
+def test_sampler_and_checkpoint_hooks_are_called_and_on_save_sees_a_whole_checkpoint(tmp_path):
+    def trainer(steps, cb):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, save_steps=2,
+            save_strategy="steps", use_cpu=True, report_to=[], logging_steps=1, disable_tqdm=True,
+        )  # fmt: skip
+        return _Recording(model=_Regression(), args=args, train_dataset=_Data(), callbacks=[cb])
+
+    first = trainer(2, cb := _CheckpointComplete())
+    first.train()
+    assert ("sampler", 16) in first.calls
+    assert cb.seen and {"w.pt", "trainer_state.json", "optimizer.pt"} <= set(cb.seen[-1])
+    second = trainer(4, _CheckpointComplete())
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert ("load", str(tmp_path / "checkpoint-2")) in second.calls
