@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,6 +57,7 @@ LORA_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"  # the run's id, in the run directory and in each of its checkpoints
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -189,6 +191,68 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.json")
     eval_predictions = property(lambda self: self.path / "eval_predictions.json")
 
+    run_file = property(lambda self: self.path / RUN_FILE)
+
+    def finished_outputs(self) -> list[str]:
+        """What an earlier run left here that a new run would contradict (names, for messages)."""
+        out = [p.name + "/" for p in (self.adapter, self.aligned, self.merged) if p.exists()]
+        if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
+            out.append("checkpoints/")
+        out += [p.name for p in (self.summary, self.eval_predictions) if p.exists()]
+        if self.metrics.is_file() and self.metrics.stat().st_size:
+            out.append(self.metrics.name)
+        return out
+
+    def create(self) -> None:
+        """Make the directory (and its parents); a path that cannot be one is a UserError."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"output_dir {str(self.path)!r} is a file", hint="choose a directory name") from None
+        except OSError as e:
+            raise UserError(
+                f"cannot create output_dir {str(self.path)!r}: {e.strerror or e}",
+                hint="choose a directory you can write to (output_dir=...)",
+            ) from None
+        if not os.access(self.path, os.W_OK):
+            raise UserError(f"output_dir {str(self.path)!r} is not writable", hint="choose another output_dir")
+
+    def start(self, overwrite: bool = False, resume: bool = False) -> str:
+        """Claim the directory for a run; returns the run's id (the same id when resuming).
+
+        A directory holding an earlier run's outputs is refused unless ``overwrite`` (which deletes
+        those outputs, nothing else) or ``resume``. Each run gets a new id, recorded in ``run.json``
+        and in each of its checkpoints, so resuming never continues another run's checkpoint.
+        """
+        self.create()
+        if resume:
+            latest = self.latest_checkpoint()
+            adopted = checkpoint_run_id(latest) if latest is not None else None
+            return self.run_id() or self._new_id(adopted)
+        found = self.finished_outputs()
+        if found and not overwrite:
+            raise UserError(
+                f"output_dir {str(self.path)!r} holds an earlier run ({', '.join(found)})",
+                hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
+                "continue it",
+            )
+        for p in (self.adapter, self.aligned, self.merged, self.checkpoints):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected):
+            p.unlink(missing_ok=True)
+        return self._new_id()
+
+    def run_id(self) -> str | None:
+        return _read_run_id(self.path)
+
+    def _new_id(self, run_id: str | None = None) -> str:
+        import time
+        import uuid
+
+        run_id = run_id or uuid.uuid4().hex[:12]
+        self.run_file.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        return run_id
+
     def latest_checkpoint(self) -> Path | None:
         """The complete checkpoint with the most steps, or None."""
         done = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
@@ -197,6 +261,18 @@ class RunDir:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def _read_run_id(folder: Path) -> str | None:
+    """The run id recorded in ``folder/run.json`` (a run directory or a checkpoint), or None."""
+    try:
+        return json.loads((folder / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def checkpoint_run_id(checkpoint: Path) -> str | None:
+    return _read_run_id(checkpoint)
 
 
 # ------------------------------------------------------------------------------------ what a user typed

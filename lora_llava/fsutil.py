@@ -12,6 +12,7 @@ complete; otherwise the target must be absent or an empty folder.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,24 @@ from pathlib import Path
 from lora_llava.errors import UserError
 
 
+def _remove_abandoned(target: Path) -> None:
+    """Delete temporary siblings of ``target`` left by a process that no longer runs (a killed merge)."""
+    for tmp in target.parent.glob(f".{target.name}-*"):
+        pid = tmp.name[len(target.name) + 2 :].split("-", 1)[0]
+        if tmp.is_dir() and (tmp.name.endswith("-old") or (pid.isdigit() and not _alive(int(pid)))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
@@ -28,8 +47,14 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
         raise UserError(f"{target} is a file, not a directory", hint="choose a new directory")
     if not replace and target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not empty", hint="choose a new directory or delete it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        raise UserError(
+            f"cannot write {target}: {e.strerror or e}", hint="choose a directory you can write to"
+        ) from None
     try:
         yield tmp
         old = target.parent / f".{target.name}-old"

@@ -28,7 +28,7 @@ def _eval_samples(recipe: Recipe, report: DataReport) -> list[Sample]:
     return samples[: recipe.eval.max_samples] if recipe.eval.max_samples else samples
 
 
-def run_pipeline(recipe: Recipe, log: Log = print) -> dict:
+def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> dict:
     from lora_llava.data.encode import Encoder
     from lora_llava.infer import evaluate, format_predictions, load_model
     from lora_llava.merging import merge
@@ -38,9 +38,7 @@ def run_pipeline(recipe: Recipe, log: Log = print) -> dict:
     t0 = time.time()
     run = RunDir(recipe.output_dir)
     run_dir, merged_dir = run.path, run.merged
-    if merged_dir.exists():
-        raise UserError(f"{merged_dir} exists from an earlier run", hint=f"delete {run_dir} or set output_dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = run.start(overwrite=overwrite, resume=recipe.train.resume)  # before any work: refuse or clear
     prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
     spec, encoder, report = prepared.spec, prepared.encoder, prepared.report
     samples = _eval_samples(recipe, report)
@@ -55,7 +53,7 @@ def run_pipeline(recipe: Recipe, log: Log = print) -> dict:
     log(f"base accuracy {base.accuracy:.3f}")
 
     log("== 2/5 train")
-    trained = train(recipe, log=log, prepared=prepared)
+    trained = train(recipe, log=log, prepared=prepared, run_id=run_id)
 
     log("== 3/5 trained adapter")
     after = evaluate(load_model(str(run_dir)), samples, e.max_new_tokens, e.batch_size)

@@ -19,12 +19,20 @@ from lora_llava.training.run import TrainResult
 from lora_llava.training.run import train as train_adapter
 
 
-def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None) -> TrainResult:
-    """Train ``recipe``; a stage-1 (align) run then writes its aligned model, stage 2's backbone."""
+def train(
+    recipe: Recipe,
+    log: Log = print,
+    prepared: PreparedRun | None = None,
+    overwrite: bool = False,
+    run_id: str | None = None,
+) -> TrainResult:
+    """Train ``recipe``; a stage-1 (align) run then writes its aligned model, stage 2's backbone.
+
+    An output_dir holding an earlier run is refused unless ``overwrite`` (see ``RunDir.start``)."""
     run = RunDir(recipe.output_dir)
     if recipe.stage == "align" and run.aligned.exists() and not run.aligned.is_dir():
         raise UserError(f"{run.aligned} is a file; stage 1 writes its aligned model there")
-    result = train_adapter(recipe, log=log, prepared=prepared)
+    result = train_adapter(recipe, log=log, prepared=prepared, overwrite=overwrite, run_id=run_id)
     if recipe.stage == "align":
         from lora_llava.merging import merge
 

@@ -62,7 +62,7 @@ def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path)
 
 def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path):
     """Text-only samples reach no trainable weight while only the projector trains (chat-style stage 1; the
-    plain format takes image-caption pairs only): no crash; re-running stage 1 replaces its model/."""
+    plain format takes image-caption pairs only): no crash; re-running stage 1 (with overwrite) replaces its model/."""
     from lora_llava.workflows import train
 
     recs = json.loads((shapes / "align.json").read_text())[:16]
@@ -77,7 +77,7 @@ def test_stage1_with_text_only_batches_and_a_rerun(make_recipe, shapes, tmp_path
     first = train(recipe, log=lambda *_: None)
     assert first.steps == 6
     stamp = (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns
-    second = train(recipe, log=lambda *_: None)
+    second = train(recipe, log=lambda *_: None, overwrite=True)
     assert second.steps == 6
     assert (tmp_path / "align" / "model" / "model.safetensors").stat().st_mtime_ns != stamp
 

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "data.train.0.path=train.json data.train.0.image_folder=images",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from lora_llava import __version__
+
+    parser.add_argument("--version", action="version", version=f"lora-llava {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, mod_name in VERBS.items():
         mod = import_module(f"lora_llava.cli.{mod_name}")
@@ -61,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not a file a user named or can fix: a real failure, shown as one
+            raise
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        print("hint: check that the path exists and that you may read or write it (and that the disk has room)",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="[RECIPE] [key=value ...]",
         help="a recipe (default: quickstart) followed by overrides",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the recipe's output_dir")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path(name), rest)
     ensure_synthetic_data(recipe)
     cpu_threads_for(recipe.backbone)
-    run_pipeline(recipe)
+    run_pipeline(recipe, overwrite=args.overwrite)
     return 0

@@ -11,6 +11,7 @@ EPILOG = """examples:
   lora-llava recipes
   lora-llava recipes show llava-1.5-7b/qlora
   lora-llava recipes copy llava-1.5-7b/qlora my-run.yaml
+  lora-llava recipes copy llava-1.5-7b/qlora          (to ./llava-1.5-7b-qlora.yaml)
   lora-llava recipes --backbones
   lora-llava recipes --keys
   lora-llava recipes --validate      (every built-in recipe, structurally: no weights, no network)"""
@@ -19,7 +20,7 @@ EPILOG = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=["list", "show", "copy"], default="list")
     p.add_argument("name", nargs="?", help="recipe name (show, copy)")
-    p.add_argument("dest", nargs="?", help="destination file (copy)")
+    p.add_argument("dest", nargs="?", help="destination file (copy; default: NAME with / as -, .yaml)")
     p.add_argument("--backbones", action="store_true", help="list registered backbones")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its type, default and help")
     p.add_argument("--validate", action="store_true", help="validate every built-in recipe without loading weights")
@@ -57,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(src.read_text(), end="")
         return 0
-    if not args.dest:
-        raise UserError("recipes copy needs a destination file", hint="lora-llava recipes copy NAME my.yaml")
-    dest = Path(args.dest)
+    dest = Path(args.dest or args.name.replace("/", "-") + ".yaml")  # llava-1.5-7b/qlora -> llava-1.5-7b-qlora.yaml
     if dest.exists():
         raise UserError(f"{args.dest!r} exists; not overwriting it")
     dest.parent.mkdir(parents=True, exist_ok=True)

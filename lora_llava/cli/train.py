@@ -18,6 +18,9 @@ writes OUTPUT_DIR/adapter (LoRA + projector + processor + recipe), recipe.yaml, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in OUTPUT_DIR (its adapter, checkpoints, ...)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     from lora_llava.workflows import train
 
     recipe = recipe_from_args(args)
-    train(recipe)
+    train(recipe, overwrite=args.overwrite)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ class MetricsLog:
         self.path = path
         kept = []
         if keep_until is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            # the rows up to the checkpoint, without an earlier end-of-run summary row
+            kept = [ln for ln in rows if json.loads(ln)["step"] <= keep_until and "train_loss" not in json.loads(ln)]
         path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, row: dict) -> None:
@@ -66,10 +69,13 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, log: MetricsLog, stats: PaddingStats) -> None:
         self.log = log
         self.stats = stats
+        self.mean_loss: Callable[[], float] | None = None  # the whole run's mean, for the end-of-run row
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs:
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if "train_loss" in row and self.mean_loss is not None:
+                row["train_loss"] = self.mean_loss()
             if self.stats.tokens:
                 row["padding_fraction"] = round(self.stats.fraction, 4)
             self.log.write(row)

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lora_llava.artifacts import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunDir
+from lora_llava.artifacts import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunDir, checkpoint_run_id
 from lora_llava.config.load import load_recipe, recipe_to_dict
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
@@ -105,6 +105,12 @@ def resume_point(recipe: Recipe, run_dir: str | os.PathLike) -> Path:
                 hint="resume with the same settings (only the length of training, saving, logging, eval and merge "
                 "may change), or start a new output_dir",
             )
+    ours, theirs = run.run_id(), checkpoint_run_id(ckpt)
+    if ours and theirs and ours != theirs:
+        raise UserError(
+            f"train.resume: {ckpt} belongs to another run (id {theirs}) than {run.path}'s current one (id {ours})",
+            hint="resume only the run that wrote the checkpoint; start a new output_dir (or --overwrite) otherwise",
+        )
     step = checkpoint_global_step(ckpt)
     if recipe.train.max_steps is not None and step >= recipe.train.max_steps:
         raise UserError(

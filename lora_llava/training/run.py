@@ -56,12 +56,20 @@ class TrainResult:
     train_samples: int
 
 
-def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None) -> TrainResult:
-    """Train ``recipe``; ``prepared`` is a ``prepare_run(recipe, run_dir)`` already at hand."""
+def train(
+    recipe: Recipe,
+    log: Log = print,
+    prepared: PreparedRun | None = None,
+    overwrite: bool = False,
+    run_id: str | None = None,
+) -> TrainResult:
+    """Train ``recipe``. An output_dir holding an earlier run is refused unless ``overwrite`` (or the recipe
+    resumes); ``run_id`` is given by a caller that already claimed the directory (``RunDir.start``), and
+    ``prepared`` is a ``prepare_run(recipe, run_dir)`` already at hand."""
     from transformers import set_seed
 
     run = RunDir(recipe.output_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run_id = run_id or run.start(overwrite=overwrite, resume=recipe.train.resume)
     save_recipe(recipe, run.recipe)
     t0 = time.time()
     prepared = prepared or prepare_run(recipe, run.path, log)
@@ -76,13 +84,16 @@ def train(recipe: Recipe, log: Log = print, prepared: PreparedRun | None = None)
         allow_training_quantized_base(model)  # stage 1 on a 4-bit LM; check_policy verified only 16-bit parts train
 
     stats = PaddingStats()
-    trainer = _trainer(recipe, prepared, model, run, stats, resume)
+    trainer = _trainer(recipe, prepared, model, run, stats, resume, run_id)
+    metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
+    metrics_cb.mean_loss = trainer.mean_loss  # the end-of-run row reports the whole run's mean, resumed or not
     if resume is not None:
         log(f"resuming from {resume}")
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     clean_staging(run.checkpoints)
-    loss = float(out.training_loss)
-    if not math.isfinite(loss) or any(not math.isfinite(r.get("loss", 0.0)) for r in trainer.state.log_history):
+    loss = trainer.mean_loss()  # over every step of the run, also when it was resumed
+    logged = [r.get("loss", 0.0) for r in trainer.state.log_history]
+    if not math.isfinite(loss) or not math.isfinite(float(out.training_loss)) or not all(map(math.isfinite, logged)):
         raise UserError(
             "training loss became NaN/inf; no adapter was written",
             hint="lower train.learning_rate, or use compute_dtype bfloat16/float32",
@@ -110,7 +121,13 @@ def _report_data(prepared: PreparedRun, run: RunDir, log: Log) -> None:
 
 
 def _trainer(
-    recipe: Recipe, prepared: PreparedRun, model: Model, run: RunDir, stats: PaddingStats, resume: Path | None
+    recipe: Recipe,
+    prepared: PreparedRun,
+    model: Model,
+    run: RunDir,
+    stats: PaddingStats,
+    resume: Path | None,
+    run_id: str,
 ) -> LlavaTrainer:
     report = prepared.report
     grouped = recipe.train.group_by_length
@@ -122,6 +139,7 @@ def _trainer(
         recipe=recipe,
         lengths=[report.length_of(s) for s in report.train] if grouped else None,
         has_image=[bool(s.images) for s in report.train] if grouped else None,
+        run_id=run_id,
         model=model,
         args=training_arguments(recipe, run.path),
         train_dataset=EncodedDataset(report.train, prepared.encoder),

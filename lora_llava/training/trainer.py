@@ -11,6 +11,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from lora_llava.annotations import Model
-from lora_llava.artifacts import LORA_WEIGHTS_FILE, RECIPE_FILE, RunDir
+from lora_llava.artifacts import LORA_WEIGHTS_FILE, RECIPE_FILE, RUN_FILE, RunDir
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.compat import CompatTrainer
 from lora_llava.config.load import save_recipe
@@ -77,6 +78,7 @@ class LlavaTrainer(CompatTrainer):
         recipe: Recipe,
         lengths: list[int] | None = None,
         has_image: list[bool] | None = None,
+        run_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -84,6 +86,22 @@ class LlavaTrainer(CompatTrainer):
         self.recipe = recipe
         self.lengths = lengths
         self.has_image = has_image
+        self.run_id = run_id
+        self.loss_before = 0.0  # summed step losses of the steps a resumed run did not train itself
+        self._loss_sum: Any = 0.0  # summed step losses trained here (a tensor on the training device)
+
+    def training_step(self, model: Model, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._loss_sum = self._loss_sum + loss.detach()
+        return loss
+
+    def loss_sum(self) -> float:
+        """The summed per-step training loss of the whole run, resumed steps included."""
+        return self.loss_before + float(self._loss_sum)
+
+    def mean_loss(self) -> float:
+        """The run's mean training loss over all its steps: what an uninterrupted run reports."""
+        return self.loss_sum() / max(self.state.global_step, 1)
 
     def train_sampler(self, dataset: Any) -> Any:
         if self.lengths is None or self.has_image is None:
@@ -100,6 +118,8 @@ class LlavaTrainer(CompatTrainer):
         out.mkdir(parents=True, exist_ok=True)
         save_trained_parts(self.model, self.spec, self.recipe, out)
         save_recipe(self.recipe, out / RECIPE_FILE)
+        # whose checkpoint this is, and the loss summed so far (a resumed run reports the whole run's mean)
+        (out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "loss_sum": self.loss_sum()}))
 
     def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:
         from peft import set_peft_model_state_dict
@@ -113,6 +133,8 @@ class LlavaTrainer(CompatTrainer):
                 raise ValueError(f"{ckpt}: checkpoint lacks LoRA weights {missing[:3]}")
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         restore_trained_parts(model, self.spec, ckpt)
+        if (ckpt / RUN_FILE).is_file():
+            self.loss_before = float(json.loads((ckpt / RUN_FILE).read_text()).get("loss_sum") or 0.0)
         for p in model.parameters():  # restoring must not change what trains
             p.requires_grad_(id(p) in trainable)
 

@@ -81,3 +81,47 @@ def test_top_level_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and all(verb in out for verb in VERBS)
+
+
+def test_version(capsys):
+    import lora_llava
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"lora-llava {lora_llava.__version__}\n"
+
+
+def test_outputs_that_cannot_be_written_are_one_error_line(capsys, tmp_path, shapes, trained_run):
+    recipe = write_recipe(tmp_path / "r.yaml", shapes)
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run_cli(capsys, "train", recipe, f"output_dir={tmp_path / 'afile'}")
+    assert_user_error(code, out, err, f"output_dir '{tmp_path / 'afile'}' is a file")
+    code, out, err = run_cli(capsys, "train", recipe, f"output_dir={tmp_path / 'afile' / 'run'}")
+    assert_user_error(code, out, err, f"cannot create output_dir '{tmp_path / 'afile' / 'run'}'")
+    code, out, err = run_cli(capsys, "merge", trained_run, tmp_path / "afile" / "m")
+    assert_user_error(code, out, err, f"cannot write {tmp_path / 'afile' / 'm'}")
+    code, out, err = run_cli(capsys, "recipes", "copy", "quickstart", tmp_path / "afile" / "q.yaml")
+    assert_user_error(code, out, err, str(tmp_path / "afile"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, out, err = run_cli(capsys, "train", recipe, f"output_dir={ro / 'run'}")
+        if os.geteuid() != 0:  # root writes anywhere
+            assert_user_error(code, out, err, f"cannot create output_dir '{ro / 'run'}'")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_finished_run_is_refused_by_train_and_quickstart(capsys, tmp_path, shapes, trained_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recipe = write_recipe(tmp_path / "r.yaml", shapes)
+    code, out, err = run_cli(capsys, "train", recipe, f"output_dir={run}", "train.max_steps=1")
+    assert_user_error(code, out, err, "holds an earlier run (adapter/, metrics.jsonl)", "add --overwrite")
+    code, out, err = run_cli(capsys, "quickstart", recipe, f"output_dir={run}", "train.max_steps=1")
+    assert_user_error(code, out, err, "holds an earlier run (adapter/, metrics.jsonl)")
+    code, out, err = run_cli(capsys, "train", recipe, f"output_dir={run}", "train.max_steps=1", "--overwrite")
+    assert code == 0, err

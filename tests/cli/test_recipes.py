@@ -40,9 +40,12 @@ def test_recipes_copy_refuses_to_overwrite(capsys, tmp_path):
     assert dest.read_text() == "# mine\n"
 
 
-def test_recipes_show_and_copy_need_arguments(capsys):
+def test_recipes_show_and_copy_need_arguments(capsys, tmp_path, monkeypatch):
     assert_user_error(*run_cli(capsys, "recipes", "show"), "recipes show needs a recipe name")
-    assert_user_error(*run_cli(capsys, "recipes", "copy", "quickstart"), "recipes copy needs a destination file")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "recipes", "copy", "llava-1.5-7b/qlora")  # DEST defaults, as --help says
+    assert code == 0 and out == "copied llava-1.5-7b/qlora to llava-1.5-7b-qlora.yaml\n"
+    assert (tmp_path / "llava-1.5-7b-qlora.yaml").is_file()
     assert_user_error(*run_cli(capsys, "recipes", "show", "nope"), "no recipe 'nope'")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -101,3 +102,61 @@ def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_mode
     after = [json.loads(ln) for ln in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in after if r["step"] <= 2 and "loss" in r] == [r for r in rows if "loss" in r]
     assert max(r["step"] for r in after) == 3
+
+
+def test_a_finished_run_is_not_overwritten_and_checkpoints_belong_to_their_run(make_recipe, tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from lora_llava.artifacts import RunDir
+    from lora_llava.errors import UserError
+
+    out = tmp_path / "r"
+    first = make_recipe(output_dir=str(out), train={"max_steps": 2, "save_steps": 1})
+    train(first, **QUIET)
+    (out / "summary.json").write_text("{}")  # as quickstart leaves it
+    (out / "data.txt").write_text("user data")
+    stamp = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError) as e:
+        train(first, **QUIET)
+    assert "holds an earlier run (adapter/, checkpoints/, summary.json, metrics.jsonl)" in str(e.value)
+    assert "--overwrite" in str(e.value) and "train.resume=true" in str(e.value)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == stamp  # untouched
+    old_id = RunDir(out).run_id()
+    assert json.loads((out / "checkpoints" / "checkpoint-1" / "run.json").read_text())["run_id"] == old_id
+
+    # --overwrite replaces the run's outputs (nothing else) and gives it a new id
+    second = make_recipe(output_dir=str(out), train={"max_steps": 1, "save_steps": 1})
+    train(second, overwrite=True, **QUIET)
+    assert not (out / "summary.json").exists() and (out / "data.txt").read_text() == "user data"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert RunDir(out).run_id() != old_id
+    # a checkpoint of another run is never resumed
+    other = out / "checkpoints" / "checkpoint-1" / "run.json"
+    other.write_text(json.dumps({"run_id": old_id, "loss_sum": 1.0}))
+    resume = make_recipe(output_dir=str(out), train={"max_steps": 3, "save_steps": 1, "resume": True})
+    with pytest.raises(UserError, match="checkpoint-1 belongs to another run"):
+        train(resume, **QUIET)
+
+
+def test_a_resumed_run_reports_the_whole_runs_mean_loss(make_recipe, tmp_path):
+    import json
+
+    steps = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
+    full = train(make_recipe(output_dir=str(tmp_path / "full"), train=steps), **QUIET)
+    # the same run, killed after its checkpoint at step 2 (with the rows it had logged by then), then resumed
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "checkpoint-2", tmp_path / "part" / "checkpoints" / "checkpoint-2"
+    )
+    rows = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "part" / "metrics.jsonl").write_text("\n".join(rows[:2] + rows[-1:]) + "\n")  # + a stale summary row
+    resumed = train(make_recipe(output_dir=str(tmp_path / "part"), train={**steps, "resume": True}), **QUIET)
+    assert resumed.train_loss == pytest.approx(full.train_loss, abs=1e-6)
+    meta = json.loads((tmp_path / "part" / "adapter" / "lora_llava.json").read_text())
+    assert meta["train_loss"] == pytest.approx(full.train_loss, abs=1e-6)
+    rows = [json.loads(ln) for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    summaries = [r for r in rows if "train_loss" in r]
+    assert len(summaries) == 1 and rows[-1] is summaries[0]  # the first run's summary row is gone
+    assert summaries[0]["train_loss"] == pytest.approx(full.train_loss, abs=1e-6)
