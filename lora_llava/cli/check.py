@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from lora_llava.artifacts import RunDir
 from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
 
 HELP = "validate a recipe and every data sample (no model weights are loaded)"
@@ -30,14 +32,26 @@ def run(args: argparse.Namespace) -> int:
     spec, report = prepared.spec, prepared.report
     print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")
     print(report.summary())
+    full_list = RunDir(recipe.output_dir).path / "bad_samples.jsonl"  # where a list too long to print goes
     if report.dropped:
         print(f"{len(report.dropped)} sample(s) over data.max_length would be left out (data.overlength):")
-        for b in report.dropped:
-            print(f"  {b.describe()}")
+        _print_capped(report.dropped)
     if report.bad and recipe.data.on_bad_sample == "skip":
         print(f"{len(report.bad)} bad sample(s) would be skipped (data.on_bad_sample=skip):")
-        for b in report.bad:
-            print(f"  {b.describe()}")
-    enforce_policy(report, recipe.data, run_dir=None, max_listed=None)  # every bad sample, then exit 2
+        _print_capped(report.bad, full_list)
+    enforce_policy(report, recipe.data, run_dir=None, list_file=full_list)  # the bad samples, then exit 2
     print("ok")
     return 0
+
+
+def _print_capped(items: list, full_list: Path | None = None) -> None:
+    from lora_llava.data.check import MAX_LISTED, write_rejected
+
+    for b in items[:MAX_LISTED]:
+        print(f"  {b.describe()}")
+    if len(items) > MAX_LISTED:
+        tail = f"  ... and {len(items) - MAX_LISTED} more"
+        if full_list is not None:
+            write_rejected(items, full_list)
+            tail += f"; all {len(items)} in {full_list}"
+        print(tail)

@@ -61,6 +61,7 @@ class ChatFormat:
     system_in_first_user: bool = False  # LLaMA-2 style: the wrapped system prompt opens the first user turn
     user_images_only: bool = False  # plain: a user turn renders only its <image> placeholders
     single_exchange: bool = False  # plain: exactly one user turn and one answer
+    markers: tuple[str, ...] = ()  # the format's own role markers: never allowed inside a turn's text
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """Return ``(text, target_spans)``; spans are [start, end) character ranges of what is generated."""
@@ -181,6 +182,7 @@ _FORMATS: dict[str, dict] = {
         stop="</s>",
         system=VICUNA_SYSTEM,
         system_suffix=" ",
+        markers=("USER:", "ASSISTANT:"),
     ),
     # LLaVA-NeXT-Mistral (upstream conv_mistral_instruct, LLaMA-2 separators):
     # "[INST] <<SYS>>\nsys\n<</SYS>>\n\n<image>\nQ [/INST] A </s>[INST] Q2 [/INST] A2 </s>"
@@ -193,6 +195,7 @@ _FORMATS: dict[str, dict] = {
         system_prefix="<<SYS>>\n",
         system_suffix="\n<</SYS>>\n\n",
         system_in_first_user=True,
+        markers=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
     ),
     # LLaVA-NeXT-34B / Nous-Hermes-2-Yi-34B (upstream conv_chatml_direct): no newline after <|im_end|>
     # "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>"
@@ -205,6 +208,7 @@ _FORMATS: dict[str, dict] = {
         assistant_prefix="<|im_start|>assistant\n",
         answer_lead="",
         stop="<|im_end|>",
+        markers=("<|im_start|>", "<|im_end|>"),
     ),
     # ChatML LMs (Qwen2, ...): "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     "chatml": dict(
@@ -216,6 +220,7 @@ _FORMATS: dict[str, dict] = {
         answer_lead="",
         stop="<|im_end|>",
         assistant_suffix="\n",
+        markers=("<|im_start|>", "<|im_end|>"),
     ),
     # Llama-3: "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant..."
     "llama3": dict(
@@ -226,6 +231,7 @@ _FORMATS: dict[str, dict] = {
         assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
         answer_lead="",
         stop="<|eot_id|>",
+        markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     ),
     # LLaVA-1.5 stage 1 (upstream conv_llava_plain): "<image>" + caption + "\n"
     "plain": dict(

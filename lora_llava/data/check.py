@@ -38,7 +38,7 @@ from lora_llava.data.mixture import (
 from lora_llava.data.prompts import add_brief_instruction
 from lora_llava.errors import UserError
 
-MAX_LISTED = 200
+MAX_LISTED = 50  # bad samples printed; the whole list goes to a file
 
 
 @dataclass
@@ -82,7 +82,9 @@ class DataReport:
     max_length: int = 0
     overlength: str = "bad_sample"
     seed: int = 0
-    total: int = 0  # samples read (good + bad), for max_bad_fraction
+    total: int = 0  # samples read (good + bad)
+    totals: dict[str, int] = field(default_factory=dict)  # per split: samples read, for max_bad_fraction
+    bad_counts: dict[str, int] = field(default_factory=dict)  # per split: bad samples
 
     def length_of(self, sample: Sample) -> int:
         return self.lengths[id(sample)]
@@ -170,6 +172,8 @@ def _read(
             good.append(fit.sample)
         st.bad = len(bad)
         report.total += len(read.samples) + len(read.bad)
+        report.totals[split] = report.totals.get(split, 0) + len(read.samples) + len(read.bad)
+        report.bad_counts[split] = report.bad_counts.get(split, 0) + len(bad)
         report.bad.extend(sorted(bad, key=lambda b: b.index))
         report.warnings.extend(read.warnings)
         report.stats.append(st)
@@ -221,12 +225,27 @@ def prepare_data(
 
 
 def enforce_policy(
-    report: DataReport, d: DataConfig, run_dir: str | os.PathLike | None, max_listed: int | None = MAX_LISTED
+    report: DataReport,
+    d: DataConfig,
+    run_dir: str | os.PathLike | None,
+    max_listed: int = MAX_LISTED,
+    list_file: Path | None = None,
 ) -> None:
-    """Apply ``data.on_bad_sample``: raise UserError listing bad samples, or write rejected.jsonl (skip)."""
-    listed = report.bad if max_listed is None else report.bad[:max_listed]
+    """Apply ``data.on_bad_sample``: raise UserError listing bad samples, or write rejected.jsonl (skip).
+
+    At most ``max_listed`` bad samples are printed; with more, the whole list goes to ``list_file``
+    (default ``<run_dir>/bad_samples.jsonl``) and the message says where. ``data.max_bad_fraction``
+    judges each split (train, eval) on its own count.
+    """
+    listed = report.bad[:max_listed]
     listing = "\n  ".join(b.describe() for b in listed)
-    more = f"\n  ... and {len(report.bad) - len(listed)} more" if len(report.bad) > len(listed) else ""
+    more = ""
+    if len(report.bad) > len(listed):
+        more = f"\n  ... and {len(report.bad) - len(listed)} more"
+        list_file = list_file or (Path(run_dir) / "bad_samples.jsonl" if run_dir is not None else None)
+        if list_file is not None:
+            write_rejected(report.bad, list_file)
+            more += f"; all {len(report.bad)} in {list_file}"
     if report.bad and d.on_bad_sample == "error":
         raise UserError(
             f"{len(report.bad)} bad sample(s) of {report.total}:\n  {listing}{more}",
@@ -234,12 +253,14 @@ def enforce_policy(
         )
     if run_dir is not None and (report.bad or report.dropped):
         write_rejected(report.bad + report.dropped, Path(run_dir) / "rejected.jsonl")
-    frac = len(report.bad) / max(report.total, 1)
-    if report.bad and frac > d.max_bad_fraction:
-        raise UserError(
-            f"{len(report.bad)} of {report.total} samples are bad ({frac:.1%}), over data.max_bad_fraction="
-            f"{d.max_bad_fraction}:\n  {listing}{more}"
-        )
+    for split, total in report.totals.items():
+        bad = report.bad_counts.get(split, 0)
+        frac = bad / max(total, 1)
+        if bad and frac > d.max_bad_fraction:
+            raise UserError(
+                f"{bad} of {total} {split} samples are bad ({frac:.1%}), over data.max_bad_fraction="
+                f"{d.max_bad_fraction}:\n  {listing}{more}"
+            )
     if not report.train:
         raise UserError("no usable training samples", hint="check data.train paths and the bad-sample list above")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_llava.annotations import Processor
+from lora_llava.annotations import Processor, Tokenizer
 from lora_llava.compat import image_token_counts
 from lora_llava.data.chat import ChatFormat, stop_token_id, tokenize_with_labels
 from lora_llava.data.formats import IMAGE, Sample
@@ -52,6 +52,7 @@ class Encoder:
         # answers against the tokenizer's EOS then, so the mismatch fails loudly instead of unchecked.
         stop = stop_token_id(self.tokenizer, fmt.stop)
         self.stop_id = stop if stop is not None else self.tokenizer.eos_token_id
+        self.control = control_strings(self.tokenizer, fmt, self.image_token)
         self._counts: dict[tuple[int, int], int] = {}  # (width, height) -> image tokens
 
     # -- image tokens -------------------------------------------------------------------------
@@ -81,10 +82,25 @@ class Encoder:
     # -- training -----------------------------------------------------------------------------
     def tokens(self, sample: Sample, sizes: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of ``sample`` with images of (width, height) ``sizes``, image tokens expanded."""
+        self.check_text(sample.messages)
         counts = self.image_token_counts(sizes)
         text, spans = self.fmt.render(self.expand(sample.messages, [1] * len(counts)))
         ids, labels = tokenize_with_labels(self.tokenizer, text, spans, self.stop_id)
         return self._repeat_image_tokens(ids, labels, counts)
+
+    def check_text(self, messages: list[tuple[str, str]]) -> None:
+        """ValueError naming the turn when a turn's text holds a control string: a special token of the
+        tokenizer (``</s>`` in an answer teaches the model to stop there) or a role marker of the chat
+        format (``ASSISTANT:`` in a question fakes a turn boundary). Tokenized as written, they would
+        be control, not text."""
+        seen: dict[str, int] = {}
+        for role, text in messages:
+            seen[role] = seen.get(role, 0) + 1
+            for s, why in self.control.items():
+                if s in text:
+                    turn = {"user": "question", "assistant": "answer"}.get(role, role)
+                    number = f" {seen[role]}" if role != "system" else ""
+                    raise ValueError(f"{turn}{number} holds {s!r}, {why}; remove it from the text")
 
     def _repeat_image_tokens(self, ids: list[int], labels: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
         at = [i for i, t in enumerate(ids) if t == self.image_token_id]
@@ -154,6 +170,21 @@ class Encoder:
         messages = self.expand(messages, self.image_token_counts([im.size for im in images]))
         text, _ = self.fmt.render(messages, add_generation_prompt=True)
         return text, sample.messages[-1][1], images
+
+
+def control_strings(tokenizer: Tokenizer, fmt: ChatFormat, image_token: str) -> dict[str, str]:
+    """Strings a sample's text may not hold, each with why: the tokenizer's special tokens and the
+    format's role markers (the image token is the placeholder, handled by its own rules)."""
+    out: dict[str, str] = {}
+    names = {tokenizer.eos_token: "the end-of-sequence token (the model would learn to stop there)",
+             tokenizer.bos_token: "the beginning-of-sequence token", tokenizer.pad_token: "the padding token"}  # fmt: skip
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)}
+    for s in sorted(specials - {image_token, None, ""}):
+        out[s] = names.get(s) or "a special token of the tokenizer"
+    for m in fmt.markers:
+        out.setdefault(m, f"a role marker of the {fmt.name} chat format (it would fake a turn boundary)")
+    return out
 
 
 def _long(values: list[int]) -> torch.Tensor:

@@ -39,6 +39,11 @@ class JsonStorage:
         raw = path.read_bytes()
         raw = raw[3:] if raw.startswith(_BOM) else raw
         if lines:
+            if raw.lstrip()[:1] == b"[":
+                raise UserError(
+                    f"data file {str(path)!r} is a JSON list (it starts with '['), not JSON lines",
+                    hint=f"rename it to {path.with_suffix('.json').name}",
+                )
             self.kind = "jsonl"
             self._records = list(_jsonl(raw))
         else:
@@ -73,8 +78,10 @@ def _json_list(path: Path, raw: bytes) -> list:
     except UnicodeDecodeError as e:
         raise UserError(f"data file {str(path)!r} is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
+        one_a_line = raw.lstrip()[:1] == b"{" and e.msg == "Extra data"
         raise UserError(
-            f"data file {str(path)!r}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            f"data file {str(path)!r}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+            hint="it holds one record a line: rename it to .jsonl" if one_a_line else None,
         ) from None
     if not isinstance(data, list):
         raise UserError(
