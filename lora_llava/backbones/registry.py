@@ -226,16 +226,20 @@ def _hub_spec(repo_id: str) -> BackboneSpec:
     """A spec for an unregistered Hub id, from its config and chat template (Hub cache or network)."""
     from huggingface_hub import hf_hub_download
 
+    from lora_llava.hub import hub_reachable, offline_reason
+
+    online = hub_reachable()
+
     def read(filename: str) -> str | None:
         try:
-            return Path(hf_hub_download(repo_id, filename)).read_text()
+            return Path(hf_hub_download(repo_id, filename, local_files_only=not online)).read_text()
         except Exception:  # missing file, offline, gated, unknown repo: all mean "not available"
             return None
 
     if read("config.json") is None:
+        where = "from the Hub (private or misspelt?)" if online else f"from the local cache ({offline_reason()})"
         raise UserError(
-            f"unknown backbone {repo_id!r}: not registered, and its config.json could not be read from the Hub "
-            "(offline, private or misspelt?)",
+            f"unknown backbone {repo_id!r}: not registered, and its config.json could not be read {where}",
             hint="list registered backbones with: lora-llava recipes --backbones; or give a local directory",
         )
     return _spec_from_files(repo_id, read, "Hub")

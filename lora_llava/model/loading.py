@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -54,15 +54,32 @@ def load_processor(path: str | Path) -> Processor:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(path))
+        return AutoProcessor.from_pretrained(str(path), **_hub_kwargs(str(path)))
     except OSError as e:
-        raise UserError(f"cannot load the processor of {str(path)!r}: {e}", hint=_offline_hint(str(path))) from None
+        _raise_unavailable(str(path), "its processor", e)
 
 
-def _offline_hint(path: str) -> str:
+def _hub_kwargs(path: str) -> dict:
+    """``local_files_only`` for a Hub id when the Hub cannot be reached: the cache answers at once."""
+    from lora_llava.hub import hub_reachable
+
+    return {} if Path(path).exists() or hub_reachable() else {"local_files_only": True}
+
+
+def _raise_unavailable(path: str, what: str, e: OSError) -> NoReturn:
+    from lora_llava.hub import hub_reachable, not_available
+
     if Path(path).exists():
-        return "the directory is incomplete; re-save it with save_pretrained"
-    return "Hub backbones need network access or a local copy (HF_HOME cache, or a directory path as backbone)"
+        raise UserError(
+            f"cannot load {what} from {path!r}: {e}",
+            hint="the directory is incomplete; re-save it with save_pretrained",
+        ) from None
+    if not hub_reachable():
+        message, hint = not_available(path, what)
+        raise UserError(message, hint=hint) from None
+    raise UserError(
+        f"cannot load {what} of {path!r} from the Hub: {e}", hint="check the name (and access to it)"
+    ) from None
 
 
 def load_base(
@@ -82,9 +99,9 @@ def load_base(
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     try:
-        model = spec.model_class().from_pretrained(path, **kwargs)
+        model = spec.model_class().from_pretrained(path, **kwargs, **_hub_kwargs(path))
     except OSError as e:
-        raise UserError(f"cannot load backbone {spec.name!r} from {path!r}: {e}", hint=_offline_hint(path)) from None
+        _raise_unavailable(path, f"backbone {spec.name!r}", e)
     model.config.use_cache = False
     processor = load_processor(path)
     apply_max_tiles(model, processor, max_tiles)
