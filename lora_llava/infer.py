@@ -82,11 +82,12 @@ def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in: what plain transformers (and a server) runs it in."""
     import json
 
     cfg = json.loads((path / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float32"
-    return torch_dtype(name) if torch.cuda.is_available() else torch.float32
+    return torch_dtype(name)
 
 
 def _model_device(model: Model) -> torch.device:

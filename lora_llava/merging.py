@@ -52,6 +52,7 @@ class Parity:
     adapter_answers: list[str] = field(default_factory=list)
     merged_answers: list[str] = field(default_factory=list)
     note: str = ""
+    dtype: str = ""  # the merged model ran in this dtype (as stored)
 
 
 @dataclass
@@ -186,7 +187,7 @@ def verify(
     if not samples:
         return Parity(note="no data found to compare on")
     adapter = load_model(adapter_dir)
-    merged = load_model(out, dtype=torch.float32 if not torch.cuda.is_available() else None)
+    merged = load_model(out)  # in the stored dtype: what users of the merged checkpoint will run
     # both prompted as the adapter was trained (a stage-1 output records stage 2's chat format instead)
     merged.encoder = Encoder(merged.processor, adapter.encoder.fmt, pad_to_square=adapter.encoder.pad_to_square)
     diffs = []
@@ -206,6 +207,7 @@ def verify(
         answers_total=len(samples),
         adapter_answers=ans_a,
         merged_answers=ans_m,
+        dtype=str(next(merged.model.parameters()).dtype).replace("torch.", ""),
     )
 
 
@@ -213,6 +215,7 @@ def format_parity(p: Parity) -> str:
     if not p.samples:
         return "parity: not checked (no samples)"
     return (
-        f"parity on {p.samples} samples: merged == adapter answers {p.answers_equal}/{p.answers_total}, "
+        f"parity on {p.samples} samples (merged model in {p.dtype}, as stored): merged == adapter answers "
+        f"{p.answers_equal}/{p.answers_total}, "
         f"next-token logits max |diff| {p.max_abs_logit_diff:.2e} (mean {p.mean_max_abs_logit_diff:.2e})"
     )

@@ -22,7 +22,8 @@ def test_merge_of_a_next_run_loads_with_its_class(make_recipe, tmp_path):
         backbone="tiny-next", output_dir=str(tmp_path / "run"), images={"max_tiles": 2}, train={"max_steps": 2}
     )
     train(recipe, log=lambda *_: None)
-    report = merge(str(tmp_path / "run"), str(tmp_path / "merged"), log=lambda *_: None)
+    # float32: a 2-step model's near-tied greedy answers would flip with bf16 storage rounding
+    report = merge(str(tmp_path / "run"), str(tmp_path / "merged"), dtype="float32", log=lambda *_: None)
     assert AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["LlavaNextForConditionalGeneration"]
     model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "merged", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -87,6 +88,17 @@ def test_merge_parity(merged):
     assert p.answers_equal == p.answers_total == 4
     assert p.adapter_answers == p.merged_answers
     assert 0.0 <= p.max_abs_logit_diff < 0.1
+    # measured as users will run it: plain transformers loads the merged checkpoint in its stored dtype
+    assert p.dtype == "bfloat16"
+
+
+def test_merged_model_is_evaluated_in_its_stored_dtype(merged):
+    import torch
+
+    from lora_llava.infer import load_model
+
+    out, _ = merged
+    assert next(load_model(out).model.parameters()).dtype == torch.bfloat16
 
 
 def test_merge_refuses_non_empty_output(trained_run, tmp_path):

@@ -27,7 +27,7 @@ def test_merge_through_the_command(capsys, tmp_path, trained_run):
 
     code, out, err = run_cli(capsys, "merge", trained_run, tmp_path / "m", "--dtype", "float32")
     assert code == 0, err
-    assert "parity on 4 samples: merged == adapter answers 4/4" in out
+    assert "parity on 4 samples (merged model in float32, as stored): merged == adapter answers 4/4" in out
     art = open_artifact(tmp_path / "m")
     assert art.kind == "merged" and isinstance(art.meta, MergedMeta) and art.meta.dtype == "float32"
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["dtype"] == "float32"
