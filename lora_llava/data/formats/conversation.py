@@ -20,7 +20,8 @@ an image, or in an answer, is an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, field
 from typing import Any
 
 from lora_llava.config.schema import DataSource
@@ -85,8 +86,12 @@ class RecordSpec:
         return role, text
 
 
-def _content_text(content: Any, t: int, key: str) -> str:
-    """A turn's text: a string as is; a content list as '<image>\\n' per image item, then its texts."""
+def _content_text(content: Any, t: int, key: str, inline: list) -> str:
+    """A turn's text: a string as is; a content list as '<image>\\n' per image item, then its texts.
+
+    Image items that carry their image (TRL's ``{"type": "image", "image": "a.png"}``, OpenAI's
+    ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``) add it to ``inline``.
+    """
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -94,22 +99,69 @@ def _content_text(content: Any, t: int, key: str) -> str:
     images, texts = 0, []
     for k, item in enumerate(content):
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "image":
+        if kind in ("image", "image_url"):
             images += 1
+            ref = _inline_image(item, kind, t, k)
+            if ref is not None:
+                inline.append(ref)
         elif kind == "text":
             if not isinstance(item.get("text"), str):
                 raise ValueError(f"turn {t}: content item {k} of type text needs a string 'text'")
             texts.append(item["text"])
         else:
-            raise ValueError(f"turn {t}: content item {k} has type {kind!r}; expected 'text' or 'image'")
+            raise ValueError(f"turn {t}: content item {k} has type {kind!r}; expected 'text', 'image' or 'image_url'")
     return (IMAGE + "\n") * images + "".join(texts)
 
 
-def _messages(rec: dict, spec: RecordSpec) -> list[tuple[str, str]]:
+def _inline_image(item: dict, kind: str, t: int, k: int) -> Any:
+    """The image an image item carries (a path, embedded bytes), or None when it only marks a place."""
+    value = item.get("image") if kind == "image" else item.get("image_url")
+    if isinstance(value, dict):
+        if kind == "image_url":
+            value = value.get("url")
+        else:  # datasets' layout {bytes, path}: the bytes when stored, else the path
+            value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if value is None or isinstance(value, EmbeddedImage):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return InlineImage(f"turn {t} item {k}", bytes(value))
+    if not isinstance(value, str):
+        raise ValueError(f"turn {t}: content item {k}: its image must be a path, a data URL or bytes")
+    if value.startswith("data:"):
+        head, _, data = value.partition(",")
+        if ";base64" not in head:
+            raise ValueError(f"turn {t}: content item {k}: a data URL image must be base64")
+        try:
+            return InlineImage(f"turn {t} item {k}", base64.b64decode(data, validate=True))
+        except ValueError:
+            raise ValueError(f"turn {t}: content item {k}: its data URL is not valid base64") from None
+    if value.startswith("file://"):
+        return value[len("file://") :]
+    return value  # a path (URLs are refused where paths are resolved)
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """An image whose encoded bytes a record holds (a base64 data URL, raw bytes)."""
+
+    name: str
+    data: bytes = field(repr=False)
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+
+def _messages(rec: dict, spec: RecordSpec, inline: list) -> list[tuple[str, str]]:
     key = spec.conversations_key
     conv = rec.get(key)
+    if conv is None and key in rec:
+        raise ValueError(f"missing field {key!r} (it is null)")
     if conv is None:
-        raise ValueError(f"missing field {key!r}")
+        fields = ", ".join(repr(k) for k in list(rec)[:8]) + (", ..." if len(rec) > 8 else "")
+        raise ValueError(
+            f"missing field {key!r} (the record has {fields or 'no fields'}; "
+            f"name the turns field with data.*.columns: {{conversations: <field>}})"
+        )
     if not isinstance(conv, list) or not conv:
         raise ValueError(f"{key!r} is empty or not a list")
     messages: list[tuple[str, str]] = []
@@ -126,7 +178,7 @@ def _messages(rec: dict, spec: RecordSpec) -> list[tuple[str, str]]:
                 f"turn {t}: unknown speaker {speaker!r} (human, gpt, system; map others with data.*.roles)"
             )
         if isinstance(turn[text_key], list):
-            text = _content_text(turn[text_key], t, text_key)
+            text = _content_text(turn[text_key], t, text_key, inline)
         elif not isinstance(turn[text_key], str):
             raise ValueError(f"turn {t}: {text_key!r} must be a string, got {type(turn[text_key]).__name__}")
         else:
@@ -174,8 +226,12 @@ def parse_record(
         raise ValueError(f"expected an object, got {type(rec).__name__}")
     sid = rec.get(spec.id_key)
     sid = None if sid is None else str(sid)
-    messages = _messages(rec, spec)
+    inline: list = []
+    messages = _messages(rec, spec, inline)
     values = _image_values(rec, spec)
+    if inline and values:
+        raise ValueError(f"images given both in {spec.image_key!r} and inside content items; give them one way")
+    values = values or inline
     placeholders = sum(v.count(IMAGE) for r, v in messages if r != "assistant")
     if any(IMAGE in v for r, v in messages if r == "assistant"):
         raise ValueError(f"{IMAGE} in an answer")

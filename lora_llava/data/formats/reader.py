@@ -14,16 +14,19 @@ format messages, everything else as llava. The source's ``prompt_style`` is appl
 
 from __future__ import annotations
 
-import warnings
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from lora_llava.annotations import Log
 from lora_llava.config.schema import DataSource
 from lora_llava.data.formats.conversation import RecordSpec, parse_record
 from lora_llava.data.formats.sample import BadSample, Sample
 from lora_llava.data.formats.storage import open_storage
 from lora_llava.data.prompts import apply_prompt_style
+from lora_llava.errors import UserError
 
 _SNIFF = 20  # records looked at to decide format auto
 
@@ -75,6 +78,7 @@ class SourceReader:
                 counts[sid] += 1
             messages = apply_prompt_style(messages, self.src.prompt_style)
             out.samples.append(Sample(source, index, sid if sid is not None else str(index), messages, images, line))
+        self._check_image_folder(out)
         dups = sorted(k for k, v in counts.items() if v > 1)
         if dups:
             out.warnings.append(
@@ -83,6 +87,26 @@ class SourceReader:
             )
         return out
 
+    def _check_image_folder(self, out: SourceRead) -> None:
+        """Say which image folder was used, and why it does not apply, instead of failing every sample."""
+        folder = self.src.image_folder
+        if folder is None:
+            return
+        by_path = sum(isinstance(i, Path) for s in out.samples for i in s.images)
+        missing = by_path + sum("not found in" in b.reason for b in out.bad)
+        if not Path(folder).is_dir() and missing:
+            raise UserError(
+                f"image folder {folder!r} (image_folder of data source {self.src.path!r}) does not exist; "
+                f"{missing} sample(s) give images by path relative to it",
+                hint="check data.*.image_folder (relative paths start at the current directory); overriding only "
+                "data.*.path keeps the recipe's image_folder",
+            )
+        embedded = sum(not isinstance(i, Path) for s in out.samples for i in s.images)
+        if embedded and not by_path:
+            out.warnings.append(
+                f"{self.src.path}: image_folder {folder!r} is not used: the images of this source are stored in its rows"
+            )
+
 
 def open_source(src: DataSource, check_images: bool = True) -> SourceReader:
     """A reader of ``src``; raises UserError when the file itself is unusable (missing, not JSON, ...)."""
@@ -90,14 +114,19 @@ def open_source(src: DataSource, check_images: bool = True) -> SourceReader:
 
 
 def read_source(
-    src: DataSource, check_images: bool = True, limit: int | None = None
+    src: DataSource, check_images: bool = True, limit: int | None = None, warn: Log | None = None
 ) -> tuple[list[Sample], list[BadSample]]:
-    """Read ``src`` (its first ``limit`` records, or all); duplicate ids are warned with ``warnings.warn``."""
+    """Read ``src`` (its first ``limit`` records, or all); warnings (duplicate ids, an unused image folder)
+    go to ``warn``, by default one ``warning:`` line each on stderr."""
     reader = open_source(src, check_images)
     read = reader.read(range(min(limit, len(reader))) if limit is not None else None)
     for w in read.warnings:
-        warnings.warn(w, stacklevel=2)
+        (warn or _stderr_warning)(w)
     return read.samples, read.bad
+
+
+def _stderr_warning(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 __all__ = ["SourceRead", "SourceReader", "open_source", "read_source"]

@@ -143,6 +143,8 @@ def _is_image_feature(feature: Any) -> bool:
 
     if isinstance(feature, (List, Sequence)):
         feature = feature.feature
+    if isinstance(feature, dict):  # {bytes, path} structs: how pandas writes images, and datasets' own layout
+        feature = feature.get("bytes")
     return isinstance(feature, Image) or (isinstance(feature, Value) and feature.dtype in ("binary", "large_binary"))
 
 
@@ -231,11 +233,6 @@ def _open_dataset(src: DataSource, path: Path) -> Any:
 def open_storage(src: DataSource) -> JsonStorage | DatasetsStorage:
     """The storage of ``src.path`` by its kind: folder or .parquet -> datasets, .json/.jsonl -> JSON."""
     path = Path(src.path)
-    if src.image_folder is not None and not Path(src.image_folder).is_dir():
-        raise UserError(
-            f"image folder {src.image_folder!r} of data source {src.path!r} is not a folder",
-            hint="check data.*.image_folder (relative paths start at the current directory)",
-        )
     if not path.exists():
         raise UserError(
             f"data file {str(path)!r} not found",

@@ -429,10 +429,10 @@ def test_bad_samples_in_the_new_formats_name_sample_and_reason(root):
     described = [b.describe() for b in bad]
     assert (
         described[0]
-        == f"{where} sample 1 (id video): turn 0: content item 0 has type 'video'; expected 'text' or 'image'"
+        == f"{where} sample 1 (id video): turn 0: content item 0 has type 'video'; expected 'text', 'image' or 'image_url'"
     )
     assert described[1].startswith(f"{where} sample 2 (id corrupt): image 'row 2 images[0]': not a readable image (")
-    assert described[2] == f"{where} sample 3 (id nomsg): missing field 'messages'"
+    assert described[2] == f"{where} sample 3 (id nomsg): missing field 'messages' (it is null)"
 
     lines = [json.dumps(MESSAGES[1]), '{"id": "cut", "messages": [', json.dumps({**MESSAGES[1], "id": "x"})]
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
@@ -462,8 +462,9 @@ def test_unusable_sources_are_user_errors(root):
         open_source(DataSource(path=str(root / "notes.txt")))
     write_jsonl(root / "data.lines", MESSAGES)  # another extension: JSONL told by its first character
     assert len(open_source(DataSource(path=str(root / "data.lines")))) == 2
-    with pytest.raises(UserError, match="image folder .*nope.* is not a folder"):
-        open_source(DataSource(path=str(root / "data.lines"), image_folder=str(root / "nope")))
+    # a missing image folder is an error once a sample needs it (naming the folder), not at opening
+    with pytest.raises(UserError, match="image folder .*nope.* does not exist; 1 sample\\(s\\) give images by path"):
+        read_source(DataSource(path=str(root / "data.lines"), image_folder=str(root / "nope")))
 
 
 PLAIN_TURNS = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
@@ -529,3 +530,75 @@ def test_llava_records_in_a_datasets_folder_and_embedded_images_pickle(root):
     assert len(pickle.dumps(x)) < 20_000
     assert load_image(copy.images[0]).getpixel((0, 0)) == RED
     assert load_image(copy.images[0]).tobytes() == load_image(x.images[0]).tobytes()
+
+
+def test_data_users_have_is_read(root):
+    """pandas-written parquet with {bytes, path} image structs; OpenAI image_url items (data URLs, paths);
+    TRL's inline {"type": "image", "image": path}; a kept image_folder that does not apply is named."""
+    import base64
+    import io
+
+    import pandas as pd
+
+    red = (root / "images" / "red.png").read_bytes()
+    turns = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "Red"}]
+    frame = pd.DataFrame(
+        {"id": ["p0", "p1"], "conversations": [turns, turns], "image": [{"bytes": red, "path": "red.png"}] * 2}
+    )
+    frame.to_parquet(root / "pandas.parquet")
+    warned = []
+    good, bad = read_source(
+        DataSource(path=str(root / "pandas.parquet"), image_folder=str(root / "kept-from-recipe")), warn=warned.append
+    )
+    assert not bad and [s.id for s in good] == ["p0", "p1"]
+    assert good[0].images[0].read_bytes() == red
+    assert warned == [
+        f"{root / 'pandas.parquet'}: image_folder '{root / 'kept-from-recipe'}' is not used: the images of this "
+        "source are stored in its rows"
+    ]
+
+    buf = io.BytesIO()
+    Image.open(root / "images" / "blue.png").save(buf, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    records = [
+        {"id": "openai", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                         {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": "Blue"}]},
+        {"id": "trl", "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "red.png"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": "Red"}]},
+        {"id": "web", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]},
+            {"role": "assistant", "content": "?"}]},
+        {"id": "both", "images": ["red.png"], "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "red.png"}]},
+            {"role": "assistant", "content": "Red"}]},
+    ]  # fmt: skip
+    write_jsonl(root / "inline.jsonl", records)
+    good, bad = read_source(DataSource(path=str(root / "inline.jsonl"), image_folder=str(root / "images")))
+    assert [s.id for s in good] == ["openai", "trl"]
+    assert good[0].messages[0] == ("user", "<image>\nColor?")
+    assert load_image(good[0].images[0]).getpixel((0, 0)) == BLUE
+    assert good[1].images == [root / "images" / "red.png"]
+    assert {b.id: b.reason for b in bad} == {
+        "web": "image 'https://x.org/a.png' is a URL; download it into the image folder first",
+        "both": "images given both in 'images' and inside content items; give them one way",
+    }
+
+
+def test_a_missing_conversations_field_names_the_fields_and_columns(root):
+    write_jsonl(root / "odd.jsonl", [{"qid": 1, "dialog": [], "img_path": "red.png"}])
+    _, bad = read_source(DataSource(path=str(root / "odd.jsonl"), image_folder=str(root / "images")))
+    assert bad[0].reason == (
+        "missing field 'conversations' (the record has 'qid', 'dialog', 'img_path'; name the turns field with "
+        "data.*.columns: {conversations: <field>})"
+    )
+
+
+def test_duplicate_ids_are_one_warning_line(root, capsys):
+    turns = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]
+    write_jsonl(root / "dup.jsonl", [{"id": "a", "conversations": turns}] * 2)
+    read_source(DataSource(path=str(root / "dup.jsonl"), image_folder=str(root / "images")))
+    err = capsys.readouterr().err
+    assert err == f"warning: {root / 'dup.jsonl'}: 1 duplicate id(s) (2 samples), e.g. a\n"
