@@ -7,6 +7,7 @@ import json
 import sys
 
 from lora_llava.cli.common import quiet
+from lora_llava.config.schema import DataSource
 
 HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
 EPILOG = """examples:
@@ -14,6 +15,9 @@ EPILOG = """examples:
   lora-llava eval runs/quickstart --data runs/quickstart/data/eval.json --image-folder runs/quickstart/data/images
   lora-llava eval runs/quickstart/merged --data eval.json --image-folder images --json
   lora-llava eval tiny --data eval.json --image-folder images          (the untrained base)
+  lora-llava eval runs/x --data support.jsonl --columns '{conversations: dialog, image: img_path}' \
+      --roles '{user: [customer], assistant: [agent]}' --prompt-style short_answer
+  lora-llava eval runs/x --data vqa_folder --split test                 (a DatasetDict folder's test split)
 
 each sample's last answer is the reference; case, quotes and trailing punctuation are ignored.
 --max-new-tokens and --batch-size default to the run's recipe (eval section), else 16 and 8"""
@@ -27,6 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
     )
     p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
+    p.add_argument("--format", default="auto", help="auto | llava | messages | sharegpt (as data.*.format)")
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict folder (as data.*.split)")
+    p.add_argument(
+        "--columns", default=None, metavar="YAML", help="other field names, e.g. '{conversations: dialog, image: img}'"
+    )
+    p.add_argument("--roles", default=None, metavar="YAML", help="other speaker names, e.g. '{user: [customer]}'")
+    p.add_argument(
+        "--prompt-style", default="plain", help="plain | short_answer | multiple_choice (as data.*.prompt_style)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
     p.add_argument("--max-samples", type=_positive, default=None, help="score the first N samples")
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="longest answer (default: the run's)")
@@ -91,12 +104,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace) -> DataSource:
+    """--data and the source options, validated exactly as a recipe's data.* entry."""
+    import yaml
+
+    from lora_llava.config.load import load_source
+    from lora_llava.errors import UserError
+
+    raw: dict = {"path": args.data, "image_folder": args.image_folder, "format": args.format}
+    raw.update({"split": args.split, "prompt_style": args.prompt_style})
+    for key in ("columns", "roles"):
+        text = getattr(args, key)
+        if text is not None:
+            try:
+                raw[key] = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise UserError(
+                    f"--{key} {text!r}: not YAML ({e})", hint="e.g. --columns '{conversations: dialog}'"
+                ) from None
+    return load_source(raw, "eval --data")
+
+
 def _read(args: argparse.Namespace) -> list:
-    from lora_llava.config.schema import DataSource
     from lora_llava.data.formats import read_source
     from lora_llava.errors import UserError
 
-    samples, bad = read_source(DataSource(path=args.data, image_folder=args.image_folder), limit=args.max_samples)
+    samples, bad = read_source(_source(args), limit=args.max_samples)
     if bad:
         listing = "\n  ".join(b.describe() for b in bad[:50]) + (
             f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""

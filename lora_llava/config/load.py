@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_llava.config.schema import Recipe
+from lora_llava.config.schema import DataSource, Recipe
 from lora_llava.errors import UserError
 
 _INVALID = object()  # marks a value that failed validation (a problem was recorded)
@@ -56,6 +56,16 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         raise UserError(f"recipe {name}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
     return recipe
+
+
+def load_source(raw: dict, where: str) -> DataSource:
+    """Usage: ``load_source({"path": "x.jsonl", "format": "messages"}, "eval --data")``: one data source,
+    validated like a recipe's ``data.*`` entries (every problem at once, named under ``where``)."""
+    problems: list[str] = []
+    src = _convert_dataclass(DataSource, raw, where, problems)
+    if problems:
+        raise UserError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+    return src
 
 
 def cross_check(recipe: Recipe) -> list[str]:

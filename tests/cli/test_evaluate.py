@@ -61,3 +61,36 @@ def test_eval_of_a_run_defaults_to_its_own_eval_data_and_settings(capsys, traine
     assert code == 0 and json.loads(out2) == result
     code, out, err = run_cli(capsys, "eval", "tiny")
     assert_user_error(code, out, err, "--data is needed: 'tiny' is a backbone, which records no eval data")
+
+
+def test_eval_reads_what_train_reads(capsys, tmp_path, trained_run, shapes):
+    """Custom columns and speakers, a DatasetDict split, a prompt style: the source options of a recipe."""
+    from datasets import Dataset, DatasetDict
+
+    records = json.loads((shapes / "eval.json").read_text())[:6]
+    odd = [
+        {"qid": r["id"], "img_path": r["image"],
+         "dialog": [{"speaker": "customer" if t["from"] == "human" else "agent", "text": t["value"]}
+                    for t in r["conversations"]]}
+        for r in records
+    ]  # fmt: skip
+    (tmp_path / "support.jsonl").write_text("".join(json.dumps(r) + "\n" for r in odd))
+    code, out, err = run_cli(
+        capsys, "eval", trained_run, "--data", tmp_path / "support.jsonl", "--image-folder", shapes / "images",
+        "--columns", "{id: qid, conversations: dialog, image: img_path, role: speaker, text: text}",
+        "--roles", "{user: [customer], assistant: [agent]}", "--prompt-style", "short_answer", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert [r["id"] for r in json.loads(out)["predictions"]] == [r["id"] for r in records]
+
+    DatasetDict({"train": Dataset.from_list(records[:2]), "test": Dataset.from_list(records[2:5])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    code, out, err = run_cli(
+        capsys, "eval", trained_run, "--data", tmp_path / "dd", "--split", "test",
+        "--image-folder", shapes / "images", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["n"] == 3
+    code, out, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "dd", "--format", "llavaa")
+    assert_user_error(code, out, err, "eval --data: 1 problem(s)", "eval --data.format: must be one of auto, llava")
