@@ -40,6 +40,34 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+# the run a verb is training, so an interrupt can say where it stopped and how to continue
+TRAINING: dict[str, str] = {}
+
+
+def training(recipe: Recipe, command: str) -> None:
+    """Record the run being trained (``command``: how it was started, to print the resume command)."""
+    TRAINING.update(run_dir=recipe.output_dir, command=command)
+
+
+def interrupted_message() -> str:
+    """What an interrupt stopped, with the latest checkpoint and the command that resumes it."""
+    from lora_llava.artifacts import RunDir
+
+    if not TRAINING:
+        return "interrupted"
+    run = RunDir(TRAINING["run_dir"])
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return (
+            f"interrupted: no checkpoint of {run.path} was written (train.save_steps makes a run resumable); "
+            "nothing was saved"
+        )
+    return (
+        f"interrupted: the latest checkpoint is {latest}\n"
+        f"resume with: {TRAINING['command']} output_dir={run.path} train.resume=true"
+    )
+
+
 def cpu_threads_for(backbone: str | None) -> None:
     """One torch thread on a CPU for the built-in tiny backbones: their 64-wide matmuls gain nothing from
     threads, and spinning OpenMP threads slow them down many times over when the CPUs are shared.

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        from lora_llava.cli.common import interrupted_message
+
+        print(interrupted_message(), file=sys.stderr)
         return 130
 
 

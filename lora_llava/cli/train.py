@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
+from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args, training
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
 EPILOG = """examples:
@@ -28,5 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_llava.workflows import train
 
     recipe = recipe_from_args(args)
+    kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]
+    training(recipe, " ".join(["lora-llava train", str(args.recipe), *kept]))
     train(recipe, overwrite=args.overwrite)
     return 0

@@ -82,6 +82,8 @@ def cross_check(recipe: Recipe) -> list[str]:
             out.append("projector.policy: stage align trains the projector; it must be full")
         if recipe.vision_tower.policy != "frozen":
             out.append("vision_tower.policy: stage align keeps the vision tower frozen")
+    if recipe.train.max_steps is None and recipe.train.epochs <= 0:
+        out.append("train.epochs: 0 would train nothing (and write an untrained adapter); give epochs > 0 or max_steps")
     if recipe.projector.policy == "frozen" and recipe.vision_tower.policy == "frozen" and lm_policy(recipe) == "frozen":
         out.append(
             "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"

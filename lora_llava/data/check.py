@@ -202,6 +202,7 @@ def prepare_data(
             f"data.eval_split={d.eval_split} would take all {sum(len(p) for p in pools)} usable training samples",
             hint="lower data.eval_split",
         )
+    report.warnings.extend(leakage_warnings(d, train_parts, eval_parts))
     pools, carved = carve_eval_split(pools, k, seed)
     report.eval_split = len(carved)
     report.eval = [s for _, _, good in eval_parts for s in good] + carved
@@ -222,6 +223,46 @@ def prepare_data(
     if enforce:
         enforce_policy(report, d, run_dir)
     return report
+
+
+def leakage_warnings(d: DataConfig, train_parts: list, eval_parts: list) -> list[str]:
+    """What makes evaluation score training samples, or counts samples twice without saying so: the same
+    file twice, the same file for training and evaluation, eval samples equal to training samples,
+    the same id in several training sources."""
+    out = []
+
+    def key(src: DataSource) -> tuple:
+        return (str(Path(src.path).resolve()), src.split)
+
+    seen: dict[tuple, str] = {}
+    for i, (src, _, _) in enumerate(train_parts):
+        name = f"data.train.{i}"
+        if key(src) in seen:
+            out.append(f"{name} and {seen[key(src)]} are the same file ({src.path}): its samples count twice "
+                       "(repeats: 2 upsamples a source on purpose)")  # fmt: skip
+        seen.setdefault(key(src), name)
+    for j, (src, _, _) in enumerate(eval_parts):
+        if key(src) in seen:
+            out.append(f"data.eval.{j} is the same file as {seen[key(src)]} ({src.path}): evaluation would score "
+                       "training samples (data.eval_split carves a held-out share instead)")  # fmt: skip
+
+    def content(s: Sample) -> tuple:
+        return (tuple(s.messages), tuple(str(getattr(i, "name", i)) for i in s.images))
+
+    trained = {content(s) for _, _, good in train_parts for s in good}
+    overlap = [s for _, _, good in eval_parts for s in good if content(s) in trained]
+    if overlap and not any("is the same file as" in w for w in out):
+        out.append(f"{len(overlap)} eval sample(s) also appear in the training data (same conversation and images), "
+                   f"e.g. {overlap[0].where()}")  # fmt: skip
+    owners: dict[str, set[int]] = {}
+    for i, (_, _, good) in enumerate(train_parts):
+        for s in good:
+            if s.has_id:
+                owners.setdefault(s.id, set()).add(i)
+    shared = sorted(k for k, v in owners.items() if len(v) > 1)
+    if shared:
+        out.append(f"{len(shared)} id(s) appear in several training sources, e.g. {', '.join(shared[:3])}")
+    return out
 
 
 def enforce_policy(

@@ -54,12 +54,12 @@ def load_processor(path: str | Path) -> Processor:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(path), **_hub_kwargs(str(path)))
+        return AutoProcessor.from_pretrained(str(path), **hub_kwargs(str(path)))
     except OSError as e:
         _raise_unavailable(str(path), "its processor", e)
 
 
-def _hub_kwargs(path: str) -> dict:
+def hub_kwargs(path: str) -> dict:
     """``local_files_only`` for a Hub id when the Hub cannot be reached: the cache answers at once."""
     from lora_llava.hub import hub_reachable
 
@@ -99,7 +99,7 @@ def load_base(
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     try:
-        model = spec.model_class().from_pretrained(path, **kwargs, **_hub_kwargs(path))
+        model = spec.model_class().from_pretrained(path, **kwargs, **hub_kwargs(path))
     except OSError as e:
         _raise_unavailable(path, f"backbone {spec.name!r}", e)
     model.config.use_cache = False

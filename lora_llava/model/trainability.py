@@ -87,6 +87,49 @@ def lora_targets(spec: BackboneSpec, recipe: Recipe) -> str | None:
     return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
 
 
+def linear_names(model: Model, part: str) -> set[str]:
+    """The names (last path component) of the linear layers under ``part``."""
+    return {
+        n.rsplit(".", 1)[-1] for n, m in model.get_submodule(part).named_modules() if isinstance(m, torch.nn.Linear)
+    }
+
+
+def check_lora_targets(spec: BackboneSpec, recipe: Recipe) -> None:
+    """Before any weights load: every LoRA target name matches a linear layer of its part.
+
+    The model is built on the meta device from its config (no weights, no memory), so a misspelt
+    name (``v_prj``) is reported by ``check`` instead of being silently ignored beside one that matches.
+    """
+    wanted = []
+    if lm_policy(recipe) == "lora":
+        wanted.append(("lora.target_modules", spec.language_model, recipe.lora.target_modules, "language model"))
+    if recipe.vision_tower.policy == "lora":
+        wanted.append(
+            ("vision_tower.target_modules", spec.vision_tower, recipe.vision_tower.target_modules, "vision tower")
+        )
+    if not wanted:
+        return
+    from transformers import AutoConfig
+
+    from lora_llava.model.loading import hub_kwargs
+
+    path = spec.local_path()
+    config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
+    with torch.device("meta"):
+        model = spec.model_class()(config)
+    problems = []
+    for key, part, names, what in wanted:
+        have = linear_names(model, part)
+        missing = [n for n in names if n not in have]
+        if missing:
+            problems.append(
+                f"{key}: {', '.join(repr(n) for n in missing)} match(es) no linear layer of the {what} "
+                f"(its linear layers: {', '.join(sorted(have))})"
+            )
+    if problems:
+        raise UserError("\n".join(problems), hint="use the layer names listed")
+
+
 def attach_adapters(model: Model, spec: BackboneSpec, recipe: Recipe) -> Model:
     """Apply the recipe's part policies: freeze everything, then LoRA where asked, full training where asked."""
     from peft import LoraConfig, get_peft_model

@@ -25,6 +25,7 @@ from lora_llava.data.encode import Encoder
 from lora_llava.errors import UserError
 from lora_llava.model.anyres import apply_max_tiles
 from lora_llava.model.loading import load_processor, torch_dtype
+from lora_llava.model.trainability import check_lora_targets
 
 
 @dataclass
@@ -71,6 +72,7 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None, log: Log = print, e
             hint="remove images.pad_to_square (images.max_tiles bounds the image tokens instead)",
         )
     processor = load_processor(spec.local_path())
+    check_lora_targets(spec, recipe)
     grids = list(getattr(processor.image_processor, "image_grid_pinpoints", None) or [])
     apply_max_tiles(None, processor, recipe.images.max_tiles)
     fmt = format_for(chat_format_name(recipe, spec.chat_format), processor.tokenizer, recipe.chat.system_prompt)

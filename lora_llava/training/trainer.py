@@ -37,8 +37,10 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     cuda = torch.cuda.is_available()
     bf16 = cuda and recipe.quantization.compute_dtype == "bfloat16"
     fp16 = cuda and recipe.quantization.compute_dtype == "float16"
-    if t.report_to == "wandb" and t.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
+    if t.report_to == "wandb":
+        if t.wandb_project:
+            os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))  # wandb's files beside the run, not in the current directory
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints / STAGING),
         per_device_train_batch_size=t.batch_size,

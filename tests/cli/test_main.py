@@ -125,3 +125,23 @@ def test_a_finished_run_is_refused_by_train_and_quickstart(capsys, tmp_path, sha
     assert_user_error(code, out, err, "holds an earlier run (adapter/, metrics.jsonl)")
     code, out, err = run_cli(capsys, "train", recipe, f"output_dir={run}", "train.max_steps=1", "--overwrite")
     assert code == 0, err
+
+
+def test_an_interrupt_names_the_checkpoint_and_the_resume_command(capsys, tmp_path, shapes, monkeypatch):
+    import lora_llava.workflows as workflows
+
+    recipe = write_recipe(tmp_path / "r.yaml", shapes)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", recipe, "train.max_steps=2", "train.save_steps=1", f"output_dir={run}")
+    assert code == 0, err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "train", interrupted)
+    code, out, err = run_cli(capsys, "train", recipe, "train.max_steps=4", f"output_dir={run}", "--overwrite")
+    assert code == 130
+    assert err == (
+        f"interrupted: the latest checkpoint is {run / 'checkpoints' / 'checkpoint-2'}\n"
+        f"resume with: lora-llava train {recipe} train.max_steps=4 output_dir={run} train.resume=true\n"
+    )

@@ -60,3 +60,54 @@ def test_a_tile_cap_that_caps_nothing_is_reported(make_recipe):
     assert "images.max_tiles=4 caps nothing: every AnyRes grid of tiny-next has at most 4 tiles" in report.summary()
     report = prepare_run(make_recipe(backbone="tiny-next", images={"max_tiles": 3}), log=lambda *_: None).report
     assert "caps nothing" not in report.summary()
+
+
+def test_a_misspelt_lora_target_is_reported_before_any_weights_load(make_recipe, monkeypatch):
+    import lora_llava.model.loading as loading
+    from lora_llava.errors import UserError
+    from lora_llava.training.prepare import prepare_run
+
+    monkeypatch.setattr(loading, "load_base", lambda *a, **k: pytest.fail("weights were loaded"))
+    recipe = make_recipe(lora={"target_modules": ["q_proj", "v_prj"]})
+    with pytest.raises(UserError) as e:
+        prepare_run(recipe, log=lambda *_: None)
+    assert str(e.value).startswith(
+        "lora.target_modules: 'v_prj' match(es) no linear layer of the language model (its linear layers: down_proj, "
+        "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)"
+    )
+    recipe = make_recipe(vision_tower={"policy": "lora", "target_modules": ["q_proj", "fc3"]})
+    with pytest.raises(
+        UserError, match="vision_tower.target_modules: 'fc3' match\\(es\\) no linear layer of the vision"
+    ):
+        prepare_run(recipe, log=lambda *_: None)
+
+
+def test_epochs_zero_is_a_recipe_error(make_recipe):
+    from lora_llava.errors import UserError
+
+    with pytest.raises(UserError, match="train.epochs: 0 would train nothing"):
+        make_recipe(train={"epochs": 0, "max_steps": None})
+
+
+def test_leakage_is_warned(make_recipe, shapes, tmp_path):
+    import json
+
+    from lora_llava.training.prepare import prepare_run
+
+    train_src = {"path": str(shapes / "train.json"), "image_folder": str(shapes / "images")}
+    recs = json.loads((shapes / "train.json").read_text())
+    (tmp_path / "eval.json").write_text(json.dumps(recs[:3] + json.loads((shapes / "eval.json").read_text())[:2]))
+    (tmp_path / "more.json").write_text(json.dumps(recs[:2]))
+    data = {
+        "train": [train_src, train_src, {"path": str(tmp_path / "more.json"), "image_folder": str(shapes / "images")}],
+        "eval": [{"path": str(tmp_path / "eval.json"), "image_folder": str(shapes / "images")}],
+    }
+    warnings = prepare_run(make_recipe(data=data), log=lambda *_: None).report.warnings
+    assert f"data.train.1 and data.train.0 are the same file ({shapes / 'train.json'}): its samples count twice" in (
+        " ".join(warnings)
+    )
+    assert any(w.startswith("3 eval sample(s) also appear in the training data") for w in warnings)
+    assert any(w.startswith("96 id(s) appear in several training sources") for w in warnings)
+    data["eval"] = [train_src]
+    warnings = prepare_run(make_recipe(data=data), log=lambda *_: None).report.warnings
+    assert any(w.startswith("data.eval.0 is the same file as data.train.0") for w in warnings)

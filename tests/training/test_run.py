@@ -124,12 +124,15 @@ def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
     wandb_dir = tmp_path / "wandb"
     wandb_dir.mkdir()
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # default: the run directory, not the current one
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(wandb_dir / "config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(wandb_dir / "cache"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)  # train() sets it; restored afterwards
+    monkeypatch.setenv("WANDB_DIR", "")  # registered with monkeypatch, so train()'s setdefault is undone
+    monkeypatch.delenv("WANDB_DIR")
 
     recipe = make_recipe(train={"max_steps": 1, "report_to": "wandb", "wandb_project": "lora-llava-test"})
     try:
@@ -140,7 +143,7 @@ def test_wandb_offline_needs_no_account(make_recipe, tmp_path, monkeypatch):
         if wandb.run is not None:
             wandb.finish()
     assert result.steps == 1 and math.isfinite(result.train_loss)
-    runs = list((wandb_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and not (tmp_path / "wandb" / "wandb").exists()
     assert len(list(runs[0].glob("run-*.wandb"))) == 1
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()

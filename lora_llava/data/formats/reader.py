@@ -77,7 +77,8 @@ class SourceReader:
             if sid is not None:
                 counts[sid] += 1
             messages = apply_prompt_style(messages, self.src.prompt_style)
-            out.samples.append(Sample(source, index, sid if sid is not None else str(index), messages, images, line))
+            sample_id = sid if sid is not None else str(index)
+            out.samples.append(Sample(source, index, sample_id, messages, images, line, has_id=sid is not None))
         self._check_image_folder(out)
         dups = sorted(k for k, v in counts.items() if v > 1)
         if dups:

@@ -25,6 +25,7 @@ class Sample:
     messages: list[tuple[str, str]]  # (role, text); role in system | user | assistant
     images: list[ImageRef] = field(default_factory=list)  # one per <image> placeholder, in order
     line: int | None = None
+    has_id: bool = True  # False when the record had no id and ``id`` is its position
 
     def where(self) -> str:
         return where(self.source, self.index, self.id, self.line)
