@@ -29,8 +29,13 @@ def base_model(model: Model) -> torch.nn.Module:
 
 
 def get_module(model: Model, dotted: str) -> torch.nn.Module:
-    """``model.get_submodule`` that also sees through a PEFT wrapper."""
-    return base_model(model).get_submodule(dotted)
+    """``model.get_submodule`` that also sees through PEFT: the base model's module, or for a part PEFT
+    carries as ``modules_to_save`` (a loaded adapter's projector) the copy that runs."""
+    module = base_model(model).get_submodule(dotted)
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, torch.nn.ModuleDict) and getattr(module, "active_adapter", None) in copies:
+        return copies[module.active_adapter]
+    return module
 
 
 def image_newline(model: Model, spec: BackboneSpec) -> torch.nn.Parameter | None:

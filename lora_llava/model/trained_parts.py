@@ -32,13 +32,42 @@ def save_trained_parts(model: Model, spec: BackboneSpec, recipe: Recipe, out: Pa
     """Write what training changed: LoRA (PEFT files), projector (+ image newline), vision tower if full."""
     from safetensors.torch import save_file
 
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(out, safe_serialization=True)
+    full_parts: dict[str, dict[str, torch.Tensor]] = {}
     if recipe.projector.policy == "full":
-        save_file(connector_state(model, spec), out / PROJECTOR_FILE)
+        state = connector_state(model, spec)
+        save_file(state, out / PROJECTOR_FILE)
+        full_parts[spec.projector] = {k: v for k, v in state.items() if k != "image_newline"}
     if recipe.vision_tower.policy == "full":
         vt = get_module(model, spec.vision_tower)
-        save_file({k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}, out / VISION_FILE)
+        state = {k: v.detach().cpu().contiguous() for k, v in vt.state_dict().items()}
+        save_file(state, out / VISION_FILE)
+        full_parts[spec.vision_tower] = state
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out, safe_serialization=True)
+        add_modules_to_save(out, full_parts)
+
+
+def add_modules_to_save(folder: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Make the PEFT adapter in ``folder`` carry the fully trained parts (the projector, a fully trained
+    vision tower) as ``modules_to_save``, so plain ``PeftModel.from_pretrained`` restores them too.
+
+    Keys and config are what PEFT itself writes for ``LoraConfig(modules_to_save=[...])``. LLaVA-NeXT's
+    image newline is a bare parameter PEFT cannot carry; it stays in projector.safetensors.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if not parts:
+        return
+    weights = load_file(folder / LORA_WEIGHTS_FILE)
+    for path, state in parts.items():
+        weights.update({f"base_model.model.{path}.{k}": v for k, v in state.items()})
+    save_file(weights, folder / LORA_WEIGHTS_FILE, metadata={"format": "pt"})
+    config = json.loads((folder / LORA_CONFIG_FILE).read_text())
+    names = sorted({*(config.get("modules_to_save") or []), *(p.rsplit(".", 1)[-1] for p in parts)})
+    config["modules_to_save"] = names
+    (folder / LORA_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> None:
@@ -75,7 +104,7 @@ def check_lora_loaded(model: Model, folder: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(folder / LORA_WEIGHTS_FILE), "pt") as f:
-        saved = len(list(f.keys()))
+        saved = sum("lora_" in k for k in f.keys())  # the rest are modules_to_save (fully trained parts)
     live = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
     if saved != live:
         raise UserError(f"{folder}: adapter holds {saved} LoRA tensors but the model has {live} LoRA parameters")

@@ -91,6 +91,11 @@ def test_adapter_round_trip_restores_trained_weights(trained_run: Path, eval_sam
         assert not torch.equal(v, base[f"multi_modal_projector.{k}"]), f"projector {k} was not trained"
 
     saved_lora = load_file(adapter / "adapter_model.safetensors")
+    # the projector rides along as PEFT modules_to_save, so plain PEFT restores it too
+    carried = {k: v for k, v in saved_lora.items() if "lora_" not in k}
+    assert carried.keys() == {f"base_model.model.{PROJECTOR}.{k}" for k in saved_proj}
+    assert all(torch.equal(v, saved_proj[k.rsplit(PROJECTOR + ".", 1)[1]]) for k, v in carried.items())
+    saved_lora = {k: v for k, v in saved_lora.items() if "lora_" in k}
     live = dict(model.named_parameters())
     assert len(saved_lora) == 28
     assert sum("lora_" in n for n in live) == 28
