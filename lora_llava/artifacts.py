@@ -96,6 +96,8 @@ class AdapterMeta(_Meta):
     train_loss: float | None = None
     steps: int | None = None
     train_samples: int | None = None
+    seconds: float | None = None  # training wall time
+    hardware: str = ""  # where it trained (GPU name, or CPU)
 
     def __post_init__(self) -> None:
         self.backbone_chat_format = self.backbone_chat_format or self.chat_format
@@ -189,6 +191,8 @@ class RunDir:
     assembled = property(lambda self: self.path / "assembled")
     merged = property(lambda self: self.path / "merged")
     summary = property(lambda self: self.path / "summary.json")
+    data_report = property(lambda self: self.path / "data_report.txt")  # the data check's report, as printed
+    pushed = property(lambda self: self.path / "pushed.json")  # repos this run was pushed to
     eval_predictions = property(lambda self: self.path / "eval_predictions.json")
 
     run_file = property(lambda self: self.path / RUN_FILE)

@@ -71,3 +71,143 @@ def test_an_uncached_hub_backbone_fails_in_seconds_with_one_error_line(tmp_path,
     assert "the Hub cannot be reached (127.0.0.1 did not answer within 3 s)" in run.stderr
     assert "Traceback" not in run.stderr and "Retrying" not in run.stderr
     assert seconds < 60  # imports included; the Hub's own retries took minutes
+
+
+# -- push ------------------------------------------------------------------------------------------------
+
+CANARY = "hf_CANARY0123456789abcdefSECRET"
+
+
+class FakeHub:
+    """A stand-in for huggingface_hub.HfApi at its boundary: records what a push sends."""
+
+    repos: dict = {}
+    calls: list = []
+
+    def __init__(self, token=None):
+        FakeHub.calls.append(("init", token == CANARY))
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kw):
+        FakeHub.calls.append(("create_repo", repo_id, private))
+        FakeHub.repos.setdefault(repo_id, {"private": private, "files": {}})
+        return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(private=FakeHub.repos[repo_id]["private"])
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **kw):
+        FakeHub.calls.append(("create_branch", repo_id, branch))
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None, **kw):
+        from pathlib import Path
+
+        files = FakeHub.repos[repo_id]["files"]
+        for op in operations:
+            data = op.path_or_fileobj
+            files[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
+        FakeHub.calls.append(("create_commit", repo_id, revision, sorted(files)))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHub.repos, FakeHub.calls = {}, []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    return FakeHub
+
+
+ADAPTER_PUSH = {
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "lora_llava.json",
+    "metrics.jsonl", "processor_config.json", "projector.safetensors", "recipe.yaml", "tokenizer.json",
+    "tokenizer_config.json",
+}  # fmt: skip
+
+
+def test_push_dry_run_is_private_and_lists_only_allowed_files(trained_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from lora_llava.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoints" / "checkpoint-9").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-9" / "optimizer.pt").write_bytes(b"x")
+    (run / "adapter" / "optimizer.pt").write_bytes(b"x")  # never uploaded, wherever it lies
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    assert main(["push", str(run), "someone/x", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("repo: someone/x (private), revision: main, adapter\n")
+    listed = {ln.split()[-1] for ln in out.splitlines() if ln.startswith("  ")}
+    assert listed == ADAPTER_PUSH
+    assert out.rstrip().endswith("nothing uploaded (--dry-run)")
+    assert CANARY not in out + err
+    assert not [p for p in run.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_push_sends_the_plan_and_a_card_the_hub_parses(trained_run, tmp_path, capsys, fake_hub):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from lora_llava.cli.main import main
+    from lora_llava.merging import merge
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    merge(str(run), str(run / "merged"), log=lambda *_: None)
+    assert main(["push", str(run), "someone/x-adapter", "--revision", "v1"]) == 0
+    assert main(["push", str(run), "someone/x", "--merged", "--public"]) == 0
+    out, err = capsys.readouterr()
+    assert "pushed: https://huggingface.co/someone/x-adapter/tree/v1" in out
+    assert "pushed: https://huggingface.co/someone/x\n" in out
+    assert ("create_repo", "someone/x-adapter", True) in fake_hub.calls  # private unless --public
+    assert ("create_repo", "someone/x", False) in fake_hub.calls
+    assert ("create_branch", "someone/x-adapter", "v1") in fake_hub.calls
+    adapter = fake_hub.repos["someone/x-adapter"]["files"]
+    merged = fake_hub.repos["someone/x"]["files"]
+    assert set(adapter) == ADAPTER_PUSH
+    assert set(merged) == {"README.md", "chat_template.jinja", "config.json", "generation_config.json",
+                           "lora_llava.json", "merge_report.json", "model.safetensors", "processor_config.json",
+                           "recipe.yaml", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+    for files in (adapter, merged):  # no token, no absolute local path anywhere in what was sent
+        for name, data in files.items():
+            assert CANARY.encode() not in data, name
+            assert str(tmp_path).encode() not in data, name
+    card = ModelCard(adapter["README.md"].decode())
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+    assert "## Data" in card.text and "data.max_length" in card.text  # the check report: the data mixture
+    assert "| steps | 40 |" in card.text and "## Merge verification" in card.text
+    merged_card = ModelCard(merged["README.md"].decode())
+    assert merged_card.data.library_name == "transformers"
+    assert "[someone/x-adapter](https://huggingface.co/someone/x-adapter)" in merged_card.text  # linked
+    assert CANARY not in out + err
+    assert not [p for p in run.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_push_mistakes_are_one_error_line(trained_run, tmp_path, capsys, fake_hub, monkeypatch):
+    import shutil
+
+    from lora_llava.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["push", str(run), "someone/x", "--merged"]) == 2
+    assert "has no merged model to push" in capsys.readouterr().err
+    fake_hub.repos["someone/open"] = {"private": False, "files": {}}
+    assert main(["push", str(run), "someone/open"]) == 2
+    assert "someone/open exists and is public; this push was asked to be private" in capsys.readouterr().err
+    assert main(["push", str(run), "not-a-repo-id"]) == 2
+    assert "is not owner/name" in capsys.readouterr().err
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
+    assert main(["push", str(run), "someone/y"]) == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err

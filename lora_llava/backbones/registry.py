@@ -163,6 +163,11 @@ _REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+def model_class_name(family: str) -> str:
+    """The transformers class of a family's checkpoints (LlavaForConditionalGeneration, ...)."""
+    return _FAMILIES.get(family, _FAMILIES["llava"])
+
+
 def registered_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 

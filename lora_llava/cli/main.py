@@ -23,6 +23,7 @@ VERBS = {
     "check": "check",
     "eval": "evaluate",
     "merge": "merge",
+    "push": "push",
     "recipes": "recipes",
 }
 

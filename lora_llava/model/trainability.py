@@ -33,8 +33,9 @@ def get_module(model: Model, dotted: str) -> torch.nn.Module:
     carries as ``modules_to_save`` (a loaded adapter's projector) the copy that runs."""
     module = base_model(model).get_submodule(dotted)
     copies = getattr(module, "modules_to_save", None)
-    if isinstance(copies, torch.nn.ModuleDict) and getattr(module, "active_adapter", None) in copies:
-        return copies[module.active_adapter]
+    active = getattr(module, "active_adapters", None)
+    if isinstance(copies, torch.nn.ModuleDict) and active and active[0] in copies:
+        return copies[active[0]]
     return module
 
 

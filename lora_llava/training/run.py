@@ -99,7 +99,13 @@ def train(
             hint="lower train.learning_rate, or use compute_dtype bfloat16/float32",
         )
     steps = trainer.state.global_step
-    extra = {"train_loss": loss, "steps": steps, "train_samples": len(prepared.report.train)}
+    extra = {
+        "train_loss": loss,
+        "steps": steps,
+        "train_samples": len(prepared.report.train),
+        "seconds": round(time.time() - t0, 1),
+        "hardware": hardware(),
+    }
     write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
     seconds = time.time() - t0
     log(
@@ -109,10 +115,20 @@ def train(
     return TrainResult(run.path, run.adapter, loss, steps, seconds, stats.fraction, len(prepared.report.train))
 
 
+def hardware() -> str:
+    """Where this process trains: the GPU's name, or the CPU."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} thread(s))"
+
+
 def _report_data(prepared: PreparedRun, run: RunDir, log: Log) -> None:
     report = prepared.report
     log(describe_format(prepared.fmt))
     log(report.summary())
+    run.data_report.write_text(describe_format(prepared.fmt) + "\n" + report.summary() + "\n")
     if report.bad or report.dropped:
         left_out = len(report.bad) + len(report.dropped)
         log(f"left out {left_out} sample(s) ({len(report.bad)} bad); listed in {run.rejected}")

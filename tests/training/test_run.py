@@ -26,7 +26,13 @@ ADAPTER_FILES = {
 
 def test_run_dir_layout(trained_run: Path):
     # without train.save_steps no checkpoints/ folder is left behind
-    assert {p.name for p in trained_run.iterdir()} == {"adapter", "metrics.jsonl", "recipe.yaml", "run.json"}
+    assert {p.name for p in trained_run.iterdir()} == {
+        "adapter",
+        "data_report.txt",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "run.json",
+    }
     assert not [p.name for p in trained_run.parent.rglob(".*")]  # no .adapter-* / .adapter-old leftovers
     assert {p.name for p in (trained_run / "adapter").iterdir()} == ADAPTER_FILES
     assert all((trained_run / "adapter" / f).is_file() for f in ADAPTER_FILES)
