@@ -119,6 +119,7 @@ class MergedMeta(_Meta):
     base: str = "dequantized"
     pad_to_square: bool = False
     merged: bool = True  # read by lora_llava versions that knew only this key
+    verified: bool | None = None  # False: the parity check fell below merge.min_agreement
 
 
 @dataclass

@@ -60,3 +60,16 @@ class CompatTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+
+def finish_dequantize(model: Model, dtype: Any) -> Model:
+    """Dequantize the 4-bit layers still in ``model`` and drop its quantization state.
+
+    transformers' ``model.dequantize()`` fails (UnboundLocalError) when no 4-bit layer is left, as
+    after a layer-by-layer merge that replaced them all; its quantizer's public
+    ``remove_quantization_config`` then does the clean-up alone.
+    """
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return model.dequantize(dtype=dtype) or model
+    model.hf_quantizer.remove_quantization_config(model)
+    return model

@@ -43,9 +43,12 @@ class Loaded:
     artifact: Artifact | None = None
 
 
-def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int | None = None) -> Loaded:
+def load_model(
+    ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int | None = None, quantize: bool = False
+) -> Loaded:
     """Load what ``ref`` names (see ``lora_llava.artifacts.open_artifact``): a run or adapter as trained,
-    a merged / aligned / assembled / plain checkpoint directory, or a backbone name."""
+    a merged / aligned / assembled / plain checkpoint directory (``quantize``: its language model in 4-bit
+    NF4, as it is often served), or a backbone name."""
     art = open_artifact(ref)
     if art.kind in ("run", "adapter"):
         adapter_dir, meta = art.adapter_dir, adapter_meta_of(art)
@@ -63,9 +66,9 @@ def load_model(ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int
         path = art.path
         assert path is not None
         spec = resolve_backbone(str(path))
-        model, processor = load_base(
-            spec, QuantizationConfig(load_in_4bit=False), quantized=False, dtype=dtype or _stored_dtype(path)
-        )
+        stored = dtype or _stored_dtype(path)
+        q = QuantizationConfig(load_in_4bit=quantize, compute_dtype=str(stored).replace("torch.", ""))  # type: ignore[arg-type]
+        model, processor = load_base(spec, q, quantized=quantize, dtype=stored)
         saved = art.meta
         fmt_name = getattr(saved, "chat_format", None) or spec.chat_format
         system = getattr(saved, "system_prompt", None) if saved is not None else None

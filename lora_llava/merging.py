@@ -27,8 +27,17 @@ from pathlib import Path
 import torch
 
 from lora_llava.annotations import Log, Model
-from lora_llava.artifacts import AdapterMeta, AlignedMeta, MergedMeta, adapter_meta_of, open_artifact, write_meta
+from lora_llava.artifacts import (
+    VISION_FILE,
+    AdapterMeta,
+    AlignedMeta,
+    MergedMeta,
+    adapter_meta_of,
+    open_artifact,
+    write_meta,
+)
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.compat import finish_dequantize
 from lora_llava.config.load import load_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import default_system, format_for
@@ -37,6 +46,7 @@ from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
+from lora_llava.model.trainability import get_module
 from lora_llava.model.trained_parts import check_lora_loaded, has_lora, restore_trained_parts
 
 
@@ -53,6 +63,11 @@ class Parity:
     merged_answers: list[str] = field(default_factory=list)
     note: str = ""
     dtype: str = ""  # the merged model ran in this dtype (as stored)
+    quantized_answers_equal: int | None = None  # the merged model re-quantized to 4-bit NF4, against the adapter
+    quantized_answers: list[str] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)  # exact match on the verification samples
+    no_op: bool = False  # the adapter changes nothing (LoRA deltas zero, parts as in the base)
+    passed: bool | None = None  # against merge.min_agreement (None: no threshold set)
 
 
 @dataclass
@@ -66,32 +81,79 @@ class MergeReport:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
 
 
-def fold(adapter_dir: Path, meta: AdapterMeta, base_mode: str | None = None) -> tuple[Model, Recipe, BackboneSpec, str]:
-    """Return the merged (unsaved, float32) model, its recipe, backbone spec and the base used."""
+def fold(
+    adapter_dir: Path, meta: AdapterMeta, base_mode: str | None = None, dtype: str | None = None
+) -> tuple[Model, Recipe, BackboneSpec, str, bool]:
+    """Return the merged (unsaved) model in ``dtype``, its recipe, backbone spec, the base used, and
+    whether the adapter changed anything at all.
+
+    Layer by layer: each LoRA layer's base weight is dequantized (or upcast) to float32, its LoRA
+    delta added in float32, and the sum cast to ``dtype`` before the next layer is touched, so the
+    peak memory is about one model in ``dtype`` plus the 4-bit base, never a float32 copy of the model.
+    """
     from peft import PeftModel
 
     recipe = load_recipe(adapter_dir / "recipe.yaml")
     spec = resolve_backbone(meta.backbone)
     base_mode = base_mode or recipe.merge.base
+    target = torch_dtype(dtype or recipe.merge.dtype)
     q = recipe.quantization
-    tiles = recipe.images.max_tiles
-    if q.load_in_4bit and base_mode == "dequantized":
-        model, _ = load_base(spec, q, quantized=True, max_tiles=tiles)  # exactly the weights trained on
-        model = model.dequantize(dtype=torch.float32) or model
-    else:
-        model, _ = load_base(spec, q, quantized=False, dtype=torch.float32, max_tiles=tiles)
-    model = model.float()
+    quantized = q.load_in_4bit and base_mode == "dequantized"  # exactly the weights trained on
+    # 4-bit: as trained (its dequantization constants in the compute dtype); original: as stored
+    load_dtype = torch_dtype(q.compute_dtype) if quantized else "auto"
+    model, _ = load_base(spec, q, quantized=quantized, dtype=load_dtype, max_tiles=recipe.images.max_tiles)
+    before = {k: v.clone() for k, v in get_module(model, spec.projector).state_dict().items()}
     restore_trained_parts(model, spec, adapter_dir)
+    changed = (adapter_dir / VISION_FILE).is_file() or any(
+        not torch.equal(v.float(), before[k].float()) for k, v in get_module(model, spec.projector).state_dict().items()
+    )
     if has_lora(adapter_dir):
         model = PeftModel.from_pretrained(model, adapter_dir)
         check_lora_loaded(model, adapter_dir)
-        merged = model.merge_and_unload()
-    else:
-        merged = model
-    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n]
+        changed = changed or any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        model = _fold_lora_layers(model, target)
+    if getattr(model, "is_quantized", False):
+        model = finish_dequantize(model, target)  # the 4-bit layers LoRA did not touch
+    model = model.to(target)
+    leftovers = [n for n, _ in model.named_modules() if "lora_" in n or "modules_to_save" in n]
     if leftovers:
-        raise UserError(f"merge left LoRA modules behind: {leftovers[:3]}")
-    return merged.eval(), recipe, spec, base_mode
+        raise UserError(f"merge left adapter modules behind: {leftovers[:3]}")
+    return model.eval(), recipe, spec, base_mode, changed
+
+
+def _fold_lora_layers(peft_model: Model, dtype: torch.dtype) -> Model:
+    """Replace every LoRA layer by a plain Linear holding base + delta (computed in float32, stored in
+    ``dtype``), and every modules_to_save wrapper by its trained copy; returns the bare model."""
+    import bitsandbytes.functional as bnbf
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.get_base_model()
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(r + ".") for r in replaced):
+            continue  # inside a module already replaced
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            w = base.weight
+            weight = bnbf.dequantize_4bit(w.data, w.quant_state).float() if hasattr(w, "quant_state") else w.float()
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).float().to(weight.device)
+            linear = torch.nn.Linear(
+                base.in_features, base.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype
+            )
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if base.bias is not None:
+                    linear.bias.copy_(base.bias.float())
+            setattr(parent, child, linear)
+            replaced.append(name)
+            del weight
+        elif hasattr(module, "modules_to_save") and isinstance(module.modules_to_save, torch.nn.ModuleDict):
+            setattr(parent, child, get_module(model, name))
+            replaced.append(name)
+    return model
 
 
 def merge(
@@ -117,9 +179,9 @@ def merge(
             f"output directory {str(out_dir)!r} exists and is not empty", hint="choose a new directory or delete it"
         )
     t0 = time.time()
-    merged, recipe, spec, base_mode = fold(adapter_dir, meta, base_mode)
+    recipe = load_recipe(adapter_dir / "recipe.yaml")
     dtype_name = dtype or recipe.merge.dtype
-    merged = merged.to(torch_dtype(dtype_name))
+    merged, recipe, spec, base_mode, changed = fold(adapter_dir, meta, base_mode, dtype_name)
     merged.config.use_cache = True
     processor = load_processor(adapter_dir)
     info = MergedMeta(
@@ -142,18 +204,33 @@ def merge(
         processor = load_processor(spec.local_path())
         processor.chat_template = format_for(name, processor.tokenizer).jinja
     with atomic_dir(out, replace=replace) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=recipe.merge.max_shard_size)
         processor.save_pretrained(tmp)
         write_meta(tmp, info)
     del merged
     log(f"merged {adapter_dir} into {out} ({dtype_name}, base: {base_mode}) in {time.time() - t0:.1f}s")
     parity = verify(adapter_dir, out, spec, recipe, verify_samples)
+    parity.no_op = not changed
+    floor = recipe.merge.min_agreement
+    if floor is not None and parity.samples:
+        parity.passed = parity.answers_equal >= floor * parity.answers_total
+        write_meta(out, dataclasses.replace(info, verified=parity.passed))
     report = MergeReport(out, dtype_name, base_mode, parity)
     (out / "merge_report.json").write_text(json.dumps(report.to_json(), indent=2))
     note = ""
     if base_mode == "original" and recipe.quantization.load_in_4bit:
         note = " (expected gap: the adapter runs on the NF4 base, the merged model on the original weights)"
     log(format_parity(parity) + note)
+    if parity.no_op:
+        log("warning: the adapter changes nothing (its LoRA deltas are zero and its parts equal the base's): "
+            "the merged model is the base model")  # fmt: skip
+    if parity.passed is False:
+        raise UserError(
+            f"merge verification failed: merged == adapter answers {parity.answers_equal}/{parity.answers_total}, "
+            f"below merge.min_agreement={floor}; the output is kept at {out}, marked unverified "
+            "(lora_llava.json verified: false)",
+            hint="look at merge_report.json; merge.dtype float32 or merge.base dequantized close the gap",
+        )
     return report
 
 
@@ -199,7 +276,7 @@ def verify(
         diffs.append((a - b.to(a.device)).abs().max().item())
     ans_a = generate(adapter, samples, recipe.eval.max_new_tokens)
     ans_m = generate(merged, samples, recipe.eval.max_new_tokens)
-    return Parity(
+    parity = Parity(
         samples=len(samples),
         max_abs_logit_diff=max(diffs),
         mean_max_abs_logit_diff=sum(diffs) / len(diffs),
@@ -209,13 +286,35 @@ def verify(
         merged_answers=ans_m,
         dtype=str(next(merged.model.parameters()).dtype).replace("torch.", ""),
     )
+    refs = [s.messages[-1][1] for s in samples]
+    parity.accuracy = {"adapter": _exact(ans_a, refs), "merged": _exact(ans_m, refs)}
+    del merged
+    if recipe.merge.verify_quantized:
+        quantized = load_model(out, quantize=True)
+        quantized.encoder = Encoder(
+            quantized.processor, adapter.encoder.fmt, pad_to_square=adapter.encoder.pad_to_square
+        )
+        ans_q = generate(quantized, samples, recipe.eval.max_new_tokens)
+        parity.quantized_answers = ans_q
+        parity.quantized_answers_equal = sum(x == y for x, y in zip(ans_a, ans_q))
+        parity.accuracy["quantized"] = _exact(ans_q, refs)
+    return parity
+
+
+def _exact(answers: list[str], refs: list[str]) -> float:
+    from lora_llava.infer import normalize
+
+    return round(sum(normalize(a) == normalize(r) for a, r in zip(answers, refs)) / max(len(refs), 1), 4)
 
 
 def format_parity(p: Parity) -> str:
     if not p.samples:
         return "parity: not checked (no samples)"
-    return (
+    text = (
         f"parity on {p.samples} samples (merged model in {p.dtype}, as stored): merged == adapter answers "
         f"{p.answers_equal}/{p.answers_total}, "
         f"next-token logits max |diff| {p.max_abs_logit_diff:.2e} (mean {p.mean_max_abs_logit_diff:.2e})"
     )
+    if p.quantized_answers_equal is not None:
+        text += f"; re-quantized to 4-bit: {p.quantized_answers_equal}/{p.answers_total} equal"
+    return text

@@ -128,3 +128,79 @@ def test_merge_into_original_weights_shows_quantization_error(trained_run, merge
     original = merge(str(trained_run), str(tmp_path / "orig"), base_mode="original", log=quiet)
     assert original.base == "original"
     assert original.parity.max_abs_logit_diff > dequantized.parity.max_abs_logit_diff
+
+
+def test_verification_includes_the_model_requantized_to_4bit(merged):
+    _, report = merged
+    p = report.parity
+    assert p.quantized_answers_equal is not None and len(p.quantized_answers) == p.answers_total
+    assert set(p.accuracy) == {"adapter", "merged", "quantized"}
+    assert p.no_op is False and p.passed is None  # no merge.min_agreement set
+
+
+def test_a_broken_merge_fails_verification_and_is_kept_marked(trained_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import lora_llava.merging as merging
+    from lora_llava.artifacts import read_meta
+    from lora_llava.config.load import load_recipe, save_recipe
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained_run, run)
+    recipe = load_recipe(run / "adapter" / "recipe.yaml")
+    strict = dataclasses.replace(recipe, merge=dataclasses.replace(recipe.merge, min_agreement=1.0))
+    save_recipe(strict, run / "adapter" / "recipe.yaml")
+    real_fold = merging.fold
+
+    def broken_fold(*args, **kwargs):  # a merge that loses the trained projector
+        model, *rest = real_fold(*args, **kwargs)
+        with torch.no_grad():
+            for p in model.model.multi_modal_projector.parameters():
+                p.zero_()
+        return (model, *rest)
+
+    monkeypatch.setattr(merging, "fold", broken_fold)
+    with pytest.raises(UserError, match=r"merge verification failed: merged == adapter answers \d/4, below "):
+        merging.merge(str(run), str(tmp_path / "bad"), log=quiet)
+    assert read_meta(tmp_path / "bad").verified is False  # kept, and marked
+    assert json.loads((tmp_path / "bad" / "merge_report.json").read_text())["parity"]["passed"] is False
+
+
+def test_a_no_op_adapter_is_flagged(make_recipe, tmp_path):
+    from lora_llava.merging import merge
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(train={"max_steps": 1, "learning_rate": 0.0}, projector={"learning_rate": 0.0})
+    train(recipe, log=quiet)
+    lines = []
+    report = merge(str(tmp_path / "run"), str(tmp_path / "m"), log=lines.append)
+    assert report.parity.no_op is True
+    assert any(ln.startswith("warning: the adapter changes nothing") for ln in lines)
+
+
+def test_large_merges_are_sharded(trained_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    from lora_llava.config.load import load_recipe, save_recipe
+    from lora_llava.hub import plan_push
+    from lora_llava.merging import merge
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recipe = load_recipe(run / "adapter" / "recipe.yaml")
+    small = dataclasses.replace(
+        recipe, merge=dataclasses.replace(recipe.merge, max_shard_size="200KB", verify_quantized=False)
+    )
+    save_recipe(small, run / "adapter" / "recipe.yaml")
+    merge(str(run), str(run / "merged"), log=quiet)
+    shards = sorted(p.name for p in (run / "merged").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (run / "merged" / "model.safetensors.index.json").is_file()
+    _, info = LlavaForConditionalGeneration.from_pretrained(run / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pushed = {f.path_in_repo for f in plan_push(str(run), "me/x", merged=True).files}
+    assert set(shards) | {"model.safetensors.index.json"} <= pushed

@@ -254,6 +254,19 @@ class MergeConfig:
         "or into the original 16-bit weights (differs by the quantization error).",
     )
     verify_samples: int = _f(4, "Samples used to check merged-vs-adapter parity.", min=1)
+    verify_quantized: bool = _f(
+        True, "Also check the merged model re-quantized to 4-bit NF4 (how it is often served on small GPUs)."
+    )
+    min_agreement: float | None = _f(
+        None,
+        "Greedy answers of the merged model (as stored) that must equal the adapter's, as a share; below it the "
+        "merge exits with an error and the output is kept but marked unverified.",
+        min=0.0,
+        max=1.0,
+    )
+    max_shard_size: str = _f(
+        "5GB", "Largest safetensors shard of the merged checkpoint (transformers' max_shard_size)."
+    )
 
 
 @dataclass

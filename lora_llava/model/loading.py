@@ -86,7 +86,7 @@ def load_base(
     spec: BackboneSpec,
     q: QuantizationConfig,
     quantized: bool | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     max_tiles: int | None = None,
 ) -> tuple[Model, Processor]:
     """Load the backbone; 4-bit LM when ``quantized`` (default: ``q.load_in_4bit``)."""
