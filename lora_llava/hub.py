@@ -290,6 +290,17 @@ def push(plan: PushPlan, log: Log = print) -> str:
         record = json.loads(pushed.read_text()) if pushed.is_file() else {}
         record[plan.kind] = plan.repo_id
         pushed.write_text(json.dumps(record, indent=2))
+        other_kind = "merged" if plan.kind == "adapter" else "adapter"
+        other = record.get(other_kind)
+        if other and other != plan.repo_id:  # its card now links back to this repo
+            card = next(f for f in plan_push(str(plan.run_dir), other, merged=other_kind == "merged").files
+                        if f.path_in_repo == "README.md")  # fmt: skip
+            try:
+                api.create_commit(other, operations=[CommitOperationAdd("README.md", card.content)],
+                                  commit_message="lora_llava: link the card to " + plan.repo_id)  # fmt: skip
+                log(f"updated the card of {other} to link to {plan.repo_id}")
+            except (HfHubHTTPError, OSError) as e:
+                log(f"warning: could not update the card of {other} ({_status(e)}); push it again to link it")
     link = str(url).rstrip("/") + (f"/tree/{plan.revision}" if plan.revision else "")
     return link
 

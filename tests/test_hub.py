@@ -167,7 +167,7 @@ def test_push_sends_the_plan_and_a_card_the_hub_parses(trained_run, tmp_path, ca
     assert ("create_repo", "someone/x-adapter", True) in fake_hub.calls  # private unless --public
     assert ("create_repo", "someone/x", False) in fake_hub.calls
     assert ("create_branch", "someone/x-adapter", "v1") in fake_hub.calls
-    adapter = fake_hub.repos["someone/x-adapter"]["files"]
+    adapter = dict(fake_hub.repos["someone/x-adapter"]["files"])
     merged = fake_hub.repos["someone/x"]["files"]
     assert set(adapter) == ADAPTER_PUSH
     assert set(merged) == {"README.md", "chat_template.jinja", "config.json", "generation_config.json",
@@ -184,6 +184,8 @@ def test_push_sends_the_plan_and_a_card_the_hub_parses(trained_run, tmp_path, ca
     merged_card = ModelCard(merged["README.md"].decode())
     assert merged_card.data.library_name == "transformers"
     assert "[someone/x-adapter](https://huggingface.co/someone/x-adapter)" in merged_card.text  # linked
+    relinked = ModelCard(fake_hub.repos["someone/x-adapter"]["files"]["README.md"].decode())
+    assert "[someone/x](https://huggingface.co/someone/x)" in relinked.text  # and back
     assert CANARY not in out + err
     assert not [p for p in run.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
 
