@@ -72,7 +72,9 @@ def build(root: Path, hidden: int, layers: int, intermediate: int) -> Path:
         vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 128, 1),
     )  # fmt: skip
-    config = LlavaConfig(vision_config=_vision_config(), text_config=text, image_token_id=4, projector_hidden_act="gelu")
+    config = LlavaConfig(
+        vision_config=_vision_config(), text_config=text, image_token_id=4, projector_hidden_act="gelu"
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         torch.set_default_dtype(torch.bfloat16)
@@ -102,33 +104,61 @@ def build(root: Path, hidden: int, layers: int, intermediate: int) -> Path:
     return run.path
 
 
-REPORT = "\nimport resource\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+# the child samples its anonymous memory (RSS minus file-backed pages: the checkpoint the loader maps
+# stays resident as page cache, which the kernel can drop) and reports both peaks at exit
+SAMPLER = """
+import threading, time, psutil
+_peak = [0]
+def _sample():
+    p = psutil.Process()
+    while True:
+        mi = p.memory_info(); _peak[0] = max(_peak[0], mi.rss - mi.shared); time.sleep(0.05)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+REPORT = "\nimport resource\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _peak[0] // 1024)\n"
 
 
-def peak(code: str, *args: str) -> tuple[float, float]:
-    """(peak RSS in GB, seconds) of ``python -c code args`` in a fresh process (it reports its own peak)."""
+def peak(code: str, *args: str) -> tuple[float, float, float] | str:
+    """(peak RSS GB, peak anonymous GB, seconds) of ``python -c code args`` in a fresh process, or why it failed."""
     t0 = time.time()
-    run = subprocess.run([sys.executable, "-c", code + REPORT, *args], check=True, capture_output=True, text=True)
-    kb = next(int(ln.split()[1]) for ln in run.stdout.splitlines() if ln.startswith("PEAK_KB"))
-    return kb / 1024**2, time.time() - t0
+    run = subprocess.run([sys.executable, "-c", SAMPLER + code + REPORT, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        killed = run.returncode in (-9, 137)
+        return f"failed (exit {run.returncode}{': killed, out of memory' if killed else ''})"
+    rss_kb, anon_kb = next(map(int, ln.split()[1:]) for ln in run.stdout.splitlines() if ln.startswith("PEAK_KB"))
+    return rss_kb / 1024**2, anon_kb / 1024**2, time.time() - t0
+
+
+def _line(name: str, result: tuple[float, float, float] | str) -> str:
+    if isinstance(result, str):
+        return f"{name}: {result}"
+    gb, anon, seconds = result
+    return f"{name}: peak RSS {gb:.1f} GB, anonymous {anon:.1f} GB, {seconds:.0f} s"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)  # the build, in its own process
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.build_only:
+        build(Path(args.build_only), args.hidden, args.layers, args.intermediate)
+        return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         root = Path(tmp)
-        run = build(root, args.hidden, args.layers, args.intermediate)
+        shape = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(args.intermediate)]
+        subprocess.run([sys.executable, __file__, "--build-only", str(root), *shape], check=True)
         params = json.loads((root / "params.json").read_text())["params"]
-        layer_gb, layer_s = peak(LAYERWISE, str(run), str(root / "merged-layerwise"))
-        whole_gb, whole_s = peak(WHOLE, str(run), str(root / "merged-whole"))
-    print(f"model: {params / 1e9:.2f}B parameters: {params * 2 / 1024**3:.1f} GB in bf16, {params * 4 / 1024**3:.1f} GB in float32")
-    print(f"layerwise merge (lora_llava): peak RSS {layer_gb:.1f} GB, {layer_s:.0f} s (load check included)")
-    print(f"whole-model float32 merge:    peak RSS {whole_gb:.1f} GB, {whole_s:.0f} s")
+        run = root / "run"
+        layerwise = peak(LAYERWISE, str(run), str(root / "merged-layerwise"))
+        whole = peak(WHOLE, str(run), str(root / "merged-whole"))
+    size = f"{params * 2 / 1024**3:.1f} GB in bf16, {params * 4 / 1024**3:.1f} GB in float32"
+    print(f"model: {params / 1e9:.2f}B parameters: {size}")
+    print(_line("layerwise merge (lora_llava), load check included", layerwise))
+    print(_line("whole-model float32 merge", whole))
     print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; command: {' '.join(sys.argv)}")
 
 

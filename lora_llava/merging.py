@@ -129,9 +129,10 @@ def _fold_lora_layers(peft_model: Model, dtype: torch.dtype) -> Model:
 
     model = peft_model.get_base_model()
     replaced: list[str] = []
-    for name, module in list(model.named_modules()):
+    for name in [n for n, _ in model.named_modules()]:  # names only: a replaced layer is freed at once
         if any(name.startswith(r + ".") for r in replaced):
             continue  # inside a module already replaced
+        module = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, LoraLayer):
@@ -149,7 +150,7 @@ def _fold_lora_layers(peft_model: Model, dtype: torch.dtype) -> Model:
                     linear.bias.copy_(base.bias.float())
             setattr(parent, child, linear)
             replaced.append(name)
-            del weight
+            del weight, module, base, w
         elif hasattr(module, "modules_to_save") and isinstance(module.modules_to_save, torch.nn.ModuleDict):
             setattr(parent, child, get_module(model, name))
             replaced.append(name)
