@@ -25,9 +25,20 @@ each sample's last answer is the reference; case, quotes and trailing punctuatio
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="run directory, adapter directory, merged directory or backbone name")
+    add_source_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
+    p.add_argument("--max-samples", type=_positive, default=None, help="score the first N samples")
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="longest answer (default: the run's)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="samples generated together (default: the run's)")
+    p.add_argument("--skip-bad", action="store_true", help="score the good samples and list the bad ones")
+
+
+def add_source_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--data and the options a recipe's data entry takes."""
     p.add_argument(
         "--data",
         default=None,
+        required=required,
         help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
     )
     p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
@@ -40,11 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-style", default="plain", help="plain | short_answer | multiple_choice (as data.*.prompt_style)"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, n, correct, predictions)")
-    p.add_argument("--max-samples", type=_positive, default=None, help="score the first N samples")
-    p.add_argument("--max-new-tokens", type=_positive, default=None, help="longest answer (default: the run's)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="samples generated together (default: the run's)")
-    p.add_argument("--skip-bad", action="store_true", help="score the good samples and list the bad ones")
 
 
 def _positive(text: str) -> int:
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source(args: argparse.Namespace) -> DataSource:
+def source_from_args(args: argparse.Namespace) -> DataSource:
     """--data and the source options, validated exactly as a recipe's data.* entry."""
     import yaml
 
@@ -129,7 +135,7 @@ def _read(args: argparse.Namespace) -> list:
     from lora_llava.data.formats import read_source
     from lora_llava.errors import UserError
 
-    samples, bad = read_source(_source(args), limit=args.max_samples)
+    samples, bad = read_source(source_from_args(args), limit=args.max_samples)
     if bad:
         listing = "\n  ".join(b.describe() for b in bad[:50]) + (
             f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""

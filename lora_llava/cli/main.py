@@ -23,6 +23,8 @@ VERBS = {
     "check": "check",
     "eval": "evaluate",
     "merge": "merge",
+    "chat": "chat",
+    "predict": "predict",
     "push": "push",
     "recipes": "recipes",
 }

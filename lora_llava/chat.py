@@ -1,0 +1,180 @@
+"""Talking to a trained model: multi-turn, the image placed as the model was trained, answers streamed.
+
+Usage::
+
+    session = ChatSession(load_model("runs/quickstart"), image="photo.jpg")
+    answer = session.ask("What color is the shape?", on_text=print)   # streamed pieces, then the answer
+    session.ask("And its shape?")                                      # the conversation goes on
+    session.save("corrections.json")       # the conversation as a LLaVA-Instruct record (appended to a JSON list)
+    session.set_image("other.jpg")         # a new conversation about another image
+    session.stop()                         # from another thread (Ctrl-C): the current answer ends now
+
+The image goes at the start of the first user turn (``<image>\\n`` + question), as LLaVA trains, and the
+prompt is rendered by the model's own chat format (system prompt included), so a chat prompts the
+model exactly as ``eval`` and training do. Greedy unless a temperature is set.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_llava.data.formats import IMAGE, Sample
+from lora_llava.data.images import ImageError, ImageRef, load_image
+from lora_llava.errors import UserError
+from lora_llava.infer import Loaded, batch_inputs
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+
+class ChatSession:
+    def __init__(self, loaded: Loaded, image: str | Path | None = None, settings: GenerationSettings | None = None):
+        self.loaded = loaded
+        self.settings = settings or GenerationSettings()
+        self.messages: list[tuple[str, str]] = []
+        self.image: Path | None = None
+        self._stop = threading.Event()
+        if image is not None:
+            self.set_image(image)
+
+    def set_image(self, path: str | Path) -> None:
+        """Talk about ``path`` from now on: a new conversation (the image belongs to its first turn)."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"image {str(path)!r} not found")
+        try:
+            load_image(p)
+        except ImageError as e:
+            raise UserError(f"image {str(path)!r}: {e}") from None
+        self.image = p
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the image stays)."""
+        self.messages = []
+
+    def stop(self) -> None:
+        """End the answer being generated (safe to call from another thread or a signal handler)."""
+        self._stop.set()
+
+    def ask(self, text: str, on_text: Callable[[str], object] | None = None) -> str:
+        """The model's answer to ``text``, its pieces passed to ``on_text`` as they are generated."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        question = text.strip()
+        if not self.messages and self.image is not None:
+            question = f"{IMAGE}\n{question}"
+        turns = [*self.messages, ("user", question)]
+        images: list[ImageRef] = [self.image] if self.image is not None else []
+        sample = Sample("chat", 0, "chat", [*turns, ("assistant", "")], images)
+        inputs, _ = batch_inputs(self.loaded, [sample])
+        tok = self.loaded.processor.tokenizer
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        stop_flag = self._stop
+        stop_flag.clear()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids: object, scores: object, **kwargs: object) -> bool:
+                return stop_flag.is_set()
+
+        s = self.settings
+        kwargs = dict(
+            **inputs,
+            max_new_tokens=s.max_new_tokens,
+            do_sample=s.temperature > 0,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted({tok.eos_token_id, self.loaded.encoder.stop_id} - {None}),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Stop()]),
+        )
+        if s.temperature > 0:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.loaded.model.generate(**kwargs)
+            except BaseException as e:  # surfaced in the calling thread
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pieces: list[str] = []
+        try:
+            for piece in streamer:
+                if not "".join(pieces).strip():
+                    piece = piece.lstrip()  # the answer's lead space, not shown
+                pieces.append(piece)
+                if on_text is not None and piece:
+                    on_text(piece)
+        finally:
+            if worker.is_alive():
+                stop_flag.set()
+            worker.join()
+        if errors:
+            raise errors[0]
+        answer = "".join(pieces).strip()
+        self.messages = [*turns, ("assistant", answer)]
+        return answer
+
+    def record(self, image_name: str | None = None) -> dict:
+        """The conversation as a LLaVA-Instruct record (``image_name``: its image, relative to the image folder)."""
+        if not self.messages:
+            raise UserError("nothing to save yet: ask something first")
+        names = {"user": "human", "assistant": "gpt"}
+        rec: dict = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}"}
+        if self.image is not None:
+            rec["image"] = image_name or self.image.name
+        rec["conversations"] = [{"from": names[r], "value": t} for r, t in self.messages]
+        return rec
+
+    def save(self, path: str | Path) -> Path:
+        """Append the conversation to the JSON list in ``path`` (created if missing), written whole.
+
+        The file is training data as it stands: its image folder is the file's own folder, so an image
+        from elsewhere is copied into ``images/`` beside it (``data.train.N.image_folder`` = that folder).
+        """
+        import shutil
+
+        p = Path(path).expanduser()
+        records = []
+        if p.exists():
+            try:
+                records = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"{p} exists and is not a JSON list of records ({e})", hint="save to a new file"
+                ) from None
+            if not isinstance(records, list):
+                raise UserError(f"{p} exists and is not a JSON list of records", hint="save to a new file")
+        try:
+            image_name = None
+            if self.image is not None:
+                folder = p.resolve().parent
+                image = self.image.resolve()
+                if image.is_relative_to(folder):
+                    image_name = str(image.relative_to(folder))
+                else:
+                    (folder / "images").mkdir(parents=True, exist_ok=True)
+                    target = folder / "images" / image.name
+                    if target.exists() and target.read_bytes() != image.read_bytes():
+                        target = folder / "images" / f"{image.stem}-{int(time.time())}{image.suffix}"
+                    shutil.copyfile(image, target)
+                    image_name = str(target.relative_to(folder))
+            records.append(self.record(image_name))
+            tmp = p.with_name(f".{p.name}.tmp")
+            tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+            tmp.replace(p)
+        except OSError as e:
+            raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+        return p

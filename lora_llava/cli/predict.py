@@ -1,0 +1,82 @@
+"""lora-llava predict: answers for a data file or a folder of images, written to JSON lines as they come."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lora_llava.cli.common import quiet
+
+HELP = "answer every sample of a data file, or every image of a folder, into a JSON-lines file (resumable)"
+EPILOG = """examples:
+  lora-llava predict runs/my-run --images photos/ --prompt "What is shown?" --out preds.jsonl
+  lora-llava predict runs/my-run --data test.json --image-folder images --out preds.jsonl --reference
+  lora-llava predict merged/my-llava --data support.jsonl --columns '{conversations: dialog}' --out p.jsonl
+
+one line per sample: {"id", "prompt", "prediction", "image"} (+ "reference", "correct" with --reference);
+an unreadable sample is a line {"id", "error"} with the reason. Run it again after an interruption: ids
+already in --out are skipped, so every sample is written exactly once."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lora_llava.cli.evaluate import add_source_arguments
+
+    p.add_argument("model", metavar="MODEL", help="run directory, adapter, merged directory or backbone name")
+    add_source_arguments(p, required=False)
+    p.add_argument("--images", default=None, metavar="DIR", help="a folder of images (instead of --data)")
+    p.add_argument("--prompt", default=None, help="with --images: the question asked about each image")
+    p.add_argument("--out", required=True, help="the JSON-lines file answers are appended to")
+    p.add_argument("--reference", action="store_true", help="score each answer against the sample's last answer")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's eval setting)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples generated together (default: the run's)")
+    p.add_argument("--load-in-4bit", action="store_true", help="a merged model's language model in 4-bit NF4")
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet()
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.cli.common import cpu_threads_for
+    from lora_llava.cli.evaluate import source_from_args
+    from lora_llava.config import load_recipe
+    from lora_llava.config.schema import EvalConfig
+    from lora_llava.data.formats.reader import open_source
+    from lora_llava.errors import UserError
+    from lora_llava.infer import load_model
+    from lora_llava.predict import predict, samples_from_images
+
+    if (args.data is None) == (args.images is None):
+        raise UserError("give either --data FILE or --images DIR (with --prompt)")
+    if args.images is not None and not args.prompt:
+        raise UserError("--images needs --prompt: the question asked about each image")
+    if args.reference and args.images is not None:
+        raise UserError("--reference needs --data: a folder of images has no reference answers")
+    art = open_artifact(args.model)
+    adapter = art.adapter_dir
+    settings = load_recipe(adapter / "recipe.yaml").eval if adapter is not None else EvalConfig()
+    if args.data is not None:
+        reader = open_source(source_from_args(args))
+        read = reader.read()
+        samples, bad = read.samples, read.bad
+        for w in read.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    else:
+        samples, bad = samples_from_images(args.images, args.prompt)
+    for b in bad:
+        print(f"bad sample: {b.describe()}", file=sys.stderr)
+    cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
+    loaded = load_model(args.model, quantize=args.load_in_4bit)
+    summary = predict(
+        loaded, samples, bad, args.out, reference=args.reference,
+        batch_size=args.batch_size or settings.batch_size, max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+    )  # fmt: skip
+    line = f"wrote {summary.written} answer(s) to {args.out}"
+    if summary.skipped:
+        line += f"; {summary.skipped} already there (skipped)"
+    if summary.errors:
+        line += f"; {summary.errors} unreadable sample(s) written as error lines"
+    print(line)
+    if args.reference and summary.scored and summary.correct is not None:
+        print(
+            f"accuracy {summary.correct / summary.scored:.3f} ({summary.correct}/{summary.scored}) on this run's answers"
+        )
+    return 0
