@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,16 @@ class ChatSession:
 
     def ask(self, text: str, on_text: Callable[[str], object] | None = None) -> str:
         """The model's answer to ``text``, its pieces passed to ``on_text`` as they are generated."""
+        pieces = []
+        for piece in self.stream(text):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        return "".join(pieces).strip()
+
+    def stream(self, text: str) -> Iterator[str]:
+        """The pieces of the model's answer to ``text`` as they are generated; the answer joins the
+        conversation once it is complete (stopping the iteration early stops the generation)."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         question = text.strip()
@@ -115,17 +125,15 @@ class ChatSession:
                 if not "".join(pieces).strip():
                     piece = piece.lstrip()  # the answer's lead space, not shown
                 pieces.append(piece)
-                if on_text is not None and piece:
-                    on_text(piece)
+                if piece:
+                    yield piece
         finally:
             if worker.is_alive():
                 stop_flag.set()
             worker.join()
         if errors:
             raise errors[0]
-        answer = "".join(pieces).strip()
-        self.messages = [*turns, ("assistant", answer)]
-        return answer
+        self.messages = [*turns, ("assistant", "".join(pieces).strip())]
 
     def record(self, image_name: str | None = None) -> dict:
         """The conversation as a LLaVA-Instruct record (``image_name``: its image, relative to the image folder)."""

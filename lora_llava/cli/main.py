@@ -25,6 +25,7 @@ VERBS = {
     "merge": "merge",
     "chat": "chat",
     "predict": "predict",
+    "demo": "demo",
     "push": "push",
     "recipes": "recipes",
 }

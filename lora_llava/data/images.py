@@ -144,9 +144,10 @@ def load_image(src: str | os.PathLike | EmbeddedImage) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
+            oriented: Image.Image = img
             if img.getexif().get(_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-            return img if img.mode == "RGB" else _to_rgb(img)  # loaded: usable after the file is closed
+                oriented = ImageOps.exif_transpose(img)
+            return oriented if oriented.mode == "RGB" else _to_rgb(oriented)  # loaded: usable after the file is closed
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -1,0 +1,109 @@
+"""A browser demo of a trained model: upload an image, chat, answers streamed, the model's lineage beside.
+
+Usage::
+
+    app = build_app(load_model("runs/quickstart"), lineage("runs/quickstart"))
+    app.launch(server_name="127.0.0.1", server_port=7860)
+
+Needs Gradio (``pip install 'lora_llava[demo]'``), not a core dependency. Each browser session keeps its
+own conversation; a new image starts a new one. The lineage panel reads the run directory: base,
+chat format, training numbers, eval before and after, the data report and the merge verification.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_llava.artifacts import AdapterMeta, RunDir, open_artifact, read_meta
+from lora_llava.chat import ChatSession, GenerationSettings
+from lora_llava.infer import Loaded
+
+
+def lineage(ref: str) -> str:
+    """Markdown: what the model is and how it was made, from what its run directory recorded."""
+    art = open_artifact(ref)
+    meta = art.meta
+    run = RunDir(art.run_dir) if art.run_dir else None
+    if (
+        run is None
+        and art.kind in ("merged", "aligned")
+        and art.path is not None
+        and (art.path.parent / "adapter").is_dir()
+    ):
+        run = RunDir(art.path.parent)
+    lines = [f"**{art.description}** `{ref}`"]
+    if meta is not None:
+        lines.append(f"- base: `{getattr(meta, 'backbone', '?')}`; chat format `{getattr(meta, 'chat_format', '?')}`")
+    adapter = (
+        meta if isinstance(meta, AdapterMeta) else (read_meta(run.adapter) if run and run.adapter.is_dir() else None)
+    )
+    if isinstance(adapter, AdapterMeta) and adapter.steps is not None:
+        loss = f"{adapter.train_loss:.4f}" if adapter.train_loss is not None else "n/a"
+        lines.append(f"- trained {adapter.steps} steps on {adapter.train_samples} samples, mean loss {loss}"
+                     + (f", {adapter.hardware}" if adapter.hardware else ""))  # fmt: skip
+    if run is not None and run.summary.is_file():
+        acc = json.loads(run.summary.read_text()).get("accuracy") or {}
+        lines.append("- eval accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    report = (art.path / "merge_report.json") if art.path is not None else None
+    if report is not None and report.is_file():
+        p = json.loads(report.read_text()).get("parity") or {}
+        if p.get("samples"):
+            lines.append(f"- merge verified: {p['answers_equal']}/{p['answers_total']} answers equal to the adapter's")
+    if run is not None and run.data_report.is_file():
+        lines.append("\n**data**\n\n```\n" + run.data_report.read_text().strip() + "\n```")
+    return "\n".join(lines)
+
+
+def build_app(loaded: Loaded, lineage_md: str = "", title: str = "lora-llava demo") -> Any:
+    """The Gradio app (not launched)."""
+    import gradio as gr
+
+    def respond(
+        question: str, image: str | None, history: list, state: dict, temperature: float, top_p: float,
+        max_new_tokens: float,
+    ) -> Iterator[tuple[list, str, dict]]:  # fmt: skip
+        question = (question or "").strip()
+        if not question:
+            yield history, "", state
+            return
+        if image != state.get("image"):  # another image: another conversation
+            state = {"image": image, "messages": []}
+            history = []
+        session = ChatSession(
+            loaded, settings=GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+        )
+        session.image = Path(image) if image else None
+        session.messages = list(state.get("messages", []))
+        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        for piece in session.stream(question):
+            history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
+            yield history, "", state
+        yield history, "", {"image": image, "messages": session.messages}
+
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"# {title}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="Image", elem_id="image")
+                temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+                with gr.Accordion("Model lineage", open=True):
+                    gr.Markdown(lineage_md or "(no run directory recorded)", elem_id="lineage")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=420)
+                question = gr.Textbox(
+                    placeholder="Ask about the image, then Enter", label="Question", elem_id="question"
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear = gr.Button("New conversation", elem_id="clear")
+        state = gr.State({"image": None, "messages": []})
+        inputs = [question, image, chatbot, state, temperature, top_p, max_new]
+        send.click(respond, inputs, [chatbot, question, state])
+        question.submit(respond, inputs, [chatbot, question, state])
+        clear.click(lambda: ([], "", {"image": None, "messages": []}), None, [chatbot, question, state])
+    return app
