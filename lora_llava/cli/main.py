@@ -57,10 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flags of the recipe verbs that may come anywhere among the key=value overrides
+_RECIPE_FLAGS = {"train": {"--overwrite"}, "quickstart": {"--overwrite"}}
+
+
+def _flags_first(argv: list[str]) -> list[str]:
+    """``train R k=v --overwrite k2=v2`` as ``train --overwrite R k=v k2=v2`` (overrides are positional)."""
+    if not argv or argv[0] not in _RECIPE_FLAGS:
+        return argv
+    flags = [a for a in argv[1:] if a in _RECIPE_FLAGS[argv[0]]]
+    return [argv[0], *flags, *(a for a in argv[1:] if a not in _RECIPE_FLAGS[argv[0]])]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_flags_first(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

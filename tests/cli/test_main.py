@@ -145,3 +145,13 @@ def test_an_interrupt_names_the_checkpoint_and_the_resume_command(capsys, tmp_pa
         f"interrupted: the latest checkpoint is {run / 'checkpoints' / 'checkpoint-2'}\n"
         f"resume with: lora-llava train {recipe} train.max_steps=4 output_dir={run} train.resume=true\n"
     )
+
+
+def test_overwrite_may_come_between_overrides():
+    from lora_llava.cli.main import _flags_first, build_parser
+
+    argv = ["train", "r.yaml", "a=1", "--overwrite", "b=2"]
+    assert _flags_first(argv) == ["train", "--overwrite", "r.yaml", "a=1", "b=2"]
+    args = build_parser().parse_args(_flags_first(argv))
+    assert args.overwrite and args.overrides == ["a=1", "b=2"]
+    assert _flags_first(["merge", "run", "--overwrite"]) == ["merge", "run", "--overwrite"]
