@@ -111,7 +111,7 @@ def test_huge_image_is_a_bad_sample(folder):
 
 
 def test_disallowed_format_and_animated_gif(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "x.ico")
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.ico")  # an ICO holds 16 px and up (smaller is an empty file)
     with pytest.raises(images_mod.ImageError, match="image format ICO is not allowed"):
         load_image(tmp_path / "x.ico")
     frames = [Image.new("RGB", (20, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
