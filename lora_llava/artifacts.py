@@ -18,7 +18,10 @@ Layouts::
       metrics.jsonl           one line per logging step
       rejected.jsonl          samples left out, with reasons
       adapter/                what training changed (an adapter, below)
-      checkpoints/checkpoint-N/   resumable: the trained parts, recipe.yaml, optimizer/scheduler/RNG/trainer state
+      checkpoints/checkpoint-N/   an adapter (below) that also resumes: + optimizer/scheduler/RNG/trainer state,
+                              eval.json (with train.eval_steps) and manifest.json (every file's size and SHA-256)
+      eval/step-N.jsonl       with train.eval_steps: the answers at step N
+      curves.png              loss, eval and learning-rate curves (lora-llava plot RUN redraws it)
       model/                  stage 1 only: the aligned LLaVA, stage 2's backbone (an aligned model)
       assembled/              backbone: assemble only: the new LLaVA before training (an assembled model)
       merged/, summary.json, eval_predictions.json    written by quickstart
@@ -58,6 +61,8 @@ LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"  # the run's id, in the run directory and in each of its checkpoints
+MANIFEST_FILE = "manifest.json"  # a checkpoint's files with their sizes and SHA-256, written last
+CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (with train.eval_steps)
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -195,6 +200,8 @@ class RunDir:
     data_report = property(lambda self: self.path / "data_report.txt")  # the data check's report, as printed
     pushed = property(lambda self: self.path / "pushed.json")  # repos this run was pushed to
     eval_predictions = property(lambda self: self.path / "eval_predictions.json")
+    eval_dir = property(lambda self: self.path / "eval")  # eval/step-N.jsonl: answers during training
+    curves = property(lambda self: self.path / "curves.png")
 
     run_file = property(lambda self: self.path / RUN_FILE)
 
@@ -241,9 +248,9 @@ class RunDir:
                 hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
                 "continue it",
             )
-        for p in (self.adapter, self.aligned, self.merged, self.checkpoints):
+        for p in (self.adapter, self.aligned, self.merged, self.checkpoints, self.eval_dir):
             shutil.rmtree(p, ignore_errors=True)
-        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected):
+        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves):
             p.unlink(missing_ok=True)
         return self._new_id()
 
@@ -258,14 +265,98 @@ class RunDir:
         self.run_file.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         return run_id
 
-    def latest_checkpoint(self) -> Path | None:
-        """The complete checkpoint with the most steps, or None."""
-        done = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
-        return max(done, key=checkpoint_step, default=None)
+    def checkpoint_dirs(self) -> list[Path]:
+        """Every ``checkpoint-N`` folder, newest (most steps) first, complete or not."""
+        found = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_or_none(p)]
+        return sorted(found, key=checkpoint_step, reverse=True)
+
+    def latest_checkpoint(self, hashes: bool = False, skipped: list[str] | None = None) -> Path | None:
+        """The newest checkpoint whose files match its manifest (sizes; with ``hashes`` also SHA-256), or None.
+
+        A damaged newer checkpoint is passed over; ``skipped`` (a list) receives one line per such one.
+        """
+        for path in self.checkpoint_dirs():
+            problem = checkpoint_problem(path, hashes)
+            if problem is None:
+                return path
+            if skipped is not None:
+                skipped.append(f"{path.name}: {problem}")
+        return None
 
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def _step_or_none(path: Path) -> int | None:
+    tail = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(tail) if tail.isdigit() else None
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """Flush every file of ``folder`` to disk and record its size and SHA-256 in ``manifest.json`` (written
+    last, itself flushed): a checkpoint is complete exactly when its manifest verifies."""
+    files: dict[str, Any] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)}
+    manifest = {"files": files}
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(folder / MANIFEST_FILE)
+    fsync_dir(folder)
+    return manifest
+
+
+def checkpoint_problem(path: Path, hashes: bool = False) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or unreadable,
+    or a file it lists is missing, of another size, or (``hashes``) of other content. A checkpoint written
+    before manifests existed counts as complete when it holds its trainer state."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None if (path / TRAINER_STATE_FILE).is_file() else f"incomplete (no {MANIFEST_FILE})"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_FILE} unreadable ({e})"
+    for name, entry in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != entry.get("size"):
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry.get('size')}"
+        if hashes and _sha256(p) != entry.get("sha256"):
+            return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (damaged)"
+    return None
 
 
 def _read_run_id(folder: Path) -> str | None:
@@ -310,7 +401,7 @@ class Artifact:
             return self.path
         if self.kind == "adapter" and self.path is not None and (self.path.parent / RECIPE_FILE).is_file():
             return self.path.parent
-        if self.kind == "checkpoint" and self.path is not None:
+        if self.kind in ("adapter", "checkpoint") and self.path is not None and is_checkpoint_dir(self.path):
             return self.path.parent.parent
         return None
 
@@ -358,6 +449,11 @@ def open_artifact(ref: str | Path) -> Artifact:
     )
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """``RUN/checkpoints/checkpoint-N``: a training checkpoint (since checkpoints hold adapters, also one)."""
+    return path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE_FILE).is_file()
+
+
 def looks_like_hub_id(ref: str) -> bool:
     """``owner/name`` that is not a relative path a user meant as a directory (``./x``, ``runs/x``)."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
@@ -366,12 +462,16 @@ def looks_like_hub_id(ref: str) -> bool:
 def _open_dir(path: Path, ref: str) -> Artifact:
     meta = read_meta(path)
     if meta is not None:
+        if is_checkpoint_dir(path) and isinstance(meta, AdapterMeta):
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise UserError(f"checkpoint {ref!r} is damaged: {problem}", hint="use another checkpoint of the run")
         return Artifact(meta.KIND, ref, path, meta)
     run = RunDir(path)
     adapter_meta = read_meta(run.adapter)
     if isinstance(adapter_meta, AdapterMeta):
         return Artifact("run", ref, path, adapter_meta)
-    if path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE_FILE).is_file():
+    if is_checkpoint_dir(path):  # written before checkpoints held adapters: it only resumes
         return Artifact("checkpoint", ref, path)
     if (path / "config.json").is_file():
         return Artifact("checkpoint_dir", ref, path)
@@ -458,26 +558,44 @@ def write_adapter(
     extra: dict[str, Any],
 ) -> Path:
     """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
-    from lora_llava.config.load import recipe_to_dict, save_recipe
     from lora_llava.fsutil import atomic_dir
-    from lora_llava.model.trained_parts import save_trained_parts
 
     with atomic_dir(target, replace=True) as tmp:
-        save_trained_parts(model, spec, recipe, tmp)
-        deployable_processor(processor, fmt, recipe.images.pad_to_square).save_pretrained(tmp)
-        save_recipe(recipe, tmp / RECIPE_FILE)
-        meta = AdapterMeta(
-            backbone=spec.name,
-            source=spec.source,
-            family=spec.family,
-            chat_format=fmt.name,
-            stage=recipe.stage,
-            system_prompt=fmt.system,
-            backbone_chat_format=spec.chat_format,
-            quantization=recipe_to_dict(recipe)["quantization"],
-            projector_trained=recipe.projector.policy == "full",
-            pad_to_square=recipe.images.pad_to_square,
-            **extra,
-        )
-        write_meta(tmp, meta)
+        write_adapter_files(tmp, model, processor, spec, recipe, fmt, extra)
     return target
+
+
+def write_adapter_files(
+    folder: Path,
+    model: Model,
+    processor: Processor,
+    spec: BackboneSpec,
+    recipe: Recipe,
+    fmt: ChatFormat,
+    extra: dict[str, Any],
+    between: Any = None,
+) -> None:
+    """An adapter's files into an existing ``folder`` (a checkpoint's, or write_adapter's temporary one).
+    ``between`` is called after the weights and before the rest (the slow_save fault of the tests)."""
+    from lora_llava.config.load import recipe_to_dict, save_recipe
+    from lora_llava.model.trained_parts import save_trained_parts
+
+    save_trained_parts(model, spec, recipe, folder)
+    if between is not None:
+        between()
+    deployable_processor(processor, fmt, recipe.images.pad_to_square).save_pretrained(folder)
+    save_recipe(recipe, folder / RECIPE_FILE)
+    meta = AdapterMeta(
+        backbone=spec.name,
+        source=spec.source,
+        family=spec.family,
+        chat_format=fmt.name,
+        stage=recipe.stage,
+        system_prompt=fmt.system,
+        backbone_chat_format=spec.chat_format,
+        quantization=recipe_to_dict(recipe)["quantization"],
+        projector_trained=recipe.projector.policy == "full",
+        pad_to_square=recipe.images.pad_to_square,
+        **extra,
+    )
+    write_meta(folder, meta)

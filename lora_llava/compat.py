@@ -4,6 +4,7 @@ Usage::
 
     counts = image_token_counts(processor, [(336, 336), (672, 336)])   # image tokens per (height, width)
     allow_training_quantized_base(model)     # stage 1 on a 4-bit LM: only 16-bit parts train
+    with no_cpu_weight_repacking(model): ...  # eval mode mid-training without bitsandbytes' CPU repacking
     class MyTrainer(CompatTrainer): ...      # resume-time weight loading and the train sampler as public hooks
 
 No public API does these jobs (checked against transformers 5.24). ``tests/test_compat.py`` fails
@@ -13,6 +14,8 @@ lora_llava touches a private transformers attribute.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import Trainer
@@ -45,8 +48,14 @@ class CompatTrainer(Trainer):
 
     - ``load_checkpoint_weights(path, model)``: what a checkpoint holds is lora_llava's trained parts,
       not a transformers model file, so the Trainer's own loader cannot read it;
-    - ``train_sampler(dataset)``: the sampler of the training DataLoader (None: the Trainer's default).
+    - ``train_sampler(dataset)``: the sampler of the training DataLoader (None: the Trainer's default);
+    - ``before_optimizer_step(grad_norm)``: called once per optimizer step, after the backward passes
+      and clipping and before ``optimizer.step()``, with the step's gradient norm (before clipping) as a
+      float. The Trainer computes that norm every step, logging or not, but passes it to no callback.
     """
+
+    def before_optimizer_step(self, grad_norm: float | None) -> None:
+        pass
 
     def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -61,6 +70,11 @@ class CompatTrainer(Trainer):
         sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
+    def _get_grad_norm(self, model: Model, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.before_optimizer_step(None if norm is None else float(norm))
+        return norm
+
 
 def finish_dequantize(model: Model, dtype: Any) -> Model:
     """Dequantize the 4-bit layers still in ``model`` and drop its quantization state.
@@ -73,3 +87,23 @@ def finish_dequantize(model: Model, dtype: Any) -> Model:
         return model.dequantize(dtype=dtype) or model
     model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+@contextmanager
+def no_cpu_weight_repacking(model: Model) -> Iterator[None]:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference while a model that is training
+    runs in eval mode (eval during training).
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode converts its weight, in place and for
+    good, to a CPU inference layout whose kernel has no autograd: training on afterwards would backprop
+    through it without a gradient (torch warns "an autograd kernel was not registered"). The switch is
+    the module's ``support_avx512bf16_for_cpu`` attribute; there is no public one.
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = True

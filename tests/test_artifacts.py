@@ -185,3 +185,46 @@ def test_each_kind_writes_and_reads_one_metadata_shape(tmp_path):
     with pytest.raises(UserError, match="unknown format 'lora_llava-adapter/9'"):
         read_meta(tmp_path / "old")
     assert read_meta(tmp_path) is None
+
+
+def test_every_checkpoint_is_an_adapter_for_eval_predict_chat_and_merge(make_recipe, shapes, tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import assert_user_error, run_cli
+
+    from lora_llava.artifacts import AdapterMeta, open_artifact
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 4, "save_steps": 2})
+    train(recipe, log=lambda *_: None)
+    ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-2"
+    art = open_artifact(ckpt)
+    assert art.kind == "adapter" and isinstance(art.meta, AdapterMeta) and art.meta.steps == 2
+    assert art.run_dir == tmp_path / "r"  # eval without --data reads the run's own eval data
+
+    code, out, err = run_cli(capsys, "eval", ckpt, "--json")
+    assert code == 0, err
+    assert json.loads(out)["n"] == 16
+    code, out, err = run_cli(
+        capsys, "predict", ckpt, "--data", shapes / "eval.json", "--image-folder", shapes / "images",
+        "--out", tmp_path / "p.jsonl",
+    )  # fmt: skip
+    assert code == 0, err
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 16
+    code, out, err = run_cli(capsys, "merge", ckpt, tmp_path / "merged-2", "--dtype", "float32")
+    assert code == 0, err
+    assert open_artifact(tmp_path / "merged-2").kind == "merged"
+    chat = subprocess.run(
+        [sys.executable, "-m", "lora_llava.cli.main", "chat", str(ckpt), "--image", str(next((shapes / "images").iterdir())),
+         "--max-new-tokens", "3"],
+        input="what color is it?\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+
+    # a checkpoint whose files do not match its manifest is refused, naming the file
+    (ckpt / "projector.safetensors").write_bytes(b"torn")
+    code, out, err = run_cli(capsys, "eval", ckpt)
+    assert_user_error(code, out, err, "is damaged: projector.safetensors has 4 bytes")

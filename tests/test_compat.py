@@ -47,6 +47,8 @@ def test_trainer_private_hooks_keep_their_signatures():
     assert list(load.parameters) == ["self", "resume_from_checkpoint", "model"]
     sampler = inspect.signature(Trainer._get_train_sampler)
     assert list(sampler.parameters) == ["self", "train_dataset"]
+    norm = inspect.signature(Trainer._get_grad_norm)
+    assert list(norm.parameters) == ["self", "model", "grad_norm"]
 
 
 class _Regression(torch.nn.Module):
@@ -114,3 +116,24 @@ def test_sampler_and_checkpoint_hooks_are_called_and_on_save_sees_a_whole_checkp
     second = trainer(4, _CheckpointComplete())
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert ("load", str(tmp_path / "checkpoint-2")) in second.calls
+
+
+def test_before_optimizer_step_sees_every_steps_unclipped_norm_before_the_update(tmp_path):
+    seen = []
+
+    class Watching(CompatTrainer):
+        def before_optimizer_step(self, grad_norm):
+            w = self.model.w.weight.detach().clone()
+            true_norm = torch.sqrt(sum((p.grad**2).sum() for p in self.model.parameters()))
+            seen.append((self.state.global_step, grad_norm, w))
+            # clipping to 0.01 has already happened, the norm given is the one before it
+            assert grad_norm > 0.01 and float(true_norm) <= 0.0100001
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        logging_steps=100, disable_tqdm=True, max_grad_norm=0.01, save_strategy="no",
+    )  # fmt: skip
+    t = Watching(model=_Regression(), args=args, train_dataset=_Data())
+    t.train()
+    assert [s for s, _, _ in seen] == [0, 1, 2]  # every optimizer step, though none of them logs
+    assert not torch.equal(seen[0][2], seen[1][2])  # called before the step's update (weights moved between)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_llava.config import Recipe, load_recipe
 from lora_llava.recipes import recipe_path
+
+if TYPE_CHECKING:
+    from lora_llava.errors import TrainingStopped
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +70,15 @@ def interrupted_message() -> str:
         f"interrupted: the latest checkpoint is {latest}\n"
         f"resume with: {TRAINING['command']} output_dir={run.path} train.resume=true"
     )
+
+
+def stopped_message(e: TrainingStopped) -> str:
+    """A run stopped by SIGTERM/SIGINT after saving a checkpoint: where, and the command that resumes it."""
+    lines = [f"{e}"]
+    command = TRAINING.get("command") or "lora-llava train RECIPE"
+    if e.checkpoint is not None:
+        lines.append(f"resume with: {command} output_dir={e.run_dir} train.resume=true")
+    return "\n".join(lines)
 
 
 def cpu_threads_for(backbone: str | None) -> None:

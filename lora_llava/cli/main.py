@@ -14,7 +14,7 @@ import os
 import sys
 from importlib import import_module
 
-from lora_llava.errors import UserError
+from lora_llava.errors import TrainingStopped, UserError
 
 # verb -> module under lora_llava.cli; each has HELP, EPILOG, add_arguments(parser), run(args) -> int
 VERBS = {
@@ -27,6 +27,7 @@ VERBS = {
     "predict": "predict",
     "demo": "demo",
     "push": "push",
+    "plot": "plot",
     "recipes": "recipes",
 }
 
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        from lora_llava.cli.common import stopped_message
+
+        print(stopped_message(e), file=sys.stderr)
+        return e.exit_code
     except OSError as e:
         if e.filename is None:  # not a file a user named or can fix: a real failure, shown as one
             raise

@@ -13,7 +13,12 @@ EPILOG = """examples:
   lora-llava train llava-1.5-7b/qlora data.train.0.path=my/train.json data.train.0.image_folder=my/images
   WANDB_MODE=offline lora-llava train my.yaml train.report_to=wandb
 
-writes OUTPUT_DIR/adapter (LoRA + projector + processor + recipe), recipe.yaml, metrics.jsonl"""
+writes OUTPUT_DIR/adapter (LoRA + projector + processor + recipe), recipe.yaml, metrics.jsonl, curves.png
+(and with train.eval_steps eval/step-N.jsonl; with train.save_steps checkpoints/checkpoint-N, each an adapter)
+
+exit status: 0 trained; 2 a mistake (one error line); 75 stopped by SIGTERM or Ctrl-C after the step in
+flight, with a checkpoint saved (the message gives the command that resumes); 130 aborted by a second
+Ctrl-C (checkpoints already saved are intact)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -88,6 +88,10 @@ def cross_check(recipe: Recipe) -> list[str]:
         out.append(
             "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"
         )
+    if recipe.train.eval_steps and not recipe.data.eval and not recipe.data.eval_split:
+        out.append("train.eval_steps: there is no eval data to evaluate on; add data.eval or data.eval_split")
+    if recipe.train.keep_checkpoints and not recipe.train.save_steps:
+        out.append("train.keep_checkpoints: no checkpoints are written without train.save_steps; set it too")
     if recipe.chat.format == "plain" and recipe.stage != "align":
         out.append(
             "chat.format: plain is LLaVA-1.5's stage-1 (stage: align) format; instruction tuning needs a "

@@ -225,7 +225,29 @@ class TrainConfig:
     save_steps: int | None = _f(
         None, "Write a resumable checkpoint (whole or absent) to <output_dir>/checkpoints every N steps.", min=1
     )
-    resume: bool = _f(False, "Continue from the latest complete checkpoint in <output_dir>/checkpoints.")
+    keep_checkpoints: int | None = _f(
+        None,
+        "Keep only the newest N checkpoints (plus the best by eval accuracy, with train.eval_steps); older ones "
+        "are deleted once a newer one is complete. Default: keep all.",
+        min=1,
+    )
+    resume: bool = _f(
+        False,
+        "Continue from the newest complete checkpoint in <output_dir>/checkpoints whose files verify against its "
+        "manifest (a damaged one is skipped, and said so).",
+    )
+    eval_steps: int | None = _f(
+        None,
+        "Every N optimizer steps, and at the end: eval loss and exact-match accuracy on the eval data (data.eval, "
+        "data.eval_split; at most eval.max_samples), the answers in <output_dir>/eval/step-N.jsonl.",
+        min=1,
+    )
+    max_bad_steps: int = _f(
+        5,
+        "A step whose loss or gradient norm is NaN/inf is skipped (no weight or optimizer update); this many in a "
+        "row stop the run with an error naming the samples of the offending batch.",
+        min=1,
+    )
     dataloader_workers: int = _f(0, "Worker processes preparing batches.", min=0)
     group_by_length: bool = _f(
         True,

@@ -229,6 +229,8 @@ class Collator:
         ids.masked_fill_(pad, self.pad_id)
         labels.masked_fill_(pad, -100)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "index" in items[0]:
+            batch["sample_index"] = torch.tensor([it["index"] for it in items])
         pix = [it["pixel_values"] for it in items if "pixel_values" in it]
         if pix:
             batch["pixel_values"] = cat_pixels(pix)
@@ -239,16 +241,27 @@ class Collator:
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], encoder: Encoder) -> None:
+    """Samples encoded on access; ``with_index``: each item also carries its position (``index``), which the
+    Collator turns into ``sample_index`` so a trainer can name the samples of a batch."""
+
+    def __init__(self, samples: list[Sample], encoder: Encoder, with_index: bool = False) -> None:
         self.samples = samples
         self.encoder = encoder
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return self.encoder.encode(self.samples[i])
+        item = self.encoder.encode(self.samples[i])
+        if self.with_index:
+            item["index"] = i
+        return item
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A DataLoader batch in one go (torch's fetcher calls this when it exists)."""
-        return self.encoder.encode_batch([self.samples[i] for i in indices])
+        items = self.encoder.encode_batch([self.samples[i] for i in indices])
+        if self.with_index:
+            for i, item in zip(indices, items):
+                item["index"] = i
+        return items

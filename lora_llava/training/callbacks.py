@@ -1,17 +1,19 @@
-"""What a run reports while it trains: metrics.jsonl, the padding share, a stop on a non-finite loss.
+"""What a run reports while it trains: metrics.jsonl, and a progress bar people read.
 
 Usage::
 
-    stats = PaddingStats()
-    collator = CountingCollator(pad_id, stats)                 # counts real and padding tokens
     log = MetricsLog(run.metrics, keep_until=resumed_step)     # started afresh, or continued after a resume
-    callbacks = [MetricsCallback(log, stats), StopOnNonFinite()]
+    callbacks = [MetricsCallback(log), ProgressBar(print)]
+
+Each logging row holds the Trainer's numbers (loss, learning rate, grad norm) and lora_llava's:
+``tokens_per_s`` (real tokens, padding excluded), ``supervised_tokens_per_s`` (tokens that carry loss),
+``padding_fraction`` (so far) and ``skipped_steps`` (NaN/inf steps skipped so far); eval rows hold
+``eval_loss`` and ``eval_accuracy``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,31 +21,24 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lora_llava.data.encode import Collator
+from lora_llava.annotations import Log
 
 
 @dataclass
-class PaddingStats:
+class TokenCounts:
+    """Tokens the run has trained on so far (this process): every position, the padding, the supervised."""
+
     tokens: int = 0
     pad: int = 0
+    supervised: int = 0
 
     @property
     def fraction(self) -> float:
         return self.pad / self.tokens if self.tokens else 0.0
 
-
-class CountingCollator(Collator):
-    """The Collator, counting every token and every padding token it emits into ``stats``."""
-
-    def __init__(self, pad_id: int, stats: PaddingStats) -> None:
-        super().__init__(pad_id)
-        self.stats = stats
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = super().__call__(items)
-        self.stats.tokens += batch["attention_mask"].numel()
-        self.stats.pad += int((batch["attention_mask"] == 0).sum())
-        return batch
+    @property
+    def real(self) -> int:
+        return self.tokens - self.pad
 
 
 class MetricsLog:
@@ -64,11 +59,10 @@ class MetricsLog:
 
 
 class MetricsCallback(TrainerCallback):
-    """Each logging step's numbers, with the padding share so far, as one line of metrics.jsonl."""
+    """Each logged row's numbers as one line of metrics.jsonl."""
 
-    def __init__(self, log: MetricsLog, stats: PaddingStats) -> None:
+    def __init__(self, log: MetricsLog) -> None:
         self.log = log
-        self.stats = stats
         self.mean_loss: Callable[[], float] | None = None  # the whole run's mean, for the end-of-run row
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
@@ -76,14 +70,53 @@ class MetricsCallback(TrainerCallback):
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if "train_loss" in row and self.mean_loss is not None:
                 row["train_loss"] = self.mean_loss()
-            if self.stats.tokens:
-                row["padding_fraction"] = round(self.stats.fraction, 4)
             self.log.write(row)
 
 
-class StopOnNonFinite(TrainerCallback):
-    """Stop training once a logged loss is NaN or infinite."""
+def _compact(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 10_000 else f"{n:.0f}"
+
+
+class ProgressBar(TrainerCallback):
+    """One bar for the run (steps, ETA; loss, learning rate and tokens/s as they are logged) and one short
+    line per logging step to ``log``, instead of the Trainer's dictionaries."""
+
+    def __init__(self, log: Log = print) -> None:
+        self.log = log
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.log_history and not math.isfinite(state.log_history[-1].get("loss", 0.0)):
-            control.should_training_stop = True
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs or self.bar is None or "learning_rate" not in logs:  # a training row (not eval, not the end)
+            return
+        post = {"loss": f"{logs['loss']:.4f}" if "loss" in logs else "-"}
+        if "learning_rate" in logs:
+            post["lr"] = f"{logs['learning_rate']:.2e}"
+        if "tokens_per_s" in logs:
+            post["tok/s"] = _compact(logs["tokens_per_s"])
+            post["sup/s"] = _compact(logs.get("supervised_tokens_per_s", 0.0))
+        self.bar.set_postfix(post, refresh=False)
+        line = f"step {state.global_step}/{state.max_steps}  " + "  ".join(f"{k} {v}" for k, v in post.items())
+        if logs.get("grad_norm") is not None:
+            line += f"  grad {logs['grad_norm']:.3g}"
+        self.say(line)
+
+    def say(self, line: str) -> None:
+        """A line above the bar while it runs (printing), else to the log the run was given."""
+        if self.bar is not None and self.log is print:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,17 +1,20 @@
-"""Resumable checkpoints that are whole or absent, holding exactly the trained parts.
+"""Resumable checkpoints that are whole or absent, verifiable, bounded in number, and adapters.
 
 Usage::
 
     args = training_arguments(recipe, run_dir)      # the Trainer writes checkpoints into a staging folder ...
-    PublishCheckpoints(run.checkpoints)             # ... and this callback renames each into place when whole
-    ckpt = resume_point(recipe, run_dir)            # the checkpoint train.resume continues from, checked
+    PublishCheckpoints(run.checkpoints, keep=2)     # ... this callback seals each, renames it into place, rotates
+    ckpt = resume_point(recipe, run_dir, log)       # the checkpoint train.resume continues from, checked
 
-Every ``train.save_steps`` steps the Trainer writes ``checkpoint-N`` into
-``<output_dir>/checkpoints/.staging``: the LoRA weights (if any), the projector (and image newline),
-the vision tower when trained fully, the recipe, the optimizer, scheduler, RNG and trainer state.
-Once the Trainer has finished writing it (its ``on_save`` event), it is renamed to
-``<output_dir>/checkpoints/checkpoint-N``: a checkpoint interrupted half-way never appears under its
-final name, so resuming always starts from a whole one. The frozen base weights are not copied.
+Every ``train.save_steps`` steps (and when a stop signal arrives) the Trainer writes ``checkpoint-N``
+into ``<output_dir>/checkpoints/.staging``: an adapter (LoRA, projector, processor, recipe, metadata:
+``eval``, ``chat``, ``predict`` and ``merge`` take it like the final one), the optimizer, scheduler,
+RNG and trainer state. Once written (the Trainer's ``on_save``), its files are flushed to disk and listed
+with their sizes and SHA-256 in ``manifest.json``, and the folder is renamed to
+``<output_dir>/checkpoints/checkpoint-N``: a save interrupted half-way never appears under its final name,
+and resuming takes the newest checkpoint whose files still match their manifest. With
+``train.keep_checkpoints`` older checkpoints are deleted only after the new one is in place; the best by
+eval accuracy (``eval.json``, with ``train.eval_steps``) is kept besides. The frozen base is never copied.
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lora_llava.artifacts import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, RunDir, checkpoint_run_id
+from lora_llava.annotations import Log
+from lora_llava.artifacts import (
+    CHECKPOINT_EVAL_FILE,
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE_FILE,
+    RunDir,
+    checkpoint_run_id,
+    checkpoint_step,
+    fsync_dir,
+    write_manifest,
+)
 from lora_llava.config.load import load_recipe, recipe_to_dict
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
@@ -37,6 +50,9 @@ RESUMABLE_CHANGES = {
     "train.max_steps",
     "train.epochs",
     "train.save_steps",
+    "train.keep_checkpoints",
+    "train.eval_steps",
+    "train.max_bad_steps",
     "train.logging_steps",
     "train.report_to",
     "train.wandb_project",
@@ -46,18 +62,56 @@ RESUMABLE_SECTIONS = ("eval.", "merge.")
 
 
 class PublishCheckpoints(TrainerCallback):
-    """Moves each checkpoint from the staging folder to its final name once the Trainer has written it."""
+    """Seals each checkpoint the Trainer wrote (eval result, manifest, fsync), renames it into place, and
+    deletes the ones ``keep`` (keep-last-N) no longer needs — never the best by eval accuracy."""
 
-    def __init__(self, checkpoints: Path) -> None:
+    def __init__(self, checkpoints: Path, keep: int | None = None) -> None:
         self.checkpoints = checkpoints
+        self.keep = keep
+        self.last_eval: dict | None = None  # set by the in-training eval: {"step", "accuracy", "eval_loss", ...}
+        self.published: list[Path] = []
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         name = f"{CHECKPOINT_PREFIX}{state.global_step}"
         staged = Path(args.output_dir) / name
+        if self.last_eval is not None and self.last_eval.get("step") == state.global_step:
+            (staged / CHECKPOINT_EVAL_FILE).write_text(json.dumps(self.last_eval))
+        write_manifest(staged)
         target = self.checkpoints / name
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)
+        fsync_dir(self.checkpoints)
+        self.published.append(target)
+        if self.keep:
+            for old in rotate(self.checkpoints, self.keep):
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_eval(path: Path) -> dict | None:
+    try:
+        return json.loads((path / CHECKPOINT_EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint with the highest eval accuracy (then the lowest eval loss, then the earliest), or None."""
+    scored: list[tuple[Path, dict]] = []
+    for p in RunDir(checkpoints.parent).checkpoint_dirs():
+        e = checkpoint_eval(p)
+        if e is not None and e.get("accuracy") is not None:
+            scored.append((p, e))
+    if not scored:
+        return None
+    return max(scored, key=lambda pe: (pe[1]["accuracy"], -(pe[1].get("eval_loss") or 0.0), -checkpoint_step(pe[0])))[0]
+
+
+def rotate(checkpoints: Path, keep: int) -> list[Path]:
+    """The checkpoints keep-last-``keep`` deletes: all but the newest ``keep`` and the best by eval accuracy."""
+    newest_first = RunDir(checkpoints.parent).checkpoint_dirs()
+    best = best_checkpoint(checkpoints)
+    return [p for p in newest_first[keep:] if p != best]
 
 
 def clean_staging(checkpoints: Path) -> None:
@@ -81,13 +135,18 @@ def checkpoint_global_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("global_step", 0)
 
 
-def resume_point(recipe: Recipe, run_dir: str | os.PathLike) -> Path:
-    """The checkpoint ``train.resume`` continues from, after checking it fits the recipe (no model loaded)."""
+def resume_point(recipe: Recipe, run_dir: str | os.PathLike, log: Log = print) -> Path:
+    """The checkpoint ``train.resume`` continues from: the newest whose every file matches its manifest's
+    SHA-256 (damaged newer ones are skipped with a warning), checked to fit the recipe (no model loaded)."""
     run = RunDir(run_dir)
-    ckpt = run.latest_checkpoint()
+    skipped: list[str] = []
+    ckpt = run.latest_checkpoint(hashes=True, skipped=skipped)
+    for line in skipped:
+        log(f"warning: skipping {line}")
     if ckpt is None:
         raise UserError(
-            f"train.resume: no complete checkpoint in {run.checkpoints}",
+            f"train.resume: no complete checkpoint in {run.checkpoints}"
+            + (f" ({len(skipped)} damaged or incomplete: {'; '.join(skipped)})" if skipped else ""),
             hint="train once with train.save_steps set, or drop train.resume",
         )
     if (ckpt / "recipe.yaml").is_file():

@@ -3,7 +3,7 @@
 Usage::
 
     groups = optimizer_groups(model, spec, recipe)
-    torch.optim.AdamW(groups, lr=recipe.train.learning_rate)
+    GuardedAdamW(groups, lr=recipe.train.learning_rate)     # AdamW that can skip a step the trainer marks bad
 
 LoRA of the language model trains at ``train.learning_rate`` with ``train.weight_decay``; the
 projector (and LLaVA-NeXT's image newline) at ``projector.learning_rate`` without weight decay (as
@@ -14,6 +14,8 @@ in no group; empty groups are left out.
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from lora_llava.annotations import Model
 from lora_llava.backbones.registry import BackboneSpec
@@ -44,3 +46,16 @@ def optimizer_groups(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[d
     return [
         {"params": ps, "lr": rates[k][0], "weight_decay": rates[k][1], "name": k} for k, ps in buckets.items() if ps
     ]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and optimizer state untouched on a step the trainer marked bad (``skip``:
+    a NaN/inf loss or gradient norm); the flag is cleared by that step."""
+
+    skip = False
+
+    def step(self, closure: Any = None) -> Any:
+        if self.skip:
+            self.skip = False
+            return None
+        return super().step(closure)

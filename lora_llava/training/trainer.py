@@ -1,32 +1,44 @@
-"""The transformers Trainer as lora_llava runs it: arguments from the recipe, trained-parts checkpoints,
-the modality-length grouped sampler, and batches that reach no trainable weight.
+"""The transformers Trainer as lora_llava runs it: arguments from the recipe, checkpoints that are
+adapters, a NaN/inf guard on every optimizer step, token throughput, the modality-length grouped
+sampler, and batches that reach no trainable weight.
 
 Usage::
 
     args = training_arguments(recipe, run_dir)
-    trainer = LlavaTrainer(spec=spec, recipe=recipe, lengths=lengths, has_image=has_image, model=model, args=args,
-                           train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
-                           callbacks=[...])
+    trainer = LlavaTrainer(spec=spec, recipe=recipe, processor=processor, fmt=fmt, samples=train_samples,
+                           model=model, args=args, train_dataset=EncodedDataset(samples, encoder, with_index=True),
+                           data_collator=Collator(pad_id), optimizers=(GuardedAdamW(groups, lr=lr), None))
+    trainer.train(); trainer.aborted        # None, or why the run stopped on bad steps
+
+The guard: a step whose micro-batch loss or gradient norm is NaN/inf changes neither the weights nor the
+optimizer state (the learning-rate schedule moves on), is counted, and named with its samples;
+``train.max_bad_steps`` such steps in a row stop the run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_llava.annotations import Model
-from lora_llava.artifacts import LORA_WEIGHTS_FILE, RECIPE_FILE, RUN_FILE, RunDir
+from lora_llava.annotations import Log, Model, Processor
+from lora_llava.artifacts import LORA_WEIGHTS_FILE, RUN_FILE, RunDir, write_adapter_files
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.compat import CompatTrainer
-from lora_llava.config.load import save_recipe
 from lora_llava.config.schema import Recipe
+from lora_llava.data.chat import ChatFormat
+from lora_llava.data.formats import Sample
 from lora_llava.data.sampler import ModalityLengthGroupedSampler
-from lora_llava.model.trained_parts import has_lora, restore_trained_parts, save_trained_parts
+from lora_llava.model.trained_parts import has_lora, restore_trained_parts
+from lora_llava.training import faults
+from lora_llava.training.callbacks import TokenCounts
 from lora_llava.training.checkpoint import STAGING
+from lora_llava.training.optim import GuardedAdamW
 
 
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
@@ -70,40 +82,160 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
 
 
 class LlavaTrainer(CompatTrainer):
-    """Checkpoints hold the trained parts and the recipe; ``lengths`` (one per training sample, with
-    ``has_image``) switch on LLaVA's modality-length grouped batches."""
+    """Checkpoints that are adapters and resume; a NaN/inf guard on every optimizer step; token throughput
+    in the logs. ``lengths`` (one per training sample, with ``has_image``) switch on LLaVA's
+    modality-length grouped batches. The optimizer must be a ``GuardedAdamW`` for bad steps to be skipped."""
 
     def __init__(
         self,
         *args: Any,
         spec: BackboneSpec,
         recipe: Recipe,
+        processor: Processor | None = None,
+        fmt: ChatFormat | None = None,
+        samples: list[Sample] | None = None,
         lengths: list[int] | None = None,
         has_image: list[bool] | None = None,
         run_id: str | None = None,
+        log: Log = print,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spec = spec
         self.recipe = recipe
+        self.processor = processor
+        self.fmt = fmt
+        self.samples = samples or []
         self.lengths = lengths
         self.has_image = has_image
         self.run_id = run_id
-        self.loss_before = 0.0  # summed step losses of the steps a resumed run did not train itself
-        self._loss_sum: Any = 0.0  # summed step losses trained here (a tensor on the training device)
+        self.say = log
+        self.counts = TokenCounts()
+        # the run before a resume: its summed good-step losses and its skipped steps
+        self.loss_before = 0.0
+        self.bad_before = 0
+        self._loss_sum: Any = 0.0  # summed losses of the good steps trained here (on the training device)
+        self._step_loss: Any = 0.0  # the current optimizer step's micro-batch losses
+        self._step_micro: list[tuple[Any, Any]] = []  # (loss is finite, sample indices) per micro-batch
+        self._tokens: Any = None  # (all, padding, supervised) since the last sync, on the training device
+        self.bad_steps = 0  # skipped here (not counting the run before a resume)
+        self.bad_in_a_row = 0
+        self.aborted: str | None = None  # why the run stopped on bad steps
+        self._last_log: tuple[float | None, int, int] = (None, 0, 0)  # (time, real, supervised tokens) at the last log
+        self._interval = [0, 0]  # good and skipped steps since the last log
+        self._interval_loss: Any = 0.0  # summed losses of the good steps since the last log
+
+    # -------------------------------------------------------------------------------------- per step
 
     def training_step(self, model: Model, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        index = inputs.pop("sample_index", None)
+        if self._last_log[0] is None:  # throughput counts from the first step, not from loading
+            self._last_log = (time.time(), 0, 0)
+        mask, labels = inputs["attention_mask"], inputs["labels"]
+        counted = torch.stack([mask.new_tensor(mask.numel()), (mask == 0).sum(), (labels != -100).sum()])
+        self._tokens = counted if self._tokens is None else self._tokens + counted
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._loss_sum = self._loss_sum + loss.detach()
+        detached = loss.detach()
+        self._step_micro.append((torch.isfinite(detached), index))
+        self._step_loss = self._step_loss + torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0)
         return loss
 
+    def before_optimizer_step(self, grad_norm: float | None) -> None:
+        """Decide whether this step's update happens: not when a micro-batch loss or the gradient norm is
+        NaN/inf (an fp16 loss-scale overflow is the scaler's to skip, not a bad step)."""
+        finite = [bool(ok) for ok, _ in self._step_micro]
+        scaler = getattr(self.accelerator, "scaler", None) is not None
+        norm_bad = grad_norm is not None and not math.isfinite(grad_norm) and not scaler
+        bad = not all(finite) or norm_bad
+        self._interval[1 if bad else 0] += 1
+        if not bad:
+            self._loss_sum = self._loss_sum + self._step_loss
+            self._interval_loss = self._interval_loss + self._step_loss
+            self.bad_in_a_row = 0
+        else:
+            step = self.state.global_step + 1
+            culprits = [i for (ok, idx), f in zip(self._step_micro, finite) if not f and idx is not None for i in idx]
+            if not culprits:  # only the gradient norm: every micro-batch of the step
+                culprits = [i for _, idx in self._step_micro if idx is not None for i in idx]
+            what = "loss" if not all(finite) else "gradient norm"
+            names = ", ".join(self._where(int(i)) for i in culprits[:8])
+            more = f" and {len(culprits) - 8} more" if len(culprits) > 8 else ""
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+            self.say(f"warning: step {step} skipped: {what} is NaN/inf (no update); its batch: {names}{more}")
+            if self.optimizer is not None:
+                _guarded(self.optimizer).skip = True
+            if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
+                self.aborted = (
+                    f"{self.bad_in_a_row} optimizer steps in a row (to step {step}) had a NaN/inf {what}; each was "
+                    f"skipped, so the weights are those of step {step - self.bad_in_a_row}. The last batch: {names}{more}"
+                )
+                self.control.should_training_stop = True
+        self._step_loss = 0.0
+        self._step_micro = []
+
+    def compute_loss(
+        self, model: Model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if not loss.requires_grad:
+            # a batch that reaches no trainable weight (text-only samples while only image-side parts
+            # train): a zero-gradient step keeps the run going instead of failing in backward
+            p = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + 0.0 * p.reshape(-1)[0]
+        faults.slow_step(self.state.global_step + 1)
+        if faults.active("nan_loss", self.state.global_step + 1):
+            loss = loss * float("nan")
+        return (loss, *out[1:]) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------ the numbers
+
+    def sync_counts(self) -> TokenCounts:
+        """The token counts so far, brought over from the training device."""
+        if self._tokens is not None:
+            total, pad, supervised = (int(x) for x in self._tokens.tolist())
+            self.counts.tokens += total
+            self.counts.pad += pad
+            self.counts.supervised += supervised
+            self._tokens = None
+        return self.counts
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds tokens/s (real and supervised, since the last log), the padding share and skipped steps."""
+        if "learning_rate" in logs:  # a training row
+            good, skipped = self._interval
+            if skipped:  # the Trainer fills a NaN step with an average; report the good steps' mean, or none
+                logs.pop("loss", None)
+                if good:
+                    logs["loss"] = float(self._interval_loss) / good
+            self._interval, self._interval_loss = [0, 0], 0.0
+            c = self.sync_counts()
+            now = time.time()
+            then, real, supervised = self._last_log
+            elapsed = max(now - (then or now), 1e-9)
+            logs["tokens_per_s"] = round((c.real - real) / elapsed, 1)
+            logs["supervised_tokens_per_s"] = round((c.supervised - supervised) / elapsed, 1)
+            self._last_log = (now, c.real, c.supervised)
+        if "learning_rate" in logs or "train_loss" in logs:
+            logs["padding_fraction"] = round(self.sync_counts().fraction, 4)
+            logs["skipped_steps"] = self.bad_before + self.bad_steps
+        super().log(logs, start_time)
+
+    def _where(self, index: int) -> str:
+        """A training sample named as bad-sample reports name it (file, sample or line, id)."""
+        return self.samples[index].where() if index < len(self.samples) else f"training sample {index}"
+
     def loss_sum(self) -> float:
-        """The summed per-step training loss of the whole run, resumed steps included."""
+        """The summed training loss of the run's good steps, resumed steps included."""
         return self.loss_before + float(self._loss_sum)
 
+    def good_steps(self) -> int:
+        return self.state.global_step - self.bad_before - self.bad_steps
+
     def mean_loss(self) -> float:
-        """The run's mean training loss over all its steps: what an uninterrupted run reports."""
-        return self.loss_sum() / max(self.state.global_step, 1)
+        """The run's mean training loss over its good steps: what an uninterrupted run reports."""
+        return self.loss_sum() / max(self.good_steps(), 1)
 
     def train_sampler(self, dataset: Any) -> Any:
         if self.lengths is None or self.has_image is None:
@@ -115,13 +247,27 @@ class LlavaTrainer(CompatTrainer):
         return ModalityLengthGroupedSampler(self.lengths, self.has_image, self.args.train_batch_size, self.args.seed)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """What a checkpoint holds: the trained parts, and the recipe resuming checks against."""
+        """What a checkpoint holds besides the Trainer's states: an adapter (so every checkpoint can be
+        evaluated, chatted with, merged), and the run's id and loss so far (for resuming)."""
+        from lora_llava.training.run import hardware
+
+        if self.processor is None or self.fmt is None:
+            raise TypeError("LlavaTrainer needs processor= and fmt= to write checkpoints")
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_trained_parts(self.model, self.spec, self.recipe, out)
-        save_recipe(self.recipe, out / RECIPE_FILE)
-        # whose checkpoint this is, and the loss summed so far (a resumed run reports the whole run's mean)
-        (out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "loss_sum": self.loss_sum()}))
+        step = self.state.global_step
+        extra = {
+            "train_loss": self.mean_loss(),
+            "steps": step,
+            "train_samples": len(self.samples),
+            "hardware": hardware(),
+        }
+        write_adapter_files(
+            out, self.model, self.processor, self.spec, self.recipe, self.fmt, extra,
+            between=lambda: faults.pause_in_save(step),
+        )  # fmt: skip
+        run = {"run_id": self.run_id, "loss_sum": self.loss_sum(), "bad_steps": self.bad_before + self.bad_steps}
+        (out / RUN_FILE).write_text(json.dumps(run))
 
     def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:
         from peft import set_peft_model_state_dict
@@ -136,19 +282,16 @@ class LlavaTrainer(CompatTrainer):
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         restore_trained_parts(model, self.spec, ckpt)
         if (ckpt / RUN_FILE).is_file():
-            self.loss_before = float(json.loads((ckpt / RUN_FILE).read_text()).get("loss_sum") or 0.0)
+            saved = json.loads((ckpt / RUN_FILE).read_text())
+            self.loss_before = float(saved.get("loss_sum") or 0.0)
+            self.bad_before = int(saved.get("bad_steps") or 0)
         for p in model.parameters():  # restoring must not change what trains
             p.requires_grad_(id(p) in trainable)
 
-    def compute_loss(
-        self, model: Model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = out[0] if return_outputs else out
-        if not loss.requires_grad:
-            # a batch that reaches no trainable weight (text-only samples while only image-side parts
-            # train): a zero-gradient step keeps the run going instead of failing in backward
-            p = next(p for p in model.parameters() if p.requires_grad)
-            loss = loss + 0.0 * p.reshape(-1)[0]
-            out = (loss, *out[1:]) if return_outputs else loss
-        return out
+
+def _guarded(optimizer: Any) -> GuardedAdamW:
+    """The GuardedAdamW inside accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, GuardedAdamW):
+        raise TypeError(f"LlavaTrainer needs a GuardedAdamW to skip bad steps, got {type(inner).__name__}")
+    return inner

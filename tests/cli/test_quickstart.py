@@ -22,7 +22,10 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert summary["accuracy"]["adapter"] == summary["accuracy"]["merged"]
     assert summary["accuracy"]["adapter"] > summary["accuracy"]["base"]
     assert {p.name for p in Path("runs/qs").iterdir()} >= {
-        "adapter", "merged", "recipe.yaml", "metrics.jsonl", "summary.json", "eval_predictions.json"
+        "adapter", "merged", "recipe.yaml", "metrics.jsonl", "summary.json", "eval_predictions.json", "curves.png"
     }  # fmt: skip
+    # the recipe evaluates every 50 steps and at the end: here (40 steps) at the end only
+    assert [p.name for p in Path("runs/qs/eval").iterdir()] == ["step-40.jsonl"]
+    assert len(Path("runs/qs/eval/step-40.jsonl").read_text().splitlines()) == 16
     line = next(ln for ln in out.splitlines() if ln.startswith("accuracy  base"))
     assert line.endswith("(16 eval samples)")

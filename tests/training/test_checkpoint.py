@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_llava.artifacts import RunDir
+from lora_llava.artifacts import RunDir, write_manifest
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}
@@ -135,6 +135,7 @@ def test_a_finished_run_is_not_overwritten_and_checkpoints_belong_to_their_run(m
     # a checkpoint of another run is never resumed
     other = out / "checkpoints" / "checkpoint-1" / "run.json"
     other.write_text(json.dumps({"run_id": old_id, "loss_sum": 1.0}))
+    write_manifest(other.parent)  # a whole checkpoint, just another run's
     resume = make_recipe(output_dir=str(out), train={"max_steps": 3, "save_steps": 1, "resume": True})
     with pytest.raises(UserError, match="checkpoint-1 belongs to another run"):
         train(resume, **QUIET)
@@ -160,3 +161,70 @@ def test_a_resumed_run_reports_the_whole_runs_mean_loss(make_recipe, tmp_path):
     summaries = [r for r in rows if "train_loss" in r]
     assert len(summaries) == 1 and rows[-1] is summaries[0]  # the first run's summary row is gone
     assert summaries[0]["train_loss"] == pytest.approx(full.train_loss, abs=1e-6)
+
+
+def test_keep_checkpoints_keeps_the_newest_and_the_best(make_recipe, tmp_path):
+    import json
+
+    # ten saves, keep 2, no eval: exactly the two newest remain
+    plain = make_recipe(output_dir=str(tmp_path / "k"), train={"max_steps": 10, "save_steps": 1, "keep_checkpoints": 2})
+    train(plain, **QUIET)
+    assert [p.name for p in RunDir(tmp_path / "k").checkpoint_dirs()] == ["checkpoint-10", "checkpoint-9"]
+
+    # with eval every 3 steps, the best by eval accuracy (then eval loss) is kept besides
+    evald = make_recipe(
+        output_dir=str(tmp_path / "e"),
+        train={"max_steps": 10, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": 3},
+        eval={"max_samples": 4},
+    )
+    train(evald, **QUIET)
+    rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 10]
+    best = max(evals, key=lambda r: (r["eval_accuracy"], -r["eval_loss"], -r["step"]))["step"]
+    kept = {p.name for p in RunDir(tmp_path / "e").checkpoint_dirs()}
+    assert kept == {"checkpoint-10", "checkpoint-9", f"checkpoint-{best}"}
+    ev = json.loads((tmp_path / "e" / "checkpoints" / f"checkpoint-{best}" / "eval.json").read_text())
+    assert ev["step"] == best and ev["n"] == 4
+
+
+def test_resume_skips_a_damaged_checkpoint_and_says_so(make_recipe, tmp_path):
+    from lora_llava.artifacts import checkpoint_problem
+
+    recipe = make_recipe(output_dir=str(tmp_path / "d"), train={"max_steps": 4, "save_steps": 2})
+    train(recipe, **QUIET)
+    ckpts = tmp_path / "d" / "checkpoints"
+    (tmp_path / "d" / "adapter").rename(tmp_path / "adapter-kept")  # as if the run had died after step 4
+    weights = ckpts / "checkpoint-4" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content: only the hash tells
+    weights.write_bytes(bytes(data))
+    assert checkpoint_problem(ckpts / "checkpoint-4") is None  # sizes match ...
+    assert "does not match its SHA-256" in checkpoint_problem(ckpts / "checkpoint-4", hashes=True)  # ... hashes not
+
+    lines: list[str] = []
+    resume = make_recipe(output_dir=str(tmp_path / "d"), train={"max_steps": 4, "save_steps": 2, "resume": True})
+    result = train(resume, log=lines.append)
+    assert any(
+        ln.startswith("warning: skipping checkpoint-4: adapter_model.safetensors does not match") for ln in lines
+    )
+    assert f"resuming from {ckpts / 'checkpoint-2'}" in lines
+    assert result.steps == 4
+    a, b = _tensors(tmp_path / "adapter-kept"), _tensors(tmp_path / "d" / "adapter")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_every_checkpoint_has_a_manifest_of_its_files(make_recipe, tmp_path):
+    import hashlib
+    import json
+
+    recipe = make_recipe(output_dir=str(tmp_path / "m"), train={"max_steps": 1, "save_steps": 1})
+    train(recipe, **QUIET)
+    ckpt = tmp_path / "m" / "checkpoints" / "checkpoint-1"
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(files) == on_disk
+    for name, entry in files.items():
+        blob = (ckpt / name).read_bytes()
+        assert entry == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}

@@ -28,6 +28,7 @@ def test_run_dir_layout(trained_run: Path):
     # without train.save_steps no checkpoints/ folder is left behind
     assert {p.name for p in trained_run.iterdir()} == {
         "adapter",
+        "curves.png",
         "data_report.txt",
         "metrics.jsonl",
         "recipe.yaml",
@@ -66,6 +67,9 @@ def test_metrics_jsonl(trained_run: Path):
     assert all(math.isfinite(r["loss"]) for r in loss_rows)
     assert loss_rows[-1]["loss"] < loss_rows[0]["loss"]
     assert all(0.0 <= r["padding_fraction"] < 1.0 for r in loss_rows)
+    # throughput: real tokens per second, of which the supervised (answer) tokens are a small share here
+    assert all(0 < r["supervised_tokens_per_s"] < r["tokens_per_s"] / 4 for r in loss_rows)
+    assert all(r["skipped_steps"] == 0 for r in loss_rows)
     meta = json.loads((trained_run / "adapter" / "lora_llava.json").read_text())
     assert rows[-1]["train_loss"] == meta["train_loss"]
 
