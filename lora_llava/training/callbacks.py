@@ -14,6 +14,7 @@ Each logging row holds the Trainer's numbers (loss, learning rate, grad norm) an
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,15 @@ def _compact(n: float) -> str:
     return f"{n / 1000:.1f}k" if n >= 10_000 else f"{n:.0f}"
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class ProgressBar(TrainerCallback):
     """One bar for the run (steps, ETA; loss, learning rate and tokens/s as they are logged) and one short
     line per logging step to ``log``, instead of the Trainer's dictionaries."""
@@ -84,11 +94,15 @@ class ProgressBar(TrainerCallback):
     def __init__(self, log: Log = print) -> None:
         self.log = log
         self.bar: Any = None
+        self.started = (_now(), 0)  # when and at which step this process began training
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        self.started = (_now(), state.global_step)
+        self.bar = tqdm(
+            total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True, disable=None
+        )  # no bar when not a terminal (a log file gets the step lines only)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
@@ -107,6 +121,10 @@ class ProgressBar(TrainerCallback):
         line = f"step {state.global_step}/{state.max_steps}  " + "  ".join(f"{k} {v}" for k, v in post.items())
         if logs.get("grad_norm") is not None:
             line += f"  grad {logs['grad_norm']:.3g}"
+        then, first = self.started
+        if state.global_step > first:  # from this process's own pace (a resumed run's earlier steps do not count)
+            left = (_now() - then) / (state.global_step - first) * (state.max_steps - state.global_step)
+            line += f"  eta {_duration(left)}"
         self.say(line)
 
     def say(self, line: str) -> None:
