@@ -47,9 +47,9 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
         name = os.fspath(source)
         data = _read_yaml(Path(name))
     for override in overrides:
-        _apply_override(data, override)
+        apply_override(data, override)
     problems: list[str] = []
-    recipe = _convert_dataclass(Recipe, data, "", problems)
+    recipe = convert_dataclass(Recipe, data, "", problems)
     if not problems:
         problems.extend(cross_check(recipe))
     if problems:
@@ -62,7 +62,7 @@ def load_source(raw: dict, where: str) -> DataSource:
     """Usage: ``load_source({"path": "x.jsonl", "format": "messages"}, "eval --data")``: one data source,
     validated like a recipe's ``data.*`` entries (every problem at once, named under ``where``)."""
     problems: list[str] = []
-    src = _convert_dataclass(DataSource, raw, where, problems)
+    src = convert_dataclass(DataSource, raw, where, problems)
     if problems:
         raise UserError(f"{where}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
     return src
@@ -155,7 +155,7 @@ def _read_yaml(path: Path) -> dict:
 # -------------------------------------------------------------------------------------------- overrides
 
 
-def _apply_override(data: dict, override: str) -> None:
+def apply_override(data: dict, override: str) -> None:
     """Set ``dotted.key=value`` in ``data``, creating missing mappings and appending at index == len."""
 
     def fail(reason: str) -> typing.NoReturn:
@@ -209,7 +209,7 @@ def _default(f: dataclasses.Field) -> Any:
     """A field's default value, a fresh one for factories."""
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    # A class given as a plain default (schema._f does that for `list` and sections) means "build one".
+    # A class given as a plain default (schema.option does that for `list` and sections) means "build one".
     return f.default() if isinstance(f.default, type) else f.default
 
 
@@ -218,7 +218,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _convert_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> Any:
+def convert_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> Any:
+    """``value`` (a mapping from YAML) as an instance of the dataclass ``cls``; every problem (unknown key with
+    the nearest name, wrong type, bound, missing required key) is appended to ``problems`` with its dotted
+    path under ``path``, and the result is then not to be used."""
     if not isinstance(value, dict):
         problems.append(f"{path or '<top level>'}: expected a mapping of keys, got {_show(value)}")
         return _INVALID
@@ -277,7 +280,7 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping[str, Any], pro
             problems.append(f"{path}: needs at least {need} item{'s' if need != 1 else ''}")
         return items if len(problems) == start else _INVALID
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, path, problems)
+        return convert_dataclass(tp, value, path, problems)
     out = _convert_scalar(tp, value)
     if out is _INVALID:
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, tp)
