@@ -21,11 +21,16 @@ def recipes_root() -> Path:
     raise UserError("the built-in recipes folder is missing from this installation", hint="reinstall lora_llava")
 
 
+DATAGEN_FOLDER = "datagen"  # recipes/datagen/: example configs of lora-llava data generate, not training recipes
+
+
 def list_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every built-in recipe; the description is its first comment line."""
+    """(name, description) of every built-in training recipe; the description is its first comment line."""
     root = recipes_root()
     out = []
     for p in sorted(root.rglob("*.yaml")):
+        if p.relative_to(root).parts[0] == DATAGEN_FOLDER:
+            continue
         name = p.relative_to(root).with_suffix("").as_posix()
         first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
         out.append((name, first))
@@ -40,8 +45,13 @@ def recipe_path(ref: str) -> Path:
             raise UserError(f"recipe file {ref!r} not found", hint="list the built-in recipes with: lora-llava recipes")
         return p
     cand = recipes_root() / f"{ref}.yaml"
-    if cand.is_file():
+    if cand.is_file() and Path(ref).parts[0] != DATAGEN_FOLDER:
         return cand
+    if Path(ref).parts[0] == DATAGEN_FOLDER:
+        raise UserError(
+            f"{ref!r} is an example config of lora-llava data generate, not a training recipe",
+            hint=f"lora-llava data generate {Path(ref).name}",
+        )
     import difflib
 
     names = [n for n, _ in list_recipes()]

@@ -109,7 +109,10 @@ def align_data(tmp_path, shapes, extra=()):
 
 
 def shipped_recipes() -> list[Path]:
-    return sorted((REPO / "recipes").rglob("*.yaml"))
+    """The training recipes under recipes/ (recipes/datagen holds lora-llava data generate's configs)."""
+    return sorted(
+        p for p in (REPO / "recipes").rglob("*.yaml") if p.relative_to(REPO / "recipes").parts[0] != "datagen"
+    )
 
 
 N_IMAGE_TOKENS = 16  # tiny: 32 px image, 8 px patches -> 4 x 4 (CLS dropped by the "default" strategy)

@@ -25,6 +25,7 @@ VERBS = {
     "merge": "merge",
     "chat": "chat",
     "predict": "predict",
+    "data": "data",
     "demo": "demo",
     "push": "push",
     "plot": "plot",

@@ -1,0 +1,126 @@
+"""Turn a generation into conversation turns, or reject it with a reason.
+
+Usage::
+
+    turns = parse_generation("conversation", text, finished=True, image_id="139")
+    # [("human", "What is the dog doing?"), ("gpt", "It is jumping ..."), ...]   (no <image> yet)
+    try: ...
+    except Rejected as r: r.reason, r.detail      # "mentions_annotations", 'says "according to the caption"'
+
+Rejection reasons (``REASONS``): ``empty`` (nothing generated), ``truncated`` (cut off by
+max_new_tokens), ``turn_structure`` (not Question:/Answer: lines alternating from a question to an
+answer, text outside them, or not exactly one pair for complex_reasoning), ``empty_answer``,
+``too_short`` (a detailed description under 8 words), ``mentions_annotations`` (the text talks about
+captions, boxes, coordinates or annotations instead of the image, or copies a box) and
+``control_text`` (a chat format's role marker or special token, which ``lora-llava check`` refuses).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import get_args
+
+from lora_llava.datagen.prompts import detail_question
+
+REASONS = (
+    "empty",
+    "truncated",
+    "turn_structure",
+    "empty_answer",
+    "too_short",
+    "mentions_annotations",
+    "control_text",
+)
+
+_LABEL = re.compile(r"^\s*(?:[-*]\s*)?(?:\*\*)?(question|answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.IGNORECASE)
+_NOUNS = r"(?:captions?|descriptions?|annotations?|bounding\s+box(?:es)?|boxes|coordinates|object\s+list|labels)"
+_MENTIONS = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        rf"\b(?:according\s+to|based\s+on|as\s+(?:stated|mentioned|described|noted|given|listed|shown)\s+in|from)"
+        rf"\s+(?:the|these|this)\s+(?:given\s+|provided\s+|image\s+)?{_NOUNS}",
+        r"\b(?:the|these|this|each|given|provided)\s+(?:given\s+|provided\s+)?(?:captions?|annotations?|coordinates)\b",
+        r"\bbounding\s+box",
+        r"\bnormalized\s+(?:coordinates?|values?|positions?)\b",
+        r"\bcaptions?\s+(?:says?|mentions?|states?|describes?|notes?)\b",
+        r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+\s*,\s*[01]?\.\d+\s*,\s*[01]?\.\d+\s*\]",  # a box copied from the context
+    )
+]
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@cache
+def control_strings() -> tuple[str, ...]:
+    """Role markers and stop strings of every chat format, and common special tokens."""
+    from lora_llava.data.chat import CONVERSATION_FORMATS, ChatFormatName, chat_format
+
+    out = {"<image>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>"}
+    for name in set(CONVERSATION_FORMATS) | set(get_args(ChatFormatName)):
+        if isinstance(name, str):
+            fmt = chat_format(name)
+            out |= set(fmt.markers) | ({fmt.stop} if fmt.stop else set())
+    return tuple(sorted(s for s in out if s.strip()))
+
+
+def parse_generation(kind: str, text: str, finished: bool, image_id: str, seed: int = 0) -> list[tuple[str, str]]:
+    """The (human|gpt, text) turns of one generation of ``kind``; raises Rejected."""
+    text = (text or "").strip()
+    if not text:
+        raise Rejected("empty", "nothing was generated")
+    if not finished:
+        raise Rejected("truncated", "the generation reached max_new_tokens before it ended")
+    for s in control_strings():
+        if s in text:
+            raise Rejected("control_text", f"holds {s!r}, a chat-format marker or special token")
+    if kind == "detail":
+        if _LABEL.match(text):
+            raise Rejected("turn_structure", "a description was asked for, a Question:/Answer: text came back")
+        if len(text.split()) < 8:
+            raise Rejected("too_short", f"{len(text.split())} words")
+        turns = [("human", detail_question(image_id, seed)), ("gpt", text)]
+    else:
+        turns = _qa_turns(text)
+        if kind == "complex_reasoning" and len(turns) != 2:
+            raise Rejected("turn_structure", f"expected one question and one answer, got {len(turns) // 2} pairs")
+    for role, value in turns:
+        for pattern in _MENTIONS:
+            m = pattern.search(value)
+            if m:
+                raise Rejected(
+                    "mentions_annotations", f'{"question" if role == "human" else "answer"} says "{m.group(0)}"'
+                )
+    return turns
+
+
+def _qa_turns(text: str) -> list[tuple[str, str]]:
+    turns: list[list[str]] = []  # [label, text]
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            turns.append([m.group(1).lower(), line[m.end() :].strip()])
+        elif line.strip():
+            if not turns:
+                raise Rejected("turn_structure", f"text before the first Question: {line.strip()[:40]!r}")
+            turns[-1][1] = f"{turns[-1][1]}\n{line.strip()}".strip()
+    if not turns:
+        raise Rejected("turn_structure", "no Question:/Answer: lines")
+    labels = [t[0] for t in turns]
+    expected = ["question", "answer"] * (len(turns) // 2 + 1)
+    if labels != expected[: len(labels)]:
+        first_bad = next(i for i, (a, b) in enumerate(zip(labels, expected)) if a != b)
+        raise Rejected(
+            "turn_structure", f"turn {first_bad + 1} is {labels[first_bad]!r}, expected {expected[first_bad]!r}"
+        )
+    if labels[-1] != "answer":
+        raise Rejected("turn_structure", "ends with a question that has no answer")
+    for i, (label, value) in enumerate(turns):
+        if not value:
+            raise Rejected("empty_answer", f"{label} {i // 2 + 1} is empty")
+    return [("human" if label == "question" else "gpt", value) for label, value in turns]

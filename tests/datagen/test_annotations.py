@@ -1,0 +1,102 @@
+"""Annotation readers (COCO, CSV, LLaVA captions) and the symbolic context."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_llava.datagen.annotations import Box, read_annotations
+from lora_llava.datagen.config import AnnotationsConfig
+from lora_llava.datagen.context import render_context
+from lora_llava.errors import UserError
+
+
+def cfg(path, folder, **kw) -> AnnotationsConfig:
+    return AnnotationsConfig(path=str(path), image_folder=str(folder), **kw)
+
+
+def test_coco_captions_and_instances_in_two_files_are_merged(tmp_path, make_images):
+    images = make_images(3)
+    recs = [{"id": im["id"], "file_name": im["file_name"], "width": 64, "height": 48} for im in images]
+    recs.append({"id": 99, "file_name": "missing.png", "width": 64, "height": 48})
+    captions = {"images": recs, "annotations": [{"image_id": i, "caption": f"  cap  {i} "} for i in (0, 1, 99)]}
+    instances = {
+        "images": recs,
+        "annotations": [
+            {"image_id": 0, "bbox": [16, 12, 32, 24], "category_id": 3},
+            {"image_id": 0, "bbox": [0, 0, 4, 3], "category_id": 3},  # the smallest: left out
+            {"image_id": 0, "bbox": [60, 40, 20, 20], "category_id": 4},  # runs off the image: clipped
+        ],
+        "categories": [{"id": 3, "name": "dog"}, {"id": 4, "name": "ball"}],
+    }
+    (tmp_path / "cap.json").write_text(json.dumps(captions))
+    (tmp_path / "inst.json").write_text(json.dumps(instances))
+    good, skipped = read_annotations(
+        cfg(tmp_path / "cap.json", tmp_path / "images", boxes=str(tmp_path / "inst.json"), max_boxes=2)
+    )
+    assert [g.id for g in good] == ["0", "1"]
+    assert good[0].captions == ["cap 0"]
+    # the two largest boxes, in file order, normalized by 64 x 48
+    assert good[0].boxes == [Box("dog", 0.25, 0.25, 0.75, 0.75), Box("ball", 0.9375, 40 / 48, 1.0, 1.0)]
+    assert len(skipped) == 2
+    assert skipped[0] == "image 'img2.png' (id 2): no caption"
+    assert skipped[1].startswith("image 'missing.png' (id 99): image 'missing.png' not found in")
+
+
+def test_csv_pixel_boxes_use_the_image_size_and_normalized_ones_stay(tmp_path, make_images):
+    make_images(2)  # 64 x 48 pixels
+    (tmp_path / "a.csv").write_text(
+        "image,caption,boxes\n"
+        'img0.png,A red square.,"[{""label"": ""square"", ""box"": [16, 12, 48, 36]}]"\n'
+        "img0.png,Another caption.,\n"
+        'img1.png,A green circle.,"[[""circle"", 0.1, 0.2, 0.3, 0.4]]"\n'
+    )
+    good, skipped = read_annotations(cfg(tmp_path / "a.csv", tmp_path / "images"))
+    assert not skipped
+    assert good[0].captions == ["A red square.", "Another caption."]
+    assert good[0].boxes == [Box("square", 0.25, 0.25, 0.75, 0.75)]
+    assert good[1].boxes == [Box("circle", 0.1, 0.2, 0.3, 0.4)]
+    xywh, _ = read_annotations(cfg(tmp_path / "a.csv", tmp_path / "images", box_format="xywh"))
+    assert xywh[0].boxes == [Box("square", 0.25, 0.25, 1.0, 1.0)]
+
+
+def test_csv_mistakes_name_the_line(tmp_path, make_images):
+    make_images(1)
+    (tmp_path / "a.csv").write_text('image,caption,boxes\nimg0.png,x,"[{""box"": [1, 2]}]"\n')
+    with pytest.raises(UserError, match="line 2: boxes must be JSON like"):
+        read_annotations(cfg(tmp_path / "a.csv", tmp_path / "images"))
+    (tmp_path / "b.csv").write_text("file,text\na.png,x\n")
+    with pytest.raises(UserError, match="needs the columns image,caption"):
+        read_annotations(cfg(tmp_path / "b.csv", tmp_path / "images"))
+
+
+def test_llava_caption_pairs_give_captions(tmp_path, make_images):
+    make_images(2)
+    recs = [
+        {"id": "a", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                            {"from": "gpt", "value": "A red square."}]},
+        {"id": "b", "image": "img1.png", "conversations": [{"from": "human", "value": "<image>"}]},
+    ]  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(recs))
+    good, skipped = read_annotations(cfg(tmp_path / "c.json", tmp_path / "images"))
+    assert [(g.id, g.captions) for g in good] == [("a", ["A red square."])]
+    assert skipped == ["image 'img1.png' (id b): no caption"]
+
+
+def test_broken_files_are_one_clear_error(tmp_path, make_images):
+    make_images(1)
+    (tmp_path / "x.json").write_text('{"images": [}')
+    with pytest.raises(UserError, match="broken JSON at line 1"):
+        read_annotations(cfg(tmp_path / "x.json", tmp_path / "images"))
+    with pytest.raises(UserError, match="file not found"):
+        read_annotations(cfg(tmp_path / "nope.json", tmp_path / "images"))
+
+
+def test_context_lists_captions_then_normalized_boxes(coco):
+    good, _ = read_annotations(cfg(coco, coco.parent / "images"))
+    assert render_context(good[1]) == (
+        "Captions:\n- A green circle on gray.\n- One green circle.\n"
+        "Objects (label: [x1, y1, x2, y2], normalized to 0-1, origin at the top left):\n"
+        "- circle: [0.109, 0.167, 0.359, 0.500]"
+    )
