@@ -21,6 +21,7 @@ VERBS = {
     "quickstart": "quickstart",
     "train": "train",
     "check": "check",
+    "plan": "plan",
     "eval": "evaluate",
     "merge": "merge",
     "chat": "chat",

@@ -1,0 +1,180 @@
+"""The memory planner: its estimate against the tensor memory a real CPU training step allocates on the tiny
+backbones (within plan.STATED_ERROR), exact weight/LoRA/optimizer bytes, the micro-batch suggestion, and a plan
+for every shipped recipe offline (Hub backbones from the built-in configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import run_cli, shipped_recipes
+
+from lora_llava import plan as planner
+from lora_llava.errors import UserError
+
+
+def _storages(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _quant_tensors(model):
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            yield from (qs.absmax, qs.code)
+            if getattr(qs, "state2", None) is not None:
+                yield from (qs.state2.absmax, qs.state2.code)
+            if isinstance(getattr(qs, "offset", None), torch.Tensor):
+                yield qs.offset
+
+
+def measure_step(recipe, batch: int) -> tuple[int, int, dict]:
+    """(peak tensor bytes of the second training step, its batch width, the step's input): the model exactly as
+    training builds it, the first ``batch`` samples of the data through the Collator, the trainer's optimizer.
+    Peak = every tensor alive before the step (exact bytes: weights, 4-bit constants, optimizer state, input)
+    + the highest running sum of the CPU allocations the step makes (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import set_seed
+
+    from lora_llava.data.encode import Collator
+    from lora_llava.model.loading import load_base
+    from lora_llava.model.trainability import attach_adapters
+    from lora_llava.training.optim import GuardedAdamW, optimizer_groups
+    from lora_llava.training.prepare import prepare_run
+
+    prepared = prepare_run(recipe, None, log=lambda *a: None)
+    samples = sorted(prepared.report.train, key=prepared.report.length_of, reverse=True)[:batch]
+    inputs = Collator(prepared.processor.tokenizer.pad_token_id)(prepared.encoder.encode_batch(samples))
+    set_seed(0)
+    model, _ = load_base(prepared.spec, recipe.quantization)
+    model = attach_adapters(model, prepared.spec, recipe)
+    model.train()
+    opt = GuardedAdamW(optimizer_groups(model, prepared.spec, recipe), lr=1e-4)
+
+    def step() -> None:
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    state = [t for s in opt.state.values() for t in s.values()]
+    before = _storages([*model.parameters(), *model.buffers(), *_quant_tensors(model), *state, *inputs.values()])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    running = high = 0
+    for e in events:
+        running += e.nbytes()
+        high = max(high, running)
+    return before + high, inputs["input_ids"].shape[1], inputs
+
+
+@pytest.mark.parametrize(
+    "backbone, overrides",
+    [
+        ("tiny", ["train.batch_size=8"]),
+        ("tiny-next", ["train.batch_size=4", "lora.r=32", "train.gradient_checkpointing=true"]),
+    ],
+)
+def test_estimate_within_stated_error_of_a_measured_cpu_step(make_recipe, backbone, overrides):
+    recipe = make_recipe(overrides=[f"backbone={backbone}", "lora.dropout=0.05", *overrides])
+    measured, width, _ = measure_step(recipe, recipe.train.batch_size)
+    plan = planner.plan_memory(recipe, device="cpu", seq_len=width)
+    error = abs(plan.tensors - measured) / measured
+    assert error <= planner.STATED_ERROR, (plan.table(), measured, error)
+    assert "CUDA context" not in plan.categories and plan.total == plan.tensors
+
+
+def test_weights_lora_and_optimizer_bytes_are_exact(make_recipe):
+    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.model.loading import load_base
+    from lora_llava.model.trainability import attach_adapters
+
+    recipe = make_recipe()
+    spec = resolve_backbone("tiny")
+    model = attach_adapters(load_base(spec, recipe.quantization)[0], spec, recipe)
+    lora = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    four_bit = _storages([p for p in model.parameters() if type(p).__name__ == "Params4bit"])
+    four_bit += _storages(_quant_tensors(model))  # absmax, second-level absmax and codes, offset
+    plan = planner.plan_memory(recipe, device="cpu", seq_len=64)
+    assert plan.categories["LoRA"] == lora
+    assert plan.categories["optimizer state (AdamW)"] == 8 * trainable
+    assert plan.categories["4-bit weights"] == pytest.approx(four_bit, rel=0.01)
+
+
+def test_memory_grows_with_batch_and_the_suggestion_keeps_the_global_batch(make_recipe):
+    recipe = make_recipe(overrides=["train.batch_size=4", "train.grad_accum=4"])
+    small = planner.plan_memory(recipe, device="cpu", seq_len=128)
+    assert small.fits is None and small.suggestion is None
+    big = planner.plan_memory(make_recipe(overrides=["train.batch_size=8", "train.grad_accum=2"]), device="cpu",
+                              seq_len=128)  # fmt: skip
+    assert big.categories["activations"] > 1.8 * small.categories["activations"]
+    limit = (small.total + big.total) // 2  # batch 4 fits, 8 does not
+    plan = planner.plan_memory(make_recipe(overrides=["train.batch_size=16", "train.grad_accum=1"]),
+                               gpu_memory=limit, device="cpu", seq_len=128)  # fmt: skip
+    assert plan.fits is False
+    s = plan.suggestion
+    assert s is not None and s.fits and s.micro_batch * s.grad_accum == 16 and s.micro_batch == 4
+    assert s.total <= limit
+    assert "suggested: train.batch_size=4 train.grad_accum=4" in plan.table()
+    nothing = planner.plan_memory(recipe, gpu_memory=1024, device="cpu", seq_len=128)
+    assert nothing.suggestion is not None and not nothing.suggestion.fits
+    assert "even train.batch_size=1" in nothing.table()
+
+
+def test_cuda_plan_adds_the_overheads_and_parse_size(make_recipe):
+    plan = planner.plan_memory(make_recipe(), gpu_memory="24GB", seq_len=64)
+    assert plan.device == "cuda" and plan.categories["CUDA context"] == planner.CUDA_OVERHEAD
+    assert plan.total > plan.tensors and plan.gpu_memory == 24 * 1024**3 and plan.fits
+    assert planner.parse_size("800MB") == 800 * 1024**2 and planner.parse_size("80") == 80 * 1024**3
+    with pytest.raises(UserError, match="not a size"):
+        planner.parse_size("lots")
+
+
+def test_preload_warning_is_none_without_cuda(make_recipe):
+    assert planner.preload_warning(make_recipe()) is None
+
+
+def test_real_llava_15_7b_from_builtin_config(monkeypatch):
+    """Offline, no cache: the registered Hub backbone is planned from its built-in config; exact counts."""
+    from lora_llava.config.load import load_recipe
+    from lora_llava.recipes import recipe_path
+
+    plan = planner.plan_memory(load_recipe(recipe_path("llava-1.5-7b/qlora")), gpu_memory="24GB")
+    assert plan.config_source == "built-in config (offline)" and plan.seq_len == 2048
+    assert plan.categories["LoRA"] == 319_815_680 * 4  # LLaVA-1.5-7B's LoRA at r=128, float32
+    nf4 = planner.nf4_bytes
+    assert plan.categories["4-bit weights"] == 32 * (4 * nf4(4096 * 4096, True) + 3 * nf4(4096 * 11008, True))
+    assert plan.categories["4-bit weights"] == pytest.approx(6.476e9 * (0.5 + 1 / 64), rel=1e-3)
+    assert 12 * 1024**3 < plan.total < 24 * 1024**3 and plan.fits
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: str(p.parent.name + "/" + p.stem))
+def test_plan_runs_on_every_shipped_recipe(capsys, path):
+    code, out, err = run_cli(capsys, "plan", str(path), "--gpu-memory", "24GB", "--seq-len", "512")
+    assert code == 0, err
+    assert "total (peak at the" in out and ("fits in 24.00 GiB" in out or "does NOT fit" in out)
+
+
+def test_plan_cli_reads_the_data_lengths(capsys, shapes, tmp_path):
+    from helpers import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", shapes)
+    code, out, err = run_cli(capsys, "plan", str(recipe))
+    assert code == 0, err
+    assert "the longest of" in out and "training samples" in out
+
+
+def test_unknown_hub_backbone_is_one_clear_line(capsys, shapes, tmp_path):
+    from helpers import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", shapes)
+    code, out, err = run_cli(capsys, "plan", str(recipe), "backbone=someone/llava-nobody-has")
+    assert code == 2 and "error:" in err and "Traceback" not in err
