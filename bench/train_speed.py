@@ -51,7 +51,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNNERS = ("lora_llava", "hand loop", "TRL")
+# lora_llava as shipped (logits only at supervised positions), the same with the model's own full forward
+# (train.supervised_logits=false), with train.packing=true, then the hand loop and TRL
+RUNNERS = ("lora_llava", "lora_llava full logits", "lora_llava packed", "hand loop", "TRL")
+VARIANTS = {
+    "lora_llava": {},
+    "lora_llava full logits": {"supervised_logits": False},
+    "lora_llava packed": {"packing": True},
+}
 WORDS = "red green blue yellow circle square small large shape color image the a of left right top".split()
 
 
@@ -103,7 +110,7 @@ def build(root: Path, hidden: int, layers: int, samples: int) -> None:
     (root / "data" / "train.json").write_text(json.dumps(records))
 
 
-def recipe_for(root: Path, args: argparse.Namespace, output: str) -> Any:
+def recipe_for(root: Path, args: argparse.Namespace, output: str, **train: Any) -> Any:
     from lora_llava.config.load import load_recipe
 
     return load_recipe({
@@ -117,7 +124,7 @@ def recipe_for(root: Path, args: argparse.Namespace, output: str) -> Any:
         "train": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "grad_accum": 1,
                   "learning_rate": 2e-4, "warmup_ratio": 0.0, "lr_scheduler": "constant", "weight_decay": 0.0,
                   "gradient_checkpointing": False, "logging_steps": args.warmup + args.steps,
-                  "group_by_length": True, "seed": 42},
+                  "group_by_length": True, "seed": 42, **train},
     })  # fmt: skip
 
 
@@ -171,14 +178,23 @@ class StepClock:
             self.prof.step()
 
 
-def run_lora_llava(root: Path, args: argparse.Namespace, clock: StepClock) -> dict:
+def run_lora_llava(root: Path, args: argparse.Namespace, clock: StepClock, variant: str = "lora_llava") -> dict:
     import lora_llava
 
-    recipe = recipe_for(root, args, "lora_llava")
+    recipe = recipe_for(root, args, variant.replace(" ", "_"), **VARIANTS[variant])
     result = lora_llava.train(recipe, log=lambda *a: None, overwrite=True)
     rows = [json.loads(ln) for ln in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
-    return {"first_loss": first["loss"], "padding": result.padding_fraction}
+    out: dict[str, Any] = {"first_loss": first["loss"], "padding": result.padding_fraction}
+    if recipe.train.packing:  # rows hold several samples: count what a step trains on
+        from lora_llava.data.packing import pack_indices
+        from lora_llava.training.prepare import prepare_run
+
+        report = prepare_run(recipe, None, log=lambda *a: None).report
+        lengths = [report.length_of(s) for s in report.train]
+        rows_n = len(pack_indices(lengths, recipe.data.max_length))
+        out["per_step"] = {"samples": args.batch * len(lengths) / rows_n, "tokens": args.batch * sum(lengths) / rows_n}
+    return out
 
 
 def _model_and_batches(root: Path, args: argparse.Namespace, order: list[list[int]]) -> tuple[Any, Any, list[dict]]:
@@ -276,8 +292,10 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "memory":
         out = memory_table(root, args, order)
     else:
-        run = {"lora_llava": run_lora_llava, "hand loop": run_hand, "TRL": run_trl}[args.child]
-        out = run(root, args, order, clock) if args.child != "lora_llava" else run_lora_llava(root, args, clock)
+        if args.child in VARIANTS:
+            out = run_lora_llava(root, args, clock, args.child)
+        else:
+            out = {"hand loop": run_hand, "TRL": run_trl}[args.child](root, args, order, clock)
         out["ends"] = clock.ends
     out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if clock.prof is not None:
@@ -323,6 +341,14 @@ def memory_table(root: Path, args: argparse.Namespace, order: list[list[int]]) -
             saved[s.data_ptr()] = (s.nbytes(), t.dim() >= 2 and t.shape[-1] == vocab)
         return t
 
+    from lora_llava.training.loss import supervised_loss
+
+    # first lora_llava's loss (logits only at supervised positions), then the model's own full forward
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        supervised_loss(model, batch).backward()
+    ours = dict(saved)
+    model.zero_grad()
+    saved.clear()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(**batch)
@@ -344,7 +370,11 @@ def memory_table(root: Path, args: argparse.Namespace, order: list[list[int]]) -
             ["projector weights + gradients", rows["projector"] + grads["projector"]],
             ["optimizer state (AdamW)", state],
             ["activations saved for backward", sum(n for n, lg in saved.values() if not lg)],
-            ["logits (output + float32 log-softmax saved)", sum(n for n, lg in saved.values() if lg)],
+            ["logits, full forward (output + float32 log-softmax saved)", sum(n for n, lg in saved.values() if lg)],
+        ],
+        "supervised": [
+            ["activations saved for backward", sum(n for n, lg in ours.values() if not lg)],
+            ["logits, supervised positions only (lora_llava)", sum(n for n, lg in ours.values() if lg)],
         ],
         "batch": list(batch["input_ids"].shape),
         "vocab": vocab,
@@ -448,7 +478,7 @@ def report(args: argparse.Namespace, command: str, results: dict, memory: dict, 
           f"batch {args.batch}; {real:.0f} real and {supervised:.0f} supervised tokens per step on average; "
           f"padding per epoch: grouped {padding['grouped']:.1%} (lora_llava), random batches {padding['random']:.1%}")  # fmt: skip
     print(f"{args.repeats} processes per runner, interleaved; {args.warmup} warm-up + {args.steps} timed steps each")
-    head = (f"{'runner':<11} {'s/step (median, IQR)':>22} {'samples/s':>9} {'tok/s':>7} {'sup tok/s':>9} "
+    head = (f"{'runner':<22} {'s/step (median, IQR)':>22} {'samples/s':>9} {'tok/s':>7} {'sup tok/s':>9} "
             f"{'startup s':>9} {'peak RSS':>9} {'step-1 loss':>11}")  # fmt: skip
     print(head)
     print("-" * len(head))
@@ -463,9 +493,18 @@ def report(args: argparse.Namespace, command: str, results: dict, memory: dict, 
             losses.append(r["first_loss"])
         lo, med, hi = quartiles(steps)
         medians[name] = (med, statistics.median(startups))
-        print(f"{name:<11} {med:>8.3f} ({lo:.3f}-{hi:.3f}) {args.batch / med:>9.2f} {real / med:>7.0f} "
-              f"{supervised / med:>9.0f} {statistics.median(startups):>9.1f} {max(rss) / 1e9:>7.2f}GB {losses[0]:>11.4f}")  # fmt: skip
-    ours, hand, trl = medians["lora_llava"], medians["hand loop"], medians["TRL"]
+        per = results[name][0].get("per_step")  # packed rows: samples and tokens per step of their own
+        n_samples, n_real = (per["samples"], per["tokens"]) if per else (args.batch, real)
+        n_sup = supervised / args.batch * n_samples  # the same samples, the same answers
+        print(f"{name:<22} {med:>8.3f} ({lo:.3f}-{hi:.3f}) {n_samples / med:>9.2f} {n_real / med:>7.0f} "
+              f"{n_sup / med:>9.0f} {statistics.median(startups):>9.1f} {max(rss) / 1e9:>7.2f}GB {losses[0]:>11.4f}")  # fmt: skip
+    ours, hand, trl, full = (
+        medians["lora_llava"],
+        medians["hand loop"],
+        medians["TRL"],
+        medians["lora_llava full logits"],
+    )
+    print(f"supervised-only logits: step time {ours[0] / full[0]:.2f}x the full forward's")
     print(f"ratios: lora_llava / hand loop step time {ours[0] / hand[0]:.2f}x (target <= 1.0x); "
           f"lora_llava / TRL {ours[0] / trl[0]:.2f}x (target <= 0.6x); startup lora_llava {ours[1]:.1f}s vs TRL {trl[1]:.1f}s")  # fmt: skip
     print("(step-1 loss: lora_llava and the hand loop train on the same first batch with the same answer-only labels;")
@@ -478,7 +517,12 @@ def report(args: argparse.Namespace, command: str, results: dict, memory: dict, 
     for label, n in memory["rows"]:
         total += n
         print(f"  {label:<62} {n / 2**20:>9.1f} MiB")
-    print(f"  {'sum':<62} {total / 2**20:>9.1f} MiB")
+    print(f"  {'sum (the full forward)':<62} {total / 2**20:>9.1f} MiB")
+    print("  with lora_llava's loss (train.supervised_logits, the default) instead:")
+    for label, n in memory["supervised"]:
+        print(f"  {label:<62} {n / 2**20:>9.1f} MiB")
+    ours = total - sum(n for _, n in memory["rows"][-2:]) + sum(n for _, n in memory["supervised"])
+    print(f"  {'sum (lora_llava)':<62} {ours / 2**20:>9.1f} MiB")
     for name, table in profiles.items():
         print(f"\nprofile of two steps, {name} (torch.profiler, self CPU time):\n{table}")
 

@@ -15,7 +15,10 @@ How it estimates (no weights anywhere: everything runs on PyTorch's ``meta`` dev
   the absmax constants: 1 byte per 64 weights with ``double_quant``, else 4), the rest in the compute
   dtype; LoRA and the projector in float32, as training keeps them (``attach_adapters`` is applied to
   the meta model, so what trains is exactly what the recipe trains);
-- optimizer state: AdamW's two float32 moments per trainable parameter;
+- optimizer state: AdamW's two float32 moments per trainable parameter (``train.optimizer: adamw``), or
+  bitsandbytes' 8-bit moments (``adamw_8bit``, ``paged_adamw_8bit``);
+- logits: with ``train.supervised_logits`` (the default) only at supervised positions, planned as if every
+  text position were supervised (an upper bound), at most ``training.loss.CHUNK`` positions at a time;
 - activations, logits and gradients: one forward and backward of the meta model at the recipe's micro
   batch and the longest sample after image expansion (exact lengths from the data when it can be read,
   else ``data.max_length``), with every tensor the step allocates followed through a dispatch mode
@@ -288,9 +291,10 @@ def _stage1_recipe_for(backbone: str) -> Recipe | None:
 # -------------------------------------------------------------------------------------- the lengths
 
 
-def sequence_plan(recipe: Recipe, config_source: str, log: Log | None = None) -> tuple[int, int, str]:
-    """(longest sample in tokens, most images in a sample, how it was found): the data's exact lengths after
-    image expansion when it can be read here, else data.max_length with one image."""
+def sequence_plan(recipe: Recipe, config_source: str, log: Log | None = None) -> tuple[int, int, str, int | None]:
+    """(longest sample in tokens, most images in a sample, how it was found, the most supervised tokens among
+    the micro-batch of longest samples): the data's exact lengths after image expansion when it can be read
+    here, else data.max_length with one image (supervised tokens then unknown: None)."""
     why = ""
     if recipe.backbone == "assemble" or "offline" in config_source or "does not exist" in config_source:
         why = "the backbone's processor is not available here"
@@ -304,11 +308,21 @@ def sequence_plan(recipe: Recipe, config_source: str, log: Log | None = None) ->
         else:
             samples = prepared.report.train
             if samples:
-                longest = max(prepared.report.length_of(s) for s in samples)
+                report = prepared.report
+                longest = max(report.length_of(s) for s in samples)
                 images = max(len(s.images) for s in samples)
-                return longest, images, f"the longest of {len(samples)} training samples"
+                top = sorted(samples, key=report.length_of, reverse=True)[: recipe.train.batch_size]
+                sup = max(_supervised_tokens(prepared.encoder, s) for s in top)
+                return longest, images, f"the longest of {len(samples)} training samples", sup
             why = "no usable training sample"
-    return recipe.data.max_length, 1, f"data.max_length; data not read: {why}"
+    return recipe.data.max_length, 1, f"data.max_length; data not read: {why}", None
+
+
+def _supervised_tokens(encoder: Any, sample: Any) -> int:
+    """How many of ``sample``'s tokens carry loss (image sizes read from the files)."""
+    sizes = [encoder.load(p).size for p in sample.images]
+    _, labels = encoder.tokens(sample, sizes)
+    return sum(1 for x in labels[1:] if x != -100)
 
 
 def _image_features(config: Any, max_tiles: int | None) -> tuple[int, int]:
@@ -512,7 +526,9 @@ def _categorize(model: torch.nn.Module, spec: Any, recipe: Recipe) -> dict[str, 
     return out
 
 
-def _meta_pass(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, layers: int | None) -> _Pass:
+def _meta_pass(
+    config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, sup: int | None, layers: int | None
+) -> _Pass:
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from lora_llava.model.trainability import get_module
@@ -543,10 +559,25 @@ def _meta_pass(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, ima
             embeds = torch.cat([img[:, :k].to(embeds.dtype), embeds[:, k:]], dim=1)
         hidden = get_module(model, spec.language_model)(inputs_embeds=embeds).last_hidden_state
         del embeds
-        logits = get_module(model, spec.lm_head)(hidden)
-        del hidden
-        loss = _base(model).loss_function(logits=logits, labels=labels, vocab_size=text.vocab_size)
-        del logits
+        head = get_module(model, spec.lm_head)
+        if recipe.train.supervised_logits:
+            from lora_llava.training.loss import CHUNK, chunk_loss
+
+            # logits only at supervised positions: as many as the data's longest samples have (``sup``), else
+            # every text position (an upper bound); training runs them CHUNK at a time, each chunk recomputed
+            # in the backward pass, so one chunk's logits are what is alive at once
+            k = min(images * patches * crops, seq - 1) if images else 0
+            n = min(sup, seq - 1 - k) if sup is not None else seq - 1 - k
+            picked = hidden[:, k : k + n].reshape(-1, hidden.shape[-1])
+            del hidden
+            targets = labels[:, k + 1 : k + 1 + n].reshape(-1)
+            loss = chunk_loss(head, picked[:CHUNK], targets[:CHUNK]) / max(picked.shape[0], 1)
+            del picked
+        else:
+            logits = head(hidden)
+            del hidden
+            loss = _base(model).loss_function(logits=logits, labels=labels, vocab_size=text.vocab_size)
+            del logits
         loss.backward()
         del loss
         tracker.saw([])
@@ -570,11 +601,13 @@ def _base(model: torch.nn.Module) -> Any:
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def _estimate(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int) -> tuple[dict[str, int], str]:
+def _estimate(
+    config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, sup: int | None = None
+) -> tuple[dict[str, int], str]:
     """Categories (bytes) and where the peak is, for one micro-batch size."""
     depth = config.get_text_config().num_hidden_layers
-    one = _cached_pass(config, spec, recipe, batch, seq, images, 1)
-    two = _cached_pass(config, spec, recipe, batch, seq, images, 2) if depth > 1 else one
+    one = _cached_pass(config, spec, recipe, batch, seq, images, sup, 1)
+    two = _cached_pass(config, spec, recipe, batch, seq, images, sup, 2) if depth > 1 else one
 
     def at_depth(a: float, b: float) -> int:  # identical decoder layers: memory is linear in their number
         return int(a + (b - a) * (depth - 1))
@@ -588,7 +621,11 @@ def _estimate(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, imag
         cats["16-bit weights (frozen)"] += _vision_layer_bytes(config, recipe) * layers
     cats = {k: v for k, v in cats.items() if v}
     trainable = at_depth(one.trainable, two.trainable)
-    cats["optimizer state (AdamW)"] = 2 * 4 * trainable  # exp_avg, exp_avg_sq in float32
+    name = recipe.train.optimizer
+    # AdamW: exp_avg, exp_avg_sq in float32; bitsandbytes' 8-bit AdamW: one byte each plus a float32 absmax
+    # per 256 values (tensors under 4096 values stay 32-bit: a negligible share of LoRA at real sizes)
+    per_param = 8 if name == "adamw" else 2 + 8 / 256
+    cats[f"optimizer state ({name})"] = int(per_param * trainable)
     backward = act + logits + grads
     # the optimizer step: every gradient (float32, as the trained parts), plus the update's temporaries
     step_grads, temporaries = 4 * trainable, 2 * 4 * two.largest_trainable
@@ -598,17 +635,21 @@ def _estimate(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, imag
         return cats, "optimizer step"
     cats["gradients (at the peak)"] = grads
     cats["activations"] = act
-    cats["logits (+ float32 log-softmax)"] = logits
+    cats["logits (supervised positions)" if recipe.train.supervised_logits else "logits (+ float32 log-softmax)"] = (
+        logits
+    )
     return cats, "backward"
 
 
 _PASSES: dict[tuple, _Pass] = {}
 
 
-def _cached_pass(config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, layers: int) -> _Pass:
-    key = (id(config), id(recipe), batch, seq, images, layers)
+def _cached_pass(
+    config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, sup: int | None, layers: int
+) -> _Pass:
+    key = (id(config), id(recipe), batch, seq, images, sup, layers)
     if key not in _PASSES:
-        _PASSES[key] = _meta_pass(config, spec, recipe, batch, seq, images, layers)
+        _PASSES[key] = _meta_pass(config, spec, recipe, batch, seq, images, sup, layers)
     return _PASSES[key]
 
 
@@ -639,20 +680,21 @@ def plan_memory(
     device: str | None = None,
     seq_len: int | None = None,
     log: Log | None = None,
+    supervised: int | None = None,
 ) -> MemoryPlan:
     """The planned peak of one training step of ``recipe``; with ``gpu_memory`` (bytes or "24GB") whether it fits
     and the largest micro-batch that does (grad_accum keeping the recipe's global batch). ``device`` (default:
     cuda when ``gpu_memory`` is given or CUDA is available, else cpu) decides whether CUDA overheads are added;
-    ``seq_len`` overrides the longest sample."""
+    ``seq_len`` overrides the longest sample, ``supervised`` its supervised (answer) tokens."""
     limit = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     device = device or ("cuda" if limit is not None or torch.cuda.is_available() else "cpu")
     config, spec, source = backbone_config(recipe)
     if seq_len is not None:
-        seq, images, how = seq_len, 1, "given"
+        seq, images, how, sup = seq_len, 1, "given", supervised
     else:
-        seq, images, how = sequence_plan(recipe, source, log)
+        seq, images, how, sup = sequence_plan(recipe, source, log)
     t = recipe.train
-    cats, peak_at = _estimate(config, spec, recipe, t.batch_size, seq, images)
+    cats, peak_at = _estimate(config, spec, recipe, t.batch_size, seq, images, sup)
     plan = MemoryPlan(
         backbone=recipe.backbone if recipe.backbone != "assemble" else "assemble",
         config_source=source,
@@ -672,7 +714,7 @@ def plan_memory(
         plan.notes.append("compute_dtype float32 on a GPU: bfloat16 halves the frozen weights and activations")
     if limit is not None:
         plan.suggestion = _suggest(plan, lambda b: sum(_with_overheads(
-            _estimate(config, spec, recipe, b, seq, images)[0], device).values()))  # fmt: skip
+            _estimate(config, spec, recipe, b, seq, images, sup)[0], device).values()))  # fmt: skip
     return plan
 
 

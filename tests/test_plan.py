@@ -55,8 +55,10 @@ def measure_step(recipe, batch: int) -> tuple[int, int, dict]:
     model.train()
     opt = GuardedAdamW(optimizer_groups(model, prepared.spec, recipe), lr=1e-4)
 
-    def step() -> None:
-        model(**inputs).loss.backward()
+    from lora_llava.training.loss import supervised_loss
+
+    def step() -> None:  # the loss training computes (logits only at supervised positions, unless turned off)
+        (supervised_loss(model, inputs) if recipe.train.supervised_logits else model(**inputs).loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -79,13 +81,15 @@ def measure_step(recipe, batch: int) -> tuple[int, int, dict]:
     "backbone, overrides",
     [
         ("tiny", ["train.batch_size=8"]),
+        ("tiny", ["train.batch_size=8", "train.supervised_logits=false"]),  # the model's own full forward
         ("tiny-next", ["train.batch_size=4", "lora.r=32", "train.gradient_checkpointing=true"]),
     ],
 )
 def test_estimate_within_stated_error_of_a_measured_cpu_step(make_recipe, backbone, overrides):
     recipe = make_recipe(overrides=[f"backbone={backbone}", "lora.dropout=0.05", *overrides])
-    measured, width, _ = measure_step(recipe, recipe.train.batch_size)
-    plan = planner.plan_memory(recipe, device="cpu", seq_len=width)
+    measured, width, inputs = measure_step(recipe, recipe.train.batch_size)
+    supervised = int((inputs["labels"][:, 1:] != -100).sum(1).max())
+    plan = planner.plan_memory(recipe, device="cpu", seq_len=width, supervised=supervised)
     error = abs(plan.tensors - measured) / measured
     assert error <= planner.STATED_ERROR, (plan.table(), measured, error)
     assert "CUDA context" not in plan.categories and plan.total == plan.tensors
@@ -105,7 +109,7 @@ def test_weights_lora_and_optimizer_bytes_are_exact(make_recipe):
     four_bit += _storages(_quant_tensors(model))  # absmax, second-level absmax and codes, offset
     plan = planner.plan_memory(recipe, device="cpu", seq_len=64)
     assert plan.categories["LoRA"] == lora
-    assert plan.categories["optimizer state (AdamW)"] == 8 * trainable
+    assert plan.categories["optimizer state (adamw)"] == 8 * trainable
     assert plan.categories["4-bit weights"] == pytest.approx(four_bit, rel=0.01)
 
 

@@ -252,6 +252,21 @@ class TrainConfig:
         "row stop the run with an error naming the samples of the offending batch.",
         min=1,
     )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = option(
+        "adamw",
+        "adamw: torch AdamW, fp32 moments. adamw_8bit: bitsandbytes' 8-bit AdamW (a quarter of the optimizer state). "
+        "paged_adamw_8bit: the same in paged memory CUDA moves to the CPU under memory pressure (on a CPU: adamw_8bit).",
+    )
+    packing: bool = option(
+        False,
+        "Pack several samples into each row of up to data.max_length tokens (best-fit), positions restarted per "
+        "sample and attention kept within each sample: no padding. train.batch_size then counts rows.",
+    )
+    supervised_logits: bool = option(
+        True,
+        "Compute the LM head and the loss only at positions whose next token is labelled (answers), not over the "
+        "image tokens and prompts: the same loss, a fraction of the logits' memory. false: the model's own forward.",
+    )
     dataloader_workers: int = option(0, "Worker processes preparing batches.", min=0)
     group_by_length: bool = option(
         True,

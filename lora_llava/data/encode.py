@@ -214,6 +214,8 @@ class Collator:
         self.padding_side = padding_side
 
     def __call__(self, items: list[dict]) -> dict:
+        if "position_ids" in items[0]:
+            return self._packed(items)
         left = self.padding_side == "left"
         rows = []
         for it in items:
@@ -229,8 +231,29 @@ class Collator:
         ids.masked_fill_(pad, self.pad_id)
         labels.masked_fill_(pad, -100)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return self._images_and_index(items, batch)
+
+    def _packed(self, items: list[dict]) -> dict:
+        """Rows of packed samples (lora_llava.data.packing): no attention_mask; each row's padding is a block
+        of its own (positions 0, 1, ...), so transformers' packed-sequence masks keep it apart; ``token_mask``
+        (1 for real tokens) is for the trainer's counts, not for the model."""
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        pos = torch.arange(width).repeat(len(items), 1)
+        real = torch.zeros((len(items), width), dtype=torch.long)
+        for r, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[r, :n], labels[r, :n], real[r, :n] = it["input_ids"], it["labels"], 1
+            pos[r, :n] = it["position_ids"]
+            pos[r, n:] = torch.arange(width - n)
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "token_mask": real}
+        return self._images_and_index(items, batch)
+
+    def _images_and_index(self, items: list[dict], batch: dict) -> dict:
         if "index" in items[0]:
-            batch["sample_index"] = torch.tensor([it["index"] for it in items])
+            index = [i for it in items for i in (it["index"] if isinstance(it["index"], list) else [it["index"]])]
+            batch["sample_index"] = torch.tensor(index)
         pix = [it["pixel_values"] for it in items if "pixel_values" in it]
         if pix:
             batch["pixel_values"] = cat_pixels(pix)

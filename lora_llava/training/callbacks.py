@@ -101,7 +101,12 @@ class ProgressBar(TrainerCallback):
 
         self.started = (_now(), state.global_step)
         self.bar = tqdm(
-            total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True, disable=None
+            total=state.max_steps,
+            initial=state.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,
         )  # no bar when not a terminal (a log file gets the step lines only)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

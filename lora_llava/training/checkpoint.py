@@ -57,6 +57,7 @@ RESUMABLE_CHANGES = {
     "train.report_to",
     "train.wandb_project",
     "train.dataloader_workers",
+    "train.supervised_logits",
 }
 RESUMABLE_SECTIONS = ("eval.", "merge.")
 

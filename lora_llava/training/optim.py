@@ -4,6 +4,7 @@ Usage::
 
     groups = optimizer_groups(model, spec, recipe)
     GuardedAdamW(groups, lr=recipe.train.learning_rate)     # AdamW that can skip a step the trainer marks bad
+    make_optimizer(model, spec, recipe)                     # the recipe's train.optimizer, guarded the same way
 
 LoRA of the language model trains at ``train.learning_rate`` with ``train.weight_decay``; the
 projector (and LLaVA-NeXT's image newline) at ``projector.learning_rate`` without weight decay (as
@@ -48,9 +49,9 @@ def optimizer_groups(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[d
     ]
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and optimizer state untouched on a step the trainer marked bad (``skip``:
-    a NaN/inf loss or gradient norm); the flag is cleared by that step."""
+class SkippableStep:
+    """Mixed into an optimizer: a step the trainer marked bad (``skip``: a NaN/inf loss or gradient norm)
+    leaves weights and optimizer state untouched; the flag is cleared by that step."""
 
     skip = False
 
@@ -58,4 +59,29 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.skip:
             self.skip = False
             return None
-        return super().step(closure)
+        return super().step(closure)  # type: ignore[misc]
+
+
+class GuardedAdamW(SkippableStep, torch.optim.AdamW):
+    """torch's AdamW (fp32 moments), skippable."""
+
+
+def make_optimizer(model: Model, spec: BackboneSpec, recipe: Recipe) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the recipe's parameter groups: ``adamw`` (torch, fp32 moments), ``adamw_8bit``
+    (bitsandbytes, 8-bit block-wise moments: a quarter of the state memory) or ``paged_adamw_8bit`` (the same,
+    its state in paged memory that CUDA moves to the CPU under memory pressure instead of failing; on a CPU it
+    runs as adamw_8bit). Each skips the steps the NaN/inf guard marks bad."""
+    groups = optimizer_groups(model, spec, recipe)
+    lr = recipe.train.learning_rate
+    name = recipe.train.optimizer
+    if name == "adamw":
+        return GuardedAdamW(groups, lr=lr)
+    import bitsandbytes as bnb
+
+    base = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    guarded = type(f"Guarded{base.__name__}", (SkippableStep, base), {})
+    if name == "paged_adamw_8bit" and not torch.cuda.is_available():
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    return guarded(groups, lr=lr)

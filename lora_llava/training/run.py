@@ -28,6 +28,7 @@ from lora_llava.compat import allow_training_quantized_base
 from lora_llava.config.load import save_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.packing import PackedDataset, pack_indices
 from lora_llava.errors import TrainingStopped, UserError
 from lora_llava.model.loading import load_base
 from lora_llava.model.parts import check_policy, format_part_table
@@ -42,7 +43,7 @@ from lora_llava.training.checkpoint import (
     resume_point,
 )
 from lora_llava.training.evaluation import EvalDuringTraining
-from lora_llava.training.optim import GuardedAdamW, optimizer_groups
+from lora_llava.training.optim import make_optimizer
 from lora_llava.training.prepare import PreparedRun, describe_format, prepare_run
 from lora_llava.training.stop import StopCallback, StopSignals
 from lora_llava.training.tracking import wandb_run
@@ -89,6 +90,9 @@ def train(
     model, _ = load_base(prepared.spec, recipe.quantization, max_tiles=recipe.images.max_tiles)
     model = attach_adapters(model, prepared.spec, recipe)
     log(format_part_table(check_policy(model, prepared.spec, recipe)))
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:  # training keeps no KV cache (with one, packed rows would get no block mask)
+            config.use_cache = False
     if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
         allow_training_quantized_base(model)  # stage 1 on a 4-bit LM; check_policy verified only 16-bit parts train
 
@@ -181,9 +185,10 @@ def _trainer(
     from transformers.trainer_callback import ProgressCallback
 
     report = prepared.report
-    grouped = recipe.train.group_by_length
+    grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
+    dataset = _train_dataset(recipe, prepared, log)
     metrics = MetricsLog(run.metrics, keep_until=checkpoint_global_step(resume) if resume else None)
-    optimizer = GuardedAdamW(optimizer_groups(model, prepared.spec, recipe), lr=recipe.train.learning_rate)
+    optimizer = make_optimizer(model, prepared.spec, recipe)
     run.checkpoints.mkdir(exist_ok=True)
     progress = ProgressBar(log)
     say = progress.say  # lines above the progress bar while it runs
@@ -202,7 +207,7 @@ def _trainer(
         log=say,
         model=model,
         args=training_arguments(recipe, run.path),
-        train_dataset=EncodedDataset(report.train, prepared.encoder, with_index=True),
+        train_dataset=dataset,
         data_collator=Collator(prepared.processor.tokenizer.pad_token_id),
         optimizers=(optimizer, None),
         callbacks=[metrics_cb, progress, StopCallback(stops), no_save := _NoSaveWhenAborted(), publish],
@@ -222,6 +227,21 @@ def _trainer(
         trainer.callback_handler.callbacks.remove(evaluation)
         trainer.callback_handler.callbacks.insert(trainer.callback_handler.callbacks.index(publish), evaluation)
     return trainer, publish
+
+
+def _train_dataset(recipe: Recipe, prepared: PreparedRun, log: Log) -> Any:
+    """The training samples one per row, or with ``train.packing`` packed into rows of data.max_length."""
+    report = prepared.report
+    if not recipe.train.packing:
+        return EncodedDataset(report.train, prepared.encoder, with_index=True)
+    lengths = [report.length_of(s) for s in report.train]
+    packs = pack_indices(lengths, recipe.data.max_length)
+    fill = sum(lengths) / max(len(packs) * recipe.data.max_length, 1)
+    log(
+        f"packing: {len(lengths)} samples into {len(packs)} rows of at most {recipe.data.max_length} tokens "
+        f"({fill:.1%} full; train.batch_size counts rows)"
+    )
+    return PackedDataset(report.train, prepared.encoder, packs, with_index=True)
 
 
 class _NoSaveWhenAborted(TrainerCallback):

@@ -38,7 +38,8 @@ from lora_llava.model.trained_parts import has_lora, restore_trained_parts
 from lora_llava.training import faults
 from lora_llava.training.callbacks import TokenCounts
 from lora_llava.training.checkpoint import STAGING
-from lora_llava.training.optim import GuardedAdamW
+from lora_llava.training.loss import supervised_loss
+from lora_llava.training.optim import SkippableStep
 
 
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
@@ -84,7 +85,7 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
 class LlavaTrainer(CompatTrainer):
     """Checkpoints that are adapters and resume; a NaN/inf guard on every optimizer step; token throughput
     in the logs. ``lengths`` (one per training sample, with ``has_image``) switch on LLaVA's
-    modality-length grouped batches. The optimizer must be a ``GuardedAdamW`` for bad steps to be skipped."""
+    modality-length grouped batches. The optimizer must be a ``SkippableStep`` (optim.make_optimizer) for bad steps to be skipped."""
 
     def __init__(
         self,
@@ -131,7 +132,8 @@ class LlavaTrainer(CompatTrainer):
         index = inputs.pop("sample_index", None)
         if self._last_log[0] is None:  # throughput counts from the first step, not from loading
             self._last_log = (time.time(), 0, 0)
-        mask, labels = inputs["attention_mask"], inputs["labels"]
+        real = inputs.pop("token_mask", None)  # packed rows have no attention_mask: their real tokens
+        mask, labels = (real if real is not None else inputs["attention_mask"]), inputs["labels"]
         counted = torch.stack([mask.new_tensor(mask.numel()), (mask == 0).sum(), (labels != -100).sum()])
         self._tokens = counted if self._tokens is None else self._tokens + counted
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -177,7 +179,11 @@ class LlavaTrainer(CompatTrainer):
     def compute_loss(
         self, model: Model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.recipe.train.supervised_logits and not return_outputs and "labels" in inputs:
+            # logits only where there are labels; the loss the model's own forward computes (training.loss)
+            out = supervised_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
         if not loss.requires_grad:
             # a batch that reaches no trainable weight (text-only samples while only image-side parts
@@ -289,9 +295,9 @@ class LlavaTrainer(CompatTrainer):
             p.requires_grad_(id(p) in trainable)
 
 
-def _guarded(optimizer: Any) -> GuardedAdamW:
-    """The GuardedAdamW inside accelerate's wrapper."""
+def _guarded(optimizer: Any) -> SkippableStep:
+    """The skippable optimizer inside accelerate's wrapper."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    if not isinstance(inner, GuardedAdamW):
-        raise TypeError(f"LlavaTrainer needs a GuardedAdamW to skip bad steps, got {type(inner).__name__}")
+    if not isinstance(inner, SkippableStep):
+        raise TypeError(f"LlavaTrainer needs a SkippableStep optimizer to skip bad steps, got {type(inner).__name__}")
     return inner

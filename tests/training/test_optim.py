@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import PEFT_PREFIX, PROJECTOR, VISION
 
@@ -80,3 +81,27 @@ def test_each_part_gets_its_own_group_and_rate(spec, make_recipe):
     frozen = make_recipe(projector={"policy": "frozen"})
     model = attach_adapters(load_base(spec, frozen.quantization)[0], spec, frozen)
     assert [g["name"] for g in optimizer_groups(model, spec, frozen)] == ["language_model"]
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_train_keep_8bit_state_and_skip_bad_steps(make_recipe, monkeypatch, name):
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_llava.artifacts import RunDir
+    from lora_llava.workflows import train
+
+    monkeypatch.setenv("LORA_LLAVA_FAULTS", "nan_loss@2")
+    recipe = make_recipe(train={"max_steps": 3, "save_steps": 1, "optimizer": name})
+    result = train(recipe, log=lambda *_: None)
+    ckpts = RunDir(recipe.output_dir).checkpoints
+    state = torch.load(ckpts / "checkpoint-1" / "optimizer.pt", weights_only=True)["state"]
+    moments = [s["__bnb_optimizer_quant_state__"]["state1"] for s in state.values()]
+    # bitsandbytes keeps 8-bit moments for tensors of at least 4096 elements (the 64x64 projector here)
+    assert {m.dtype for m in moments if m.numel() >= 4096} == {torch.uint8}
+    assert {m.dtype for m in moments if m.numel() < 4096} == {torch.float32}
+    w1, w2 = (load_file(ckpts / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (1, 2))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the NaN step 2 was skipped
+    assert result.steps == 3 and all(
+        torch.isfinite(t).all() for t in load_file(result.adapter_dir / "adapter_model.safetensors").values()
+    )
