@@ -182,3 +182,32 @@ def test_unknown_hub_backbone_is_one_clear_line(capsys, shapes, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", shapes)
     code, out, err = run_cli(capsys, "plan", str(recipe), "backbone=someone/llava-nobody-has")
     assert code == 2 and "error:" in err and "Traceback" not in err
+
+
+def test_train_on_cuda_warns_before_loading_weights_when_the_plan_exceeds_the_card(make_recipe, monkeypatch):
+    import lora_llava.model.loading as loading
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(overrides=["train.batch_size=8", "train.max_steps=1"])
+    # a pretend 40 MB card: the plan (~25 MiB of tensors + the CUDA context) does not fit
+    monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(planner.torch.cuda, "mem_get_info", lambda i=0: (40_000_000, 40_000_000))
+    warning = planner.preload_warning(recipe)
+    assert warning is not None and warning.startswith("warning: the memory plan of this run (")
+    assert "exceeds this GPU's 38.15 MiB" in warning and "lora-llava plan" in warning
+    monkeypatch.setattr(planner.torch.cuda, "mem_get_info", lambda i=0: (80 * 2**30, 80 * 2**30))
+    assert planner.preload_warning(recipe) is None  # fits
+    monkeypatch.undo()
+
+    # train logs it before any weight is loaded
+    events: list[str] = []
+    monkeypatch.setattr(planner, "preload_warning", lambda r, log=None: "warning: the memory plan (stand-in)")
+    real_load = loading.load_base
+
+    def load(*a, **k):
+        events.append("load")
+        return real_load(*a, **k)
+
+    monkeypatch.setattr("lora_llava.training.run.load_base", load)
+    train(recipe, log=events.append)
+    assert events.index("warning: the memory plan (stand-in)") < events.index("load")

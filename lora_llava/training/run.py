@@ -86,6 +86,11 @@ def train(
     _report_data(prepared, run, log)
     resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
 
+    from lora_llava import plan
+
+    warning = plan.preload_warning(recipe)  # on CUDA: the memory plan before any weight loads (lora-llava plan)
+    if warning:
+        log(warning)
     set_seed(recipe.train.seed)
     model, _ = load_base(prepared.spec, recipe.quantization, max_tiles=recipe.images.max_tiles)
     model = attach_adapters(model, prepared.spec, recipe)
