@@ -29,6 +29,7 @@ from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.training.checkpoint import PublishCheckpoints
+from lora_llava.training.loss import supervised_loss
 
 
 @contextmanager
@@ -65,8 +66,8 @@ def eval_loss(model: Model, samples: list[Sample], encoder: Encoder, pad_id: int
         batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        if n:
-            total += float(model(**batch).loss) * n
+        if n:  # the training loss's computation: logits only at the supervised positions
+            total += float(supervised_loss(model, batch)) * n
             count += n
     return total / max(count, 1)
 
