@@ -116,3 +116,19 @@ def shipped_recipes() -> list[Path]:
 
 
 N_IMAGE_TOKENS = 16  # tiny: 32 px image, 8 px patches -> 4 x 4 (CLS dropped by the "default" strategy)
+
+
+def adapted_model(prepared, recipe, lora_b_std: float):
+    """The model as training builds it for ``recipe`` (base + adapters), seeded, with LoRA B drawn from
+    N(0, lora_b_std) instead of zero so that the adapters change the outputs a test compares."""
+    from lora_llava.model.loading import load_base
+    from lora_llava.model.trainability import attach_adapters
+
+    torch.manual_seed(0)
+    model, _ = load_base(prepared.spec, recipe.quantization)
+    model = attach_adapters(model, prepared.spec, recipe)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, lora_b_std)
+    return model

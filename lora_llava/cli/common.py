@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,3 +106,41 @@ def ensure_synthetic_data(recipe: Recipe) -> None:
     if any(p.parent == SYNTHETIC_FOLDER and not p.exists() for p in wanted):
         write_shapes_dataset(SYNTHETIC_FOLDER)
         print(f"wrote the synthetic shapes dataset to {SYNTHETIC_FOLDER}")
+
+
+def list_show_or_copy(
+    action: str,
+    name: str | None,
+    dest: str | None,
+    listing: Callable[[], list[tuple[str, str]]],
+    path_of: Callable[[str], Path],
+    default_dest: str,
+    what: str,
+    noun: str,
+) -> int:
+    """``list`` the built-in YAML files (name, description), ``show`` one, or ``copy`` one to ``dest``
+    (default ``default_dest``; an existing file is never replaced). ``what``: the command ("recipes",
+    "data configs"), ``noun``: what one is called ("recipe", "config")."""
+    import shutil
+
+    from lora_llava.errors import UserError
+
+    if action == "list":
+        entries = listing()
+        width = max((len(n) for n, _ in entries), default=0) + 2
+        for entry, desc in entries:
+            print(f"{entry:<{width}}{desc}")
+        return 0
+    if not name:
+        raise UserError(f"{what} {action} needs a {noun} name", hint=f"lora-llava {what} lists them")
+    src = path_of(name)
+    if action == "show":
+        print(src.read_text(), end="")
+        return 0
+    target = Path(dest or default_dest)
+    if target.exists():
+        raise UserError(f"{str(target)!r} exists; not overwriting it", hint="give another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    print(f"copied {name} to {target}")
+    return 0

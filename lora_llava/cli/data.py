@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -81,23 +80,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _configs(args: argparse.Namespace) -> int:
+    from lora_llava.cli.common import list_show_or_copy
     from lora_llava.datagen.config import config_path, list_configs
-    from lora_llava.errors import UserError
 
-    if args.what == "list":
-        for name, desc in list_configs():
-            print(f"{name:<10} {desc}")
-        return 0
-    if not args.name:
-        raise UserError(f"data configs {args.what} needs a config name", hint="lora-llava data configs lists them")
-    src = config_path(args.name)
-    if args.what == "show":
-        print(src.read_text(), end="")
-        return 0
-    dest = Path(args.dest or f"{args.name}-datagen.yaml")
-    if dest.exists():
-        raise UserError(f"{str(dest)!r} exists; not overwriting it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    print(f"copied {args.name} to {dest}")
-    return 0
+    default = f"{args.name}-datagen.yaml"
+    return list_show_or_copy(
+        args.what, args.name, args.dest, list_configs, config_path, default, "data configs", "config"
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 HELP = "list built-in recipes, show or copy one, list backbones (--backbones) or every recipe key (--keys)"
 EPILOG = """examples:
@@ -27,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_llava.errors import UserError
     from lora_llava.recipes import list_recipes, recipe_path
 
     if args.backbones:
@@ -48,20 +45,7 @@ def run(args: argparse.Namespace) -> int:
         for key, typ, default, help_ in describe_keys():
             print(f"{key:<34} {typ:<28} {default:<14} {help_}")
         return 0
-    if args.action == "list":
-        for name, desc in list_recipes():
-            print(f"{name:<24} {desc}")
-        return 0
-    if not args.name:
-        raise UserError(f"recipes {args.action} needs a recipe name", hint="lora-llava recipes lists them")
-    src = recipe_path(args.name)
-    if args.action == "show":
-        print(src.read_text(), end="")
-        return 0
-    dest = Path(args.dest or args.name.replace("/", "-") + ".yaml")  # llava-1.5-7b/qlora -> llava-1.5-7b-qlora.yaml
-    if dest.exists():
-        raise UserError(f"{args.dest!r} exists; not overwriting it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    print(f"copied {args.name} to {dest}")
-    return 0
+    from lora_llava.cli.common import list_show_or_copy
+
+    default = (args.name or "").replace("/", "-") + ".yaml"  # llava-1.5-7b/qlora -> llava-1.5-7b-qlora.yaml
+    return list_show_or_copy(args.action, args.name, args.dest, list_recipes, recipe_path, default, "recipes", "recipe")

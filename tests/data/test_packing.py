@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from helpers import adapted_model
 
 from lora_llava.data.encode import Collator, EncodedDataset
 from lora_llava.data.packing import PackedDataset, pack_indices
-from lora_llava.model.loading import load_base
-from lora_llava.model.trainability import attach_adapters
 from lora_llava.training.prepare import prepare_run
 
 
@@ -50,13 +49,7 @@ def _setup(make_recipe, tmp_path, backbone, attn, four_bit):
     )
     prepared = prepare_run(recipe, None, log=lambda *_: None, enforce=False)
     samples = [s for s in prepared.report.train if s.images][:5] + [s for s in prepared.report.train if not s.images]
-    torch.manual_seed(0)
-    model, _ = load_base(prepared.spec, recipe.quantization)
-    model = attach_adapters(model, prepared.spec, recipe)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = adapted_model(prepared, recipe, lora_b_std=0.05)
     model.base_model.model.set_attn_implementation(attn)
     model.eval()
     return prepared, samples, model

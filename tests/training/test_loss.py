@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import adapted_model
 
 from lora_llava.data.encode import Collator, EncodedDataset
-from lora_llava.model.loading import load_base
-from lora_llava.model.trainability import attach_adapters
 from lora_llava.training import loss as loss_mod
 from lora_llava.training.loss import supervised_loss
 from lora_llava.training.prepare import prepare_run
@@ -32,14 +31,7 @@ def _model_and_batch(make_recipe, tmp_path, backbone: str, four_bit: bool, with_
     picked = samples[:3] + [s for s in samples if not s.images][:1]
     items = EncodedDataset(picked, prepared.encoder)
     batch = Collator(prepared.processor.tokenizer.pad_token_id)([items[i] for i in range(len(picked))])
-    torch.manual_seed(0)
-    model, _ = load_base(prepared.spec, recipe.quantization)
-    model = attach_adapters(model, prepared.spec, recipe)
-    # LoRA B starts at zero: move it, so the adapters take part in the comparison
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model = adapted_model(prepared, recipe, lora_b_std=0.02)  # LoRA B moved off zero: the adapters take part
     model.train()
     return model, batch
 
