@@ -19,7 +19,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -48,14 +48,22 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
         data = _read_yaml(Path(name))
     for override in overrides:
         apply_override(data, override)
-    problems: list[str] = []
-    recipe = convert_dataclass(Recipe, data, "", problems)
+    return convert_checked(Recipe, data, cross_check, f"recipe {name}")
+
+
+def convert_checked(
+    cls: type, data: Any, cross: Callable[[Any], list[str]], what: str, problems: list[str] | None = None
+) -> Any:
+    """``data`` as a ``cls`` (``convert_dataclass``), then ``cross(value)``'s rules across keys; one UserError
+    listing every problem (those already in ``problems`` first) under ``what`` ("recipe my.yaml")."""
+    problems = list(problems or [])
+    value = convert_dataclass(cls, data, "", problems)
     if not problems:
-        problems.extend(cross_check(recipe))
+        problems.extend(cross(value))
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        raise UserError(f"recipe {name}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
-    return recipe
+        raise UserError(f"{what}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
+    return value
 
 
 def load_source(raw: dict, where: str) -> DataSource:

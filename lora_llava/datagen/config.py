@@ -23,7 +23,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from lora_llava.config.load import apply_override, convert_dataclass
+from lora_llava.config.load import apply_override, convert_checked
 from lora_llava.config.schema import option, required
 from lora_llava.errors import UserError
 
@@ -125,12 +125,7 @@ def load_datagen_config(source: str | os.PathLike | dict, overrides: Sequence[st
         )
         gen = {k: v for k, v in gen.items() if k != "api_key"}
         data["generator"] = gen
-    config = convert_dataclass(DatagenConfig, data, "", problems)
-    if not problems:
-        problems.extend(_cross_check(config))
-    if problems:
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        raise UserError(f"datagen config {name}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
+    config: DatagenConfig = convert_checked(DatagenConfig, data, _cross_check, f"datagen config {name}", problems)
     return config
 
 
