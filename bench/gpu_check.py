@@ -170,6 +170,7 @@ def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, ar
     from lora_llava.model.loading import load_base
     from lora_llava.model.trainability import attach_adapters
     from lora_llava.plan import plan_memory
+    from lora_llava.training.loss import supervised_loss
     from lora_llava.training.optim import GuardedAdamW, optimizer_groups
 
     device = args.device
@@ -192,7 +193,8 @@ def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, ar
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device_type=device, dtype=dtype, enabled=device == "cuda"):
-            loss = model(**inputs).loss
+            # the loss training computes: logits only at the supervised positions (train.supervised_logits)
+            loss = supervised_loss(model, inputs) if recipe.train.supervised_logits else model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -211,7 +213,8 @@ def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, ar
     if device == "cuda":
         out["peak_allocated"] = torch.cuda.max_memory_allocated()
         out["peak_reserved"] = torch.cuda.max_memory_reserved()
-    plan = plan_memory(recipe, device=device, seq_len=args.seq)
+    per_sample = float((inputs["labels"][:, 1:] != -100).sum()) / batch
+    plan = plan_memory(recipe, device=device, seq_len=args.seq, supervised=per_sample)
     out["plan_tensors"] = plan.tensors
     out["plan_total"] = plan.total
     if "peak_allocated" in out:
