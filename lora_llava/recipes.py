@@ -24,41 +24,51 @@ def recipes_root() -> Path:
 DATAGEN_FOLDER = "datagen"  # recipes/datagen/: example configs of lora-llava data generate, not training recipes
 
 
+def first_comment(path: Path) -> str:
+    """The first comment line of a YAML file: a built-in file's description."""
+    return next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+
+
+def builtin_yaml(ref: str, candidate: Path | None, names: list[str], missing: str, unknown: str, command: str) -> Path:
+    """``ref`` as a YAML path when it is one (or exists), else the built-in ``candidate``; otherwise one error:
+    ``missing`` for a YAML path that is not a file, ``unknown`` (with the nearest of ``names``) for a name."""
+    import difflib
+
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(missing, hint=f"list the built-in ones with: {command}")
+        return p
+    if candidate is not None and candidate.is_file():
+        return candidate
+    close = difflib.get_close_matches(ref, names, n=1)
+    raise UserError(unknown, hint=(f"did you mean {close[0]!r}? " if close else "") + f"list them with: {command}")
+
+
 def list_recipes() -> list[tuple[str, str]]:
     """(name, description) of every built-in training recipe; the description is its first comment line."""
     root = recipes_root()
-    out = []
-    for p in sorted(root.rglob("*.yaml")):
-        if p.relative_to(root).parts[0] == DATAGEN_FOLDER:
-            continue
-        name = p.relative_to(root).with_suffix("").as_posix()
-        first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
-        out.append((name, first))
-    return out
+    return [
+        (p.relative_to(root).with_suffix("").as_posix(), first_comment(p))
+        for p in sorted(root.rglob("*.yaml"))
+        if p.relative_to(root).parts[0] != DATAGEN_FOLDER
+    ]
 
 
 def recipe_path(ref: str) -> Path:
     """A YAML path as given, or the built-in recipe of that name."""
-    p = Path(ref)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise UserError(f"recipe file {ref!r} not found", hint="list the built-in recipes with: lora-llava recipes")
-        return p
-    cand = recipes_root() / f"{ref}.yaml"
-    if cand.is_file() and Path(ref).parts[0] != DATAGEN_FOLDER:
-        return cand
-    if Path(ref).parts[0] == DATAGEN_FOLDER:
+    if Path(ref).parts and Path(ref).parts[0] == DATAGEN_FOLDER:
         raise UserError(
             f"{ref!r} is an example config of lora-llava data generate, not a training recipe",
             hint=f"lora-llava data generate {Path(ref).name}",
         )
-    import difflib
-
-    names = [n for n, _ in list_recipes()]
-    close = difflib.get_close_matches(ref, names, n=1)
-    raise UserError(
-        f"no recipe {ref!r}: not a file and not a built-in recipe",
-        hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava recipes",
+    return builtin_yaml(
+        ref,
+        recipes_root() / f"{ref}.yaml",
+        [n for n, _ in list_recipes()],
+        missing=f"recipe file {ref!r} not found",
+        unknown=f"no recipe {ref!r}: not a file and not a built-in recipe",
+        command="lora-llava recipes",
     )
 
 

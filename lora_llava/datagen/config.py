@@ -14,7 +14,6 @@ example configs (one per annotation format) live in ``recipes/datagen/`` and are
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,28 +163,22 @@ def configs_root() -> Path:
 
 def list_configs() -> list[tuple[str, str]]:
     """(name, first comment line) of every built-in example config."""
-    out = []
-    for p in sorted(configs_root().glob("*.yaml")):
-        first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
-        out.append((p.stem, first))
-    return out
+    from lora_llava.recipes import first_comment
+
+    return [(p.stem, first_comment(p)) for p in sorted(configs_root().glob("*.yaml"))]
 
 
 def config_path(ref: str) -> Path:
     """A YAML path as given, or the built-in example config of that name."""
-    p = Path(ref)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise UserError(f"datagen config {ref!r}: file not found", hint="built-in ones: lora-llava data configs")
-        return p
-    cand = configs_root() / f"{ref}.yaml"
-    if cand.is_file():
-        return cand
-    names = [n for n, _ in list_configs()]
-    close = difflib.get_close_matches(ref, names, n=1)
-    raise UserError(
-        f"no datagen config {ref!r}: not a file and not a built-in config",
-        hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava data configs",
+    from lora_llava.recipes import builtin_yaml
+
+    return builtin_yaml(
+        ref,
+        configs_root() / f"{ref}.yaml",
+        [n for n, _ in list_configs()],
+        missing=f"datagen config {ref!r}: file not found",
+        unknown=f"no datagen config {ref!r}: not a file and not a built-in config",
+        command="lora-llava data configs",
     )
 
 
