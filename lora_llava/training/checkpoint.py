@@ -70,7 +70,7 @@ class PublishCheckpoints(TrainerCallback):
         self.checkpoints = checkpoints
         self.keep = keep
         self.last_eval: dict | None = None  # set by the in-training eval: {"step", "accuracy", "eval_loss", ...}
-        self.published: list[Path] = []
+        self.latest: Path | None = None  # the checkpoint this run published last
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         name = f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -83,7 +83,7 @@ class PublishCheckpoints(TrainerCallback):
             shutil.rmtree(target)
         staged.rename(target)
         fsync_dir(self.checkpoints)
-        self.published.append(target)
+        self.latest = target
         if self.keep:
             for old in rotate(self.checkpoints, self.keep):
                 shutil.rmtree(old, ignore_errors=True)

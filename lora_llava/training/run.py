@@ -118,8 +118,7 @@ def train(
                 "bfloat16/float32",
             )
         if stops.requested and steps < trainer.state.max_steps:
-            saved = publish.published[-1] if publish.published else None
-            raise TrainingStopped(stops.requested, steps, trainer.state.max_steps, run.path, saved)
+            raise TrainingStopped(stops.requested, steps, trainer.state.max_steps, run.path, publish.latest)
         loss = trainer.mean_loss()  # over every good step of the run, also when it was resumed
         if not math.isfinite(loss):
             raise UserError("training loss became NaN/inf; no adapter was written", hint="lower train.learning_rate")

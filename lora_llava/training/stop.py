@@ -65,10 +65,8 @@ class StopCallback(TrainerCallback):
 
     def __init__(self, stops: StopSignals) -> None:
         self.stops = stops
-        self.saved_at: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stops.requested is not None:
             control.should_save = True
             control.should_training_stop = True
-            self.saved_at = state.global_step
