@@ -22,6 +22,14 @@ from pathlib import Path
 from lora_llava.errors import UserError
 
 
+def cache_root() -> Path:
+    """lora_llava's cache folder: ``LORA_LLAVA_CACHE``, else ``$XDG_CACHE_HOME/lora_llava`` (``~/.cache/lora_llava``)."""
+    base = os.environ.get("LORA_LLAVA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lora_llava"
+    )
+    return Path(base)
+
+
 def _remove_abandoned(target: Path) -> None:
     """Delete temporary siblings of ``target`` left by a process that no longer runs (a killed merge)."""
     for tmp in target.parent.glob(f".{target.name}-*"):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_llava.annotations import Model, Processor, Tokenizer
+from lora_llava.fsutil import cache_root
 
 TINY_VERSION = "3"
 IMAGE_SIZE = 32
@@ -356,13 +357,6 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("tiny-qwen2", build_tiny_qwen2, "part", "Qwen2 causal LM (128-d) with a ChatML tokenizer"),
     ]
 }
-
-
-def cache_root() -> Path:
-    base = os.environ.get("LORA_LLAVA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lora_llava"
-    )
-    return Path(base)
 
 
 def ensure_tiny(name: str = "tiny") -> Path:

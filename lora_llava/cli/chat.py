@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_llava.cli.common import quiet
-
 if TYPE_CHECKING:
     from lora_llava.chat import ChatSession
 
@@ -38,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.artifacts import open_artifact
     from lora_llava.chat import ChatSession, GenerationSettings
     from lora_llava.cli.common import cpu_threads_for

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lora_llava.artifacts import RunDir
-from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
+from lora_llava.cli.common import add_recipe_arguments, recipe_from_args
 
 HELP = "validate a recipe and every data sample (no model weights are loaded)"
 EPILOG = """examples:
@@ -23,7 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.data.check import enforce_policy
     from lora_llava.training.prepare import describe_format, prepare_run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,19 +22,6 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         nargs="*",
         help="override recipe keys, dotted, with list indices: train.max_steps=20 data.train.0.path=x.json",
     )
-
-
-def quiet() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # weight loading/writing bars; the training bar stays
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:

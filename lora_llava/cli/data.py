@@ -57,14 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lora_llava.cli.common import quiet
     from lora_llava.datagen.config import load_datagen_config
     from lora_llava.datagen.run import companion, generate_data
     from lora_llava.errors import UserError
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
-    quiet()
     config = load_datagen_config(args.config, args.overrides)
     out = Path(args.output or config.output)
     try:

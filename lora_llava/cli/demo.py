@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import quiet
-
 HELP = "serve a browser demo: upload an image, chat, answers streamed, the model's lineage beside (Gradio)"
 EPILOG = """examples:
   lora-llava demo runs/quickstart                   (http://127.0.0.1:7860, this machine only)
@@ -23,7 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
     from lora_llava.errors import UserError

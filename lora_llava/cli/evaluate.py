@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from lora_llava.cli.common import quiet
 from lora_llava.config.schema import DataSource
 
 HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
@@ -66,7 +65,6 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
     from lora_llava.config import load_recipe

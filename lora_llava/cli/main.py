@@ -10,7 +10,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import import_module
 
@@ -30,6 +29,7 @@ VERBS = {
     "demo": "demo",
     "push": "push",
     "plot": "plot",
+    "env": "env",
     "recipes": "recipes",
 }
 
@@ -73,9 +73,12 @@ def _flags_first(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from lora_llava.thirdparty import settle
+
+    settle(argv[0] if argv and argv[0] in VERBS else "lora-llava")  # before any third-party import
     parser = build_parser()
-    args = parser.parse_args(_flags_first(sys.argv[1:] if argv is None else list(argv)))
+    args = parser.parse_args(_flags_first(argv))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import quiet
 from lora_llava.config.schema import DTYPE_NAMES, MERGE_BASES
 
 HELP = "fold a trained adapter into deployable 16-bit weights and verify them against the adapter"
@@ -35,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.artifacts import adapter_meta_of, open_artifact
     from lora_llava.cli.common import cpu_threads_for
     from lora_llava.merging import merge

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args
+from lora_llava.cli.common import add_recipe_arguments, recipe_from_args
 
 HELP = "estimate a recipe's peak training memory by category and suggest the micro-batch that fits (no weights)"
 EPILOG = """examples:
@@ -31,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.plan import plan_memory
 
     recipe = recipe_from_args(args)

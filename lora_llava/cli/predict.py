@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_llava.cli.common import quiet
-
 HELP = "answer every sample of a data file, or every image of a folder, into a JSON-lines file (resumable)"
 EPILOG = """examples:
   lora-llava predict runs/my-run --images photos/ --prompt "What is shown?" --out preds.jsonl
@@ -33,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
     from lora_llava.cli.evaluate import source_from_args

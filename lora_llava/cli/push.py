@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import quiet
-
 HELP = "upload an adapter or a merged model to the Hugging Face Hub, with a model card (private unless --public)"
 EPILOG = """examples:
   lora-llava push runs/my-run me/my-llava-adapter --dry-run      (the repo, visibility and exact files; uploads nothing)
@@ -32,7 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.hub import plan_push, push
 
     plan = plan_push(args.source, args.repo_id, merged=args.merged, public=args.public, revision=args.revision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data, quiet
+from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
 EPILOG = """examples:
@@ -29,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.config import load_recipe
     from lora_llava.pipeline import run_pipeline
     from lora_llava.recipes import recipe_path

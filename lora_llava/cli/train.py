@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_llava.cli.common import add_recipe_arguments, quiet, recipe_from_args, training
+from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, training
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
 EPILOG = """examples:
@@ -29,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet()
     from lora_llava.workflows import train
 
     recipe = recipe_from_args(args)

@@ -13,6 +13,7 @@ projector and LM head are never 4-bit.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,6 +44,12 @@ def bnb_config(spec: BackboneSpec, q: QuantizationConfig) -> Any:
 
 
 def quiet_transformers() -> None:
+    """Library use: transformers' warnings and progress bars off. A ``lora-llava`` command has already sent
+    them to its log file (``lora_llava.thirdparty``), which this leaves as it is."""
+    from lora_llava import thirdparty
+
+    if thirdparty.settled():
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -82,6 +89,30 @@ def _raise_unavailable(path: str, what: str, e: OSError) -> NoReturn:
     ) from None
 
 
+def check_loading_info(info: dict, what: str) -> None:
+    """A base that loaded only in part is an error, never a model with freshly initialized weights: weights of the
+    model that the checkpoint lacks (or holds in another shape) are named; weights of the checkpoint that the
+    model does not use are a warning line."""
+    from lora_llava.versions import package_versions
+
+    missing = sorted({*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))})
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    installed = ", ".join(f"{n} {v}" for n, v in package_versions(("transformers",)).items())
+    if missing:
+        raise UserError(
+            f"{what}: {len(missing)} weight(s) of the model are not in the checkpoint (or have another shape), "
+            f"e.g. {', '.join(missing[:4])}; they would start from random values (installed: {installed})",
+            hint="the checkpoint's weight names do not match this model class or transformers version: use the "
+            "version it was saved with (lora-llava env), or re-save it with save_pretrained",
+        )
+    if unexpected:
+        print(
+            f"warning: {what}: {len(unexpected)} weight(s) of the checkpoint are not used by the model, "
+            f"e.g. {', '.join(unexpected[:4])}",
+            file=sys.stderr,
+        )
+
+
 def load_base(
     spec: BackboneSpec,
     q: QuantizationConfig,
@@ -93,15 +124,17 @@ def load_base(
     quiet_transformers()
     path = spec.local_path()
     quantized = q.load_in_4bit if quantized is None else quantized
-    kwargs: dict = {"dtype": dtype or torch_dtype(q.compute_dtype)}
+    # use_kernels=False: the model's own layers, never kernels fetched from the Hub (transformers >= 5.25's default)
+    kwargs: dict = {"dtype": dtype or torch_dtype(q.compute_dtype), "use_kernels": False}
     if quantized:
         kwargs["quantization_config"] = bnb_config(spec, q)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     try:
-        model = spec.model_class().from_pretrained(path, **kwargs, **hub_kwargs(path))
+        model, info = spec.model_class().from_pretrained(path, output_loading_info=True, **kwargs, **hub_kwargs(path))
     except OSError as e:
         _raise_unavailable(path, f"backbone {spec.name!r}", e)
+    check_loading_info(info, f"backbone {spec.name!r} ({path})")
     model.config.use_cache = False
     processor = load_processor(path)
     apply_max_tiles(model, processor, max_tiles)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from lora_llava import thirdparty
 from lora_llava.annotations import Log, Model
 from lora_llava.artifacts import RunDir, write_adapter
 from lora_llava.compat import allow_training_quantized_base
@@ -80,6 +81,7 @@ def train(
 
     run = RunDir(recipe.output_dir)
     run_id = run_id or run.start(overwrite=overwrite, resume=recipe.train.resume)
+    thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
     save_recipe(recipe, run.recipe)
     t0 = time.time()
     prepared = prepared or prepare_run(recipe, run.path, log)
