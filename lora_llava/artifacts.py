@@ -22,6 +22,7 @@ Layouts::
                               eval.json (with train.eval_steps) and manifest.json (every file's size and SHA-256)
       eval/step-N.jsonl       with train.eval_steps: the answers at step N
       curves.png              loss, eval and learning-rate curves (lora-llava plot RUN redraws it)
+      third_party.log         warnings and log lines of transformers, bitsandbytes, ... (lora-llava commands)
       model/                  stage 1 only: the aligned LLaVA, stage 2's backbone (an aligned model)
       assembled/              backbone: assemble only: the new LLaVA before training (an assembled model)
       merged/, summary.json, eval_predictions.json    written by quickstart
@@ -40,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -72,6 +74,9 @@ CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (wi
 class _Meta:
     FORMAT: ClassVar[str]
     KIND: ClassVar[str]
+    # what it was made with (lora_llava.versions.stamp(): packages, device, CUDA, bitsandbytes backend),
+    # filled in by write_meta; empty for artifacts written before version stamps
+    versions: dict = field(default_factory=dict, kw_only=True)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, **dataclasses.asdict(self)}
@@ -152,6 +157,11 @@ _BY_FORMAT: dict[str, type[_Meta]] = {c.FORMAT: c for c in (AdapterMeta, MergedM
 
 
 def write_meta(folder: str | Path, meta: Meta) -> None:
+    """``lora_llava.json`` in ``folder``, stamped with the versions it is written with (when not already)."""
+    if not meta.versions:
+        from lora_llava.versions import stamp
+
+        meta.versions = stamp()
     (Path(folder) / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
 
 
@@ -202,6 +212,7 @@ class RunDir:
     eval_predictions = property(lambda self: self.path / "eval_predictions.json")
     eval_dir = property(lambda self: self.path / "eval")  # eval/step-N.jsonl: answers during training
     curves = property(lambda self: self.path / "curves.png")
+    third_party_log = property(lambda self: self.path / "third_party.log")  # other packages' warnings and logs
 
     run_file = property(lambda self: self.path / RUN_FILE)
 
@@ -250,7 +261,7 @@ class RunDir:
             )
         for p in (self.adapter, self.aligned, self.merged, self.checkpoints, self.eval_dir):
             shutil.rmtree(p, ignore_errors=True)
-        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves):
+        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves, self.third_party_log):
             p.unlink(missing_ok=True)
         return self._new_id()
 
@@ -261,8 +272,11 @@ class RunDir:
         import time
         import uuid
 
+        from lora_llava.versions import stamp
+
         run_id = run_id or uuid.uuid4().hex[:12]
-        self.run_file.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.run_file.write_text(json.dumps({"run_id": run_id, "started": started, "versions": stamp()}, indent=1))
         return run_id
 
     def checkpoint_dirs(self) -> list[Path]:
@@ -459,8 +473,29 @@ def looks_like_hub_id(ref: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
 
 
+def drift_warning(meta: Meta | None, ref: str | Path) -> str | None:
+    """A ``warning:`` line when ``meta`` was written with another major/minor transformers or peft than the
+    installed one (weights may be named differently; the loaders check every key), else None."""
+    from lora_llava.versions import LOADERS, drift, package_versions
+
+    changes = drift(meta.versions, package_versions(LOADERS)) if meta is not None else []
+    if not changes:
+        return None
+    return (
+        f"warning: {ref} was saved with other versions ({', '.join(changes)}); weights are checked key by key as "
+        "they load (lora-llava env shows the installed versions)"
+    )
+
+
+_WARNED: set[str] = set()
+
+
 def _open_dir(path: Path, ref: str) -> Artifact:
     meta = read_meta(path)
+    warning = drift_warning(meta, ref)
+    if warning and str(path.resolve()) not in _WARNED:  # once per artifact and process
+        _WARNED.add(str(path.resolve()))
+        print(warning, file=sys.stderr)
     if meta is not None:
         if is_checkpoint_dir(path) and isinstance(meta, AdapterMeta):
             problem = checkpoint_problem(path)

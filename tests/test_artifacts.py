@@ -228,3 +228,50 @@ def test_every_checkpoint_is_an_adapter_for_eval_predict_chat_and_merge(make_rec
     (ckpt / "projector.safetensors").write_bytes(b"torn")
     code, out, err = run_cli(capsys, "eval", ckpt)
     assert_user_error(code, out, err, "is damaged: projector.safetensors has 4 bytes")
+
+
+def _installed(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def test_every_artifact_and_run_names_the_versions_it_was_made_with(make_recipe, tmp_path, assembled):
+    from lora_llava.merging import merge
+    from lora_llava.workflows import train
+
+    recipe = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 2, "save_steps": 2})
+    train(recipe, log=lambda *_: None)
+    run = tmp_path / "r"
+    merge(run, tmp_path / "merged", log=lambda *_: None)
+    folders = [run / "adapter", run / "checkpoints" / "checkpoint-2", tmp_path / "merged", assembled["mlp"]]
+    for folder in folders:
+        versions = json.loads((folder / "lora_llava.json").read_text())["versions"]
+        for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+            assert versions[name] == _installed(name), (folder, name)
+        assert versions["lora_llava"] and versions["device"].startswith("cpu") and "cuda" in versions
+    assert json.loads((run / "adapter" / "lora_llava.json").read_text())["versions"]["bitsandbytes_backend"] == "CPU"
+    run_versions = json.loads((run / "run.json").read_text())["versions"]
+    assert run_versions["transformers"] == _installed("transformers") and run_versions["peft"] == _installed("peft")
+
+
+def test_an_artifact_from_other_versions_says_so_in_one_warning(trained_run, tmp_path, capsys):
+    from lora_llava.artifacts import open_artifact
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run / "adapter", adapter)
+    meta = json.loads((adapter / "lora_llava.json").read_text())
+    meta["versions"] = {**meta["versions"], "transformers": "4.57.1", "peft": "0.17.0"}
+    (adapter / "lora_llava.json").write_text(json.dumps(meta))
+    open_artifact(adapter)
+    open_artifact(adapter)  # once per artifact and process
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {adapter} was saved with other versions")
+    assert f"transformers 4.57.1 -> {_installed('transformers')}" in err and "peft 0.17.0 -> " in err
+
+    same = tmp_path / "same"
+    shutil.copytree(trained_run / "adapter", same)
+    meta["versions"] = {**meta["versions"], "transformers": _installed("transformers") + ".post9", "peft": ""}
+    (same / "lora_llava.json").write_text(json.dumps(meta))
+    open_artifact(same)  # a patch release, or no record: nothing to say
+    assert capsys.readouterr().err == ""

@@ -35,7 +35,9 @@ from lora_llava.artifacts import (
     RunDir,
     checkpoint_run_id,
     checkpoint_step,
+    drift_warning,
     fsync_dir,
+    read_meta,
     write_manifest,
 )
 from lora_llava.config.load import load_recipe, recipe_to_dict
@@ -144,6 +146,9 @@ def resume_point(recipe: Recipe, run_dir: str | os.PathLike, log: Log = print) -
     ckpt = run.latest_checkpoint(hashes=True, skipped=skipped)
     for line in skipped:
         log(f"warning: skipping {line}")
+    warning = drift_warning(read_meta(ckpt), ckpt) if ckpt is not None else None
+    if warning:
+        log(warning)
     if ckpt is None:
         raise UserError(
             f"train.resume: no complete checkpoint in {run.checkpoints}"
