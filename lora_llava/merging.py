@@ -47,7 +47,7 @@ from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trainability import get_module
-from lora_llava.model.trained_parts import check_lora_loaded, has_lora, restore_trained_parts
+from lora_llava.model.trained_parts import has_lora, load_peft_adapter, require_trained_files, restore_trained_parts
 
 
 @dataclass
@@ -91,9 +91,8 @@ def fold(
     delta added in float32, and the sum cast to ``dtype`` before the next layer is touched, so the
     peak memory is about one model in ``dtype`` plus the 4-bit base, never a float32 copy of the model.
     """
-    from peft import PeftModel
-
     recipe = load_recipe(adapter_dir / "recipe.yaml")
+    require_trained_files(adapter_dir, recipe, meta)
     spec = resolve_backbone(meta.backbone)
     base_mode = base_mode or recipe.merge.base
     target = torch_dtype(dtype or recipe.merge.dtype)
@@ -108,8 +107,7 @@ def fold(
         not torch.equal(v.float(), before[k].float()) for k, v in get_module(model, spec.projector).state_dict().items()
     )
     if has_lora(adapter_dir):
-        model = PeftModel.from_pretrained(model, adapter_dir)
-        check_lora_loaded(model, adapter_dir)
+        model = load_peft_adapter(model, adapter_dir, meta.versions)
         changed = changed or any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
         model = _fold_lora_layers(model, target)
     if getattr(model, "is_quantized", False):

@@ -5,23 +5,38 @@ Usage::
     save_trained_parts(model, spec, recipe, folder)     # LoRA (PEFT files), projector, vision tower if full
     restore_trained_parts(model, spec, folder)          # the projector (+ image newline), vision tower
     model, processor, meta = load_adapter_model("runs/quickstart/adapter")   # the trained model, as trained
+    require_trained_files(folder, recipe, meta)         # every part the metadata says was trained has its file
+    verify_adapter_weights(model, folder, meta.versions)   # every saved tensor loaded, every trained module got one
 
-File names are the artifact layout's (``lora_llava.artifacts``).
+Loading never half-succeeds: a saved tensor that finds no module, a trained module that gets no tensor (key
+names changed between transformers/PEFT versions, a damaged or edited file) or a trained part's missing file
+is a UserError naming the file, the keys and the versions the artifact was saved with, never a model that
+silently answers like the base. File names are the artifact layout's (``lora_llava.artifacts``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lora_llava.annotations import Model, Processor
-from lora_llava.artifacts import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, PROJECTOR_FILE, VISION_FILE, AdapterMeta
+from lora_llava.artifacts import (
+    LORA_CONFIG_FILE,
+    LORA_WEIGHTS_FILE,
+    PROJECTOR_FILE,
+    VISION_FILE,
+    AdapterMeta,
+    read_meta,
+)
 from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 from lora_llava.model.loading import load_base, load_processor
 from lora_llava.model.trainability import connector_state, get_module, image_newline, prepare_projector
+from lora_llava.versions import LOADERS, drift, package_versions
 
 
 def has_lora(folder: Path) -> bool:
@@ -71,7 +86,7 @@ def add_modules_to_save(folder: Path, parts: dict[str, dict[str, torch.Tensor]])
 
 
 def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> None:
-    """Load the trained projector (+ image newline) and, when trained fully, the vision tower."""
+    """Load the trained projector (+ image newline) and, when trained fully, the vision tower; every key fits."""
     from safetensors.torch import load_file
 
     path = folder / PROJECTOR_FILE
@@ -80,12 +95,11 @@ def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> Non
         nl_saved = state.pop("image_newline", None)
         nl = image_newline(model, spec)
         if (nl_saved is None) != (nl is None):
-            raise UserError(f"{path}: image_newline {'missing' if nl is not None else 'unexpected'} for this backbone")
+            problem = f"image_newline {'missing' if nl is not None else 'unexpected'} for this backbone"
+            raise load_error(path, [problem], versions_in(folder))
         missing, unexpected = get_module(model, spec.projector).load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise UserError(
-                f"{path}: projector weights do not fit the backbone (missing {missing}, unexpected {unexpected})"
-            )
+            raise load_error(path, key_problems(unexpected, missing), versions_in(folder))
         if nl is not None and nl_saved is not None:
             nl.data = nl_saved.to(nl.device, nl.dtype)
         prepare_projector(model, spec, trainable=False)
@@ -94,36 +108,133 @@ def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> Non
         vt = get_module(model, spec.vision_tower)
         missing, unexpected = vt.load_state_dict(load_file(vpath), strict=False)
         if missing or unexpected:
-            raise UserError(
-                f"{vpath}: vision tower weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+            raise load_error(vpath, key_problems(unexpected, missing), versions_in(folder))
 
 
-def check_lora_loaded(model: Model, folder: Path) -> None:
-    """Every saved LoRA tensor has a live parameter (nothing left freshly initialized)."""
+def versions_in(folder: Path) -> dict[str, Any]:
+    """The versions the artifact in ``folder`` was saved with ({} when unrecorded or unreadable)."""
+    try:
+        meta = read_meta(folder)
+    except UserError:
+        return {}
+    return meta.versions if meta is not None else {}
+
+
+def saved_with(versions: dict[str, Any]) -> str:
+    """``saved with transformers 5.25.0, peft 0.21.2 (installed: transformers 5.25.0, peft 0.21.2)``."""
+    now = package_versions(LOADERS)
+    then = ", ".join(f"{n} {versions[n]}" for n in LOADERS if versions.get(n)) or "unrecorded versions"
+    return f"saved with {then} (installed: {', '.join(f'{n} {now[n]}' for n in LOADERS)})"
+
+
+def load_error(path: Path, problems: list[str], versions: dict[str, Any]) -> UserError:
+    """The refusal to load ``path``: what did not fit, the versions it was saved with, and what to do."""
+    changed = drift(versions, package_versions(LOADERS))
+    if changed:
+        pins = " ".join(f"{n}=={versions[n]}" for n in LOADERS if versions.get(n))
+        hint = f"{', '.join(changed)} may name the weights differently: load it with `pip install {pins}`, or re-train"
+    elif not any(versions.get(n) for n in LOADERS):
+        hint = "it records no versions (older lora_llava): load it with the transformers/peft it was trained with"
+    else:
+        hint = "the file does not fit the model it was saved for (damaged or edited?): copy it again, or re-train"
+    return UserError(f"{path}: {'; '.join(problems)}; {saved_with(versions)}", hint=hint)
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def key_problems(unexpected: list[str], missing: list[str], differ: list[str] | None = None) -> list[str]:
+    """What a comparison of saved and expected keys found, keys named (the first few, and how many)."""
+    found = [(unexpected, "unexpected (found no module)"), (missing, "missing (left untrained)")]
+    found.append((differ or [], "not loaded (the model's values differ from the file's)"))
+    return [f"{len(keys)} {what}: {_few(sorted(keys))}" for keys, what in found if keys]
+
+
+def require_trained_files(folder: Path, recipe: Recipe, meta: AdapterMeta | None) -> None:
+    """Every part the metadata (or, without it, the recipe) says was trained has its file in ``folder``."""
+    trained = meta.projector_trained if meta is not None else recipe.projector.policy == "full"
+    needed = [PROJECTOR_FILE] if trained else []
+    needed += [VISION_FILE] if recipe.vision_tower.policy == "full" else []
+    if "lora" in (lm_policy(recipe), recipe.vision_tower.policy):
+        needed += [LORA_CONFIG_FILE, LORA_WEIGHTS_FILE]
+    absent = [name for name in needed if not (folder / name).is_file()]
+    if absent:
+        raise UserError(
+            f"{folder}: {', '.join(absent)} missing, though its recipe and metadata say that part was trained; "
+            f"{saved_with(meta.versions if meta is not None else {})}",
+            hint="the folder is incomplete: copy the whole folder again, or re-train",
+        )
+
+
+def verify_adapter_weights(
+    model: Model, folder: Path, versions: dict[str, Any], restored_apart: tuple[str, ...] = ()
+) -> None:
+    """Every tensor of ``folder``'s adapter_model.safetensors reached its module with its value, and every
+    tensor PEFT saves for ``model`` (LoRA, modules_to_save) came from the file. Names are compared as PEFT
+    loads them (it renames keys saved by older transformers). ``restored_apart``: module paths whose saved
+    tensors are checked elsewhere (the trainer's projector / vision tower, from their own files)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = folder / LORA_WEIGHTS_FILE
+    skip = tuple(f"base_model.model.{p}." for p in restored_apart)
+    saved = _as_peft_loads(model, load_file(path))
+    saved = {k: v for k, v in saved.items() if not k.startswith(skip)}
+    live = {k: v for k, v in get_peft_model_state_dict(model).items() if not k.startswith(skip)}
+    differ = [k for k in saved.keys() & live.keys() if not _same(live[k], saved[k])]
+    problems = key_problems(sorted(saved.keys() - live.keys()), sorted(live.keys() - saved.keys()), differ)
+    if problems:
+        raise load_error(path, problems, versions)
+
+
+def _as_peft_loads(model: Model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved tensors under the names PEFT loads them as (with transformers 5, older names converted)."""
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+    except ImportError:  # a PEFT or transformers without weight conversion: loaded as named
+        return state
+    converted: dict[str, torch.Tensor] = convert_peft_adapter_state_dict_for_transformers(
+        model, model.peft_config["default"], state
+    )
+    return converted
+
+
+def _same(live: torch.Tensor, saved: torch.Tensor) -> bool:
+    """The live tensor holds the saved one, as loading casts it (to the live dtype)."""
+    return live.shape == saved.shape and torch.equal(live.detach().cpu(), saved.to(live.dtype))
+
+
+def load_peft_adapter(model: Model, folder: Path, versions: dict[str, Any]) -> Model:
+    """``PeftModel.from_pretrained`` that never half-succeeds: a key PEFT finds no tensor for is a UserError,
+    and what it loaded is verified tensor by tensor."""
+    from peft import PeftModel
     from safetensors import safe_open
 
-    with safe_open(str(folder / LORA_WEIGHTS_FILE), "pt") as f:
-        saved = sum("lora_" in k for k in f.keys())  # the rest are modules_to_save (fully trained parts)
-    live = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
-    if saved != live:
-        raise UserError(f"{folder}: adapter holds {saved} LoRA tensors but the model has {live} LoRA parameters")
+    try:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+    except KeyError as e:  # a modules_to_save key under another name: PEFT looks it up in the file and fails
+        with safe_open(str(folder / LORA_WEIGHTS_FILE), "pt") as f:
+            others = [k for k in f.keys() if ".lora_" not in k]
+        names = f"the file's {len(others)} modules_to_save tensors are named {_few(sorted(others))}"
+        problems = [f"1 missing (left untrained): {e.args[0]}", names]
+        raise load_error(folder / LORA_WEIGHTS_FILE, problems, versions) from None
+    verify_adapter_weights(model, folder, versions)
+    return model
 
 
 def load_adapter_model(
     adapter_dir: Path, meta: AdapterMeta, dtype: torch.dtype | None = None
 ) -> tuple[Model, Processor, Recipe]:
     """Rebuild a trained model: base as recorded, trained projector, LoRA weights; nothing left fresh."""
-    from peft import PeftModel
-
     from lora_llava.config.load import load_recipe
 
     recipe = load_recipe(adapter_dir / "recipe.yaml")
+    require_trained_files(adapter_dir, recipe, meta)
     spec = resolve_backbone(meta.backbone)
     model, _ = load_base(spec, recipe.quantization, dtype=dtype, max_tiles=recipe.images.max_tiles)
     restore_trained_parts(model, spec, adapter_dir)
     if has_lora(adapter_dir):
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-        check_lora_loaded(model, adapter_dir)
+        model = load_peft_adapter(model, adapter_dir, meta.versions)
     model.eval()
     return model, load_processor(adapter_dir), recipe

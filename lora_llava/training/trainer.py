@@ -276,15 +276,27 @@ class LlavaTrainer(CompatTrainer):
         (out / RUN_FILE).write_text(json.dumps(run))
 
     def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:
+        """The checkpoint's trained parts into ``model``, every saved tensor into its module and every trained
+        module from a saved tensor (else a UserError naming file, keys and the versions it was saved with)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        from lora_llava.artifacts import AdapterMeta, read_meta
+        from lora_llava.model.trained_parts import require_trained_files, verify_adapter_weights
+
         ckpt = Path(checkpoint)
+        meta = read_meta(ckpt)
+        meta = meta if isinstance(meta, AdapterMeta) else None
+        require_trained_files(ckpt, self.recipe, meta)
         if has_lora(ckpt):
-            result = set_peft_model_state_dict(model, load_file(ckpt / LORA_WEIGHTS_FILE))
-            missing = [k for k in result.missing_keys if "lora_" in k]
-            if missing:
-                raise ValueError(f"{ckpt}: checkpoint lacks LoRA weights {missing[:3]}")
+            set_peft_model_state_dict(model, load_file(ckpt / LORA_WEIGHTS_FILE))
+            # the fully trained parts the adapter also carries (modules_to_save) load from their own files below
+            full = [
+                (self.recipe.projector.policy, self.spec.projector),
+                (self.recipe.vision_tower.policy, self.spec.vision_tower),
+            ]
+            apart = tuple(path for policy, path in full if policy == "full")
+            verify_adapter_weights(model, ckpt, meta.versions if meta is not None else {}, restored_apart=apart)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         restore_trained_parts(model, self.spec, ckpt)
         if (ckpt / RUN_FILE).is_file():

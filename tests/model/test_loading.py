@@ -61,3 +61,34 @@ def test_bare_vision_tower_skip_list_quantizes_the_projector(spec, recipe):
     ours, _ = load_base(spec, recipe.quantization)
     assert not any(is_4bit(m) for m in ours.get_submodule(PROJECTOR).modules())
     assert sum(is_4bit(m) for m in ours.modules()) == 14
+
+
+def test_a_base_checkpoint_missing_weights_is_refused_naming_them(tmp_path, tiny_path, spec, recipe, capsys):
+    """Weights renamed between transformers versions load as nothing: the model would start from random
+    values where the checkpoint's weights were. That is an error naming the weights; weights the model does
+    not use are a warning."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_path, copy)
+    weights = next(copy.glob("*.safetensors"))
+    state = load_file(weights)
+    key = next(k for k in state if "layers.0.self_attn.q_proj.weight" in k)
+    state[key.replace("layers.0.", "layers.00.")] = state.pop(key)
+    save_file(state, weights, metadata={"format": "pt"})
+    moved = dataclasses.replace(spec, source=str(copy))
+    with pytest.raises(UserError) as e:
+        load_base(moved, recipe.quantization)
+    text = str(e.value)
+    assert "1 weight(s) of the model are not in the checkpoint" in text and "layers.0.self_attn.q_proj.weight" in text
+    assert "installed: transformers" in text and "hint: " in text
+
+    state = load_file(weights)
+    state[key] = state[key.replace("layers.0.", "layers.00.")].clone()  # the weight back, plus one nobody uses
+    save_file(state, weights, metadata={"format": "pt"})
+    load_base(moved, recipe.quantization)
+    err = capsys.readouterr().err
+    assert "1 weight(s) of the checkpoint are not used by the model" in err and "layers.00." in err
