@@ -34,9 +34,7 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
         except metadata.PackageNotFoundError:
             out[name] = None
     if out.get("lora_llava") is None and "lora_llava" in names:  # run from a source tree that is not installed
-        from lora_llava import __version__
-
-        out["lora_llava"] = __version__
+        out["lora_llava"] = getattr(sys.modules.get("lora_llava"), "__version__", None)
     return out
 
 
