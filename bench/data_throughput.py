@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import DataSource
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder

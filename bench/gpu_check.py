@@ -166,7 +166,7 @@ def sync(device: str) -> None:
 def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, args: argparse.Namespace) -> dict:
     from transformers import set_seed
 
-    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
     from lora_llava.model.loading import load_base
     from lora_llava.model.trainability import attach_adapters
     from lora_llava.plan import plan_memory

@@ -31,7 +31,7 @@ WHOLE = r"""
 import sys, torch
 from peft import PeftModel
 from lora_llava.artifacts import open_artifact
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.load import load_recipe
 from lora_llava.model.loading import load_base
 from lora_llava.model.trained_parts import restore_trained_parts
@@ -58,12 +58,13 @@ def build(root: Path, hidden: int, layers: int, intermediate: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from lora_llava.artifacts import RunDir, write_adapter
-    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
     from lora_llava.backbones.tiny import _vision_config, ensure_tiny
     from lora_llava.config import load_recipe
     from lora_llava.data.chat import format_for
+    from lora_llava.layout import RunDir
     from lora_llava.model.loading import load_base, load_processor
+    from lora_llava.model.saving import write_adapter
     from lora_llava.model.trainability import attach_adapters
 
     tiny = ensure_tiny("tiny")

@@ -241,7 +241,7 @@ def run_trl(root: Path, args: argparse.Namespace, order: list[list[int]], clock:
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
 
     spec = resolve_backbone(str(root / "model"))
     records = {int(r["id"]): r for r in json.loads((root / "data" / "train.json").read_text())}

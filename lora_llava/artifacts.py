@@ -1,389 +1,39 @@
-"""The one owner of every on-disk layout lora_llava writes or reads, and of what a user's MODEL/RUN means.
+"""What a user's MODEL/RUN argument means: a run directory, an adapter, a checkpoint, a merged/aligned/assembled
+model, any LLaVA checkpoint directory, a registered backbone or a Hub id.
 
 Usage::
 
     art = open_artifact("exp1")            # a run dir, adapter, checkpoint, merged/aligned/assembled model, or backbone
     art.kind, art.path, art.meta           # "run", Path("exp1"), AdapterMeta(backbone="tiny", ...)
-    run = RunDir("runs/quickstart")        # the paths of a run directory
-    write_meta(folder, MergedMeta(...))    # lora_llava.json, one shape per kind
-    read_meta(folder)                      # -> AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta | None
+    spec = resolve_backbone("tiny")        # the BackboneSpec a recipe's backbone names (a name, a Hub id, a folder)
 
 A path that exists is always a path: ``exp1`` is the directory ``exp1`` when it exists, and only a
-name that is not a directory is looked up among the registered backbones (then as a Hub id).
-
-Layouts::
-
-    <run>/                    a recipe's output_dir
-      recipe.yaml             the resolved recipe
-      metrics.jsonl           one line per logging step
-      rejected.jsonl          samples left out, with reasons
-      adapter/                what training changed (an adapter, below)
-      checkpoints/checkpoint-N/   an adapter (below) that also resumes: + optimizer/scheduler/RNG/trainer state,
-                              eval.json (with train.eval_steps) and manifest.json (every file's size and SHA-256)
-      eval/step-N.jsonl       with train.eval_steps: the answers at step N
-      curves.png              loss, eval and learning-rate curves (lora-llava plot RUN redraws it)
-      third_party.log         warnings and log lines of transformers, bitsandbytes, ... (lora-llava commands)
-      model/                  stage 1 only: the aligned LLaVA, stage 2's backbone (an aligned model)
-      assembled/              backbone: assemble only: the new LLaVA before training (an assembled model)
-      merged/, summary.json, eval_predictions.json    written by quickstart
-    adapter/                  lora_llava.json (AdapterMeta), recipe.yaml, processor + chat template,
-                              adapter_config.json + adapter_model.safetensors (LoRA, when any),
-                              projector.safetensors (projector + LLaVA-NeXT's image newline, when trained),
-                              vision_tower.safetensors (when trained fully)
-    merged / aligned / assembled model:   a transformers checkpoint (config.json, model*.safetensors,
-                              processor) + lora_llava.json (MergedMeta / AlignedMeta / AssembledMeta)
+name that is not a directory is looked up among the registered backbones (then as a Hub id). The
+on-disk layouts are ``lora_llava.layout``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
-import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
 
-from lora_llava.annotations import Model, Processor
+from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.errors import UserError
-
-if TYPE_CHECKING:
-    from lora_llava.backbones.registry import BackboneSpec
-    from lora_llava.config.schema import Recipe
-    from lora_llava.data.chat import ChatFormat
-
-META_FILE = "lora_llava.json"
-RECIPE_FILE = "recipe.yaml"
-PROJECTOR_FILE = "projector.safetensors"
-VISION_FILE = "vision_tower.safetensors"
-LORA_CONFIG_FILE = "adapter_config.json"
-LORA_WEIGHTS_FILE = "adapter_model.safetensors"
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_FILE = "trainer_state.json"
-RUN_FILE = "run.json"  # the run's id, in the run directory and in each of its checkpoints
-MANIFEST_FILE = "manifest.json"  # a checkpoint's files with their sizes and SHA-256, written last
-CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (with train.eval_steps)
-
-
-# --------------------------------------------------------------------------------------------- metadata
-
-
-@dataclass
-class _Meta:
-    FORMAT: ClassVar[str]
-    KIND: ClassVar[str]
-    # what it was made with (lora_llava.versions.stamp(): packages, device, CUDA, bitsandbytes backend),
-    # filled in by write_meta; empty for artifacts written before version stamps
-    versions: dict = field(default_factory=dict, kw_only=True)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Any:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass
-class AdapterMeta(_Meta):
-    """What a trained adapter was trained from and how: enough to rebuild the model exactly."""
-
-    FORMAT: ClassVar[str] = "lora_llava-adapter/1"
-    KIND: ClassVar[str] = "adapter"
-    backbone: str
-    source: str
-    family: str
-    chat_format: str  # the format training rendered (plain for a plain stage 1)
-    stage: str = "instruct"
-    system_prompt: str = ""  # adapters written before system prompts were rendered trained with none
-    backbone_chat_format: str = ""  # the backbone's own format (what stage 2 after a stage 1 trains in)
-    quantization: dict = field(default_factory=dict)
-    projector_trained: bool = True
-    pad_to_square: bool = False
-    train_loss: float | None = None
-    steps: int | None = None
-    train_samples: int | None = None
-    seconds: float | None = None  # training wall time
-    hardware: str = ""  # where it trained (GPU name, or CPU)
-
-    def __post_init__(self) -> None:
-        self.backbone_chat_format = self.backbone_chat_format or self.chat_format
-
-
-@dataclass
-class MergedMeta(_Meta):
-    """A deployable checkpoint folded from an adapter."""
-
-    FORMAT: ClassVar[str] = "lora_llava-merged/1"
-    KIND: ClassVar[str] = "merged"
-    merged_from: str
-    backbone: str
-    source: str
-    family: str
-    chat_format: str
-    system_prompt: str = ""
-    dtype: str = "bfloat16"
-    base: str = "dequantized"
-    pad_to_square: bool = False
-    merged: bool = True  # read by lora_llava versions that knew only this key
-    verified: bool | None = None  # False: the parity check fell below merge.min_agreement
-
-
-@dataclass
-class AlignedMeta(MergedMeta):
-    """Stage 1's output: the LLaVA with its aligned projector, stage 2's backbone."""
-
-    FORMAT: ClassVar[str] = "lora_llava-aligned/1"
-    KIND: ClassVar[str] = "aligned"
-    align_format: str = "plain"  # the format stage 1 trained in; chat_format is the LM's, for stage 2
-
-
-@dataclass
-class AssembledMeta(_Meta):
-    """A new LLaVA assembled from a vision encoder and a causal LM (projector untrained)."""
-
-    FORMAT: ClassVar[str] = "lora_llava-assembled/1"
-    KIND: ClassVar[str] = "assembled"
-    assembled: dict
-    chat_format: str
-    added_tokens: list = field(default_factory=list)
-
-
-Meta = AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta
-_BY_FORMAT: dict[str, type[_Meta]] = {c.FORMAT: c for c in (AdapterMeta, MergedMeta, AlignedMeta, AssembledMeta)}
-
-
-def write_meta(folder: str | Path, meta: Meta) -> None:
-    """``lora_llava.json`` in ``folder``, stamped with the versions it is written with (when not already)."""
-    if not meta.versions:
-        from lora_llava.versions import stamp
-
-        meta.versions = stamp()
-    (Path(folder) / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
-
-
-def read_meta(folder: str | Path) -> Meta | None:
-    """The metadata lora_llava wrote into ``folder``, or None when there is none."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})", hint="the directory is damaged; re-create it") from None
-    fmt = data.get("format") if isinstance(data, dict) else None
-    cls = _BY_FORMAT.get(fmt or "")
-    if cls is None:
-        raise UserError(
-            f"{path}: unknown format {fmt!r} (known: {', '.join(sorted(_BY_FORMAT))})",
-            hint="it was written by another version of lora_llava; use that version, or re-create it",
-        )
-    if cls is MergedMeta and data.get("align_format"):
-        cls = AlignedMeta
-    try:
-        return cls.from_json(data)
-    except TypeError as e:
-        raise UserError(f"{path}: incomplete {cls.KIND} metadata ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------- run directory
-
-
-class RunDir:
-    """The paths of a run directory (a recipe's ``output_dir``)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    recipe = property(lambda self: self.path / RECIPE_FILE)
-    metrics = property(lambda self: self.path / "metrics.jsonl")
-    rejected = property(lambda self: self.path / "rejected.jsonl")
-    adapter = property(lambda self: self.path / "adapter")
-    checkpoints = property(lambda self: self.path / "checkpoints")
-    aligned = property(lambda self: self.path / "model")
-    assembled = property(lambda self: self.path / "assembled")
-    merged = property(lambda self: self.path / "merged")
-    summary = property(lambda self: self.path / "summary.json")
-    data_report = property(lambda self: self.path / "data_report.txt")  # the data check's report, as printed
-    pushed = property(lambda self: self.path / "pushed.json")  # repos this run was pushed to
-    eval_predictions = property(lambda self: self.path / "eval_predictions.json")
-    eval_dir = property(lambda self: self.path / "eval")  # eval/step-N.jsonl: answers during training
-    curves = property(lambda self: self.path / "curves.png")
-    third_party_log = property(lambda self: self.path / "third_party.log")  # other packages' warnings and logs
-
-    run_file = property(lambda self: self.path / RUN_FILE)
-
-    def finished_outputs(self) -> list[str]:
-        """What an earlier run left here that a new run would contradict (names, for messages)."""
-        out = [p.name + "/" for p in (self.adapter, self.aligned, self.merged) if p.exists()]
-        if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
-            out.append("checkpoints/")
-        out += [p.name for p in (self.summary, self.eval_predictions) if p.exists()]
-        if self.metrics.is_file() and self.metrics.stat().st_size:
-            out.append(self.metrics.name)
-        return out
-
-    def create(self) -> None:
-        """Make the directory (and its parents); a path that cannot be one is a UserError."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise UserError(f"output_dir {str(self.path)!r} is a file", hint="choose a directory name") from None
-        except OSError as e:
-            raise UserError(
-                f"cannot create output_dir {str(self.path)!r}: {e.strerror or e}",
-                hint="choose a directory you can write to (output_dir=...)",
-            ) from None
-        if not os.access(self.path, os.W_OK):
-            raise UserError(f"output_dir {str(self.path)!r} is not writable", hint="choose another output_dir")
-
-    def start(self, overwrite: bool = False, resume: bool = False) -> str:
-        """Claim the directory for a run; returns the run's id (the same id when resuming).
-
-        A directory holding an earlier run's outputs is refused unless ``overwrite`` (which deletes
-        those outputs, nothing else) or ``resume``. Each run gets a new id, recorded in ``run.json``
-        and in each of its checkpoints, so resuming never continues another run's checkpoint.
-        """
-        self.create()
-        if resume:
-            latest = self.latest_checkpoint()
-            adopted = checkpoint_run_id(latest) if latest is not None else None
-            return self.run_id() or self._new_id(adopted)
-        found = self.finished_outputs()
-        if found and not overwrite:
-            raise UserError(
-                f"output_dir {str(self.path)!r} holds an earlier run ({', '.join(found)})",
-                hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
-                "continue it",
-            )
-        for p in (self.adapter, self.aligned, self.merged, self.checkpoints, self.eval_dir):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves, self.third_party_log):
-            p.unlink(missing_ok=True)
-        return self._new_id()
-
-    def run_id(self) -> str | None:
-        return _read_run_id(self.path)
-
-    def _new_id(self, run_id: str | None = None) -> str:
-        import time
-        import uuid
-
-        from lora_llava.versions import stamp
-
-        run_id = run_id or uuid.uuid4().hex[:12]
-        started = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.run_file.write_text(json.dumps({"run_id": run_id, "started": started, "versions": stamp()}, indent=1))
-        return run_id
-
-    def checkpoint_dirs(self) -> list[Path]:
-        """Every ``checkpoint-N`` folder, newest (most steps) first, complete or not."""
-        found = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_or_none(p)]
-        return sorted(found, key=checkpoint_step, reverse=True)
-
-    def latest_checkpoint(self, hashes: bool = False, skipped: list[str] | None = None) -> Path | None:
-        """The newest checkpoint whose files match its manifest (sizes; with ``hashes`` also SHA-256), or None.
-
-        A damaged newer checkpoint is passed over; ``skipped`` (a list) receives one line per such one.
-        """
-        for path in self.checkpoint_dirs():
-            problem = checkpoint_problem(path, hashes)
-            if problem is None:
-                return path
-            if skipped is not None:
-                skipped.append(f"{path.name}: {problem}")
-        return None
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX) :])
-
-
-def _step_or_none(path: Path) -> int | None:
-    tail = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(tail) if tail.isdigit() else None
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (where the platform allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_manifest(folder: Path) -> dict[str, Any]:
-    """Flush every file of ``folder`` to disk and record its size and SHA-256 in ``manifest.json`` (written
-    last, itself flushed): a checkpoint is complete exactly when its manifest verifies."""
-    files: dict[str, Any] = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_FILE:
-            files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)}
-    manifest = {"files": files}
-    tmp = folder / f".{MANIFEST_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(folder / MANIFEST_FILE)
-    fsync_dir(folder)
-    return manifest
-
-
-def checkpoint_problem(path: Path, hashes: bool = False) -> str | None:
-    """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or unreadable,
-    or a file it lists is missing, of another size, or (``hashes``) of other content. A checkpoint written
-    before manifests existed counts as complete when it holds its trainer state."""
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return None if (path / TRAINER_STATE_FILE).is_file() else f"incomplete (no {MANIFEST_FILE})"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST_FILE} unreadable ({e})"
-    for name, entry in files.items():
-        p = path / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != entry.get("size"):
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry.get('size')}"
-        if hashes and _sha256(p) != entry.get("sha256"):
-            return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (damaged)"
-    return None
-
-
-def _read_run_id(folder: Path) -> str | None:
-    """The run id recorded in ``folder/run.json`` (a run directory or a checkpoint), or None."""
-    try:
-        return json.loads((folder / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def checkpoint_run_id(checkpoint: Path) -> str | None:
-    return _read_run_id(checkpoint)
-
+from lora_llava.layout import (
+    META_FILE,
+    RECIPE_FILE,
+    TRAINER_STATE_FILE,
+    AdapterMeta,
+    Meta,
+    RunDir,
+    checkpoint_problem,
+    drift_warning,
+    is_checkpoint_dir,
+    read_meta,
+)
 
 # ------------------------------------------------------------------------------------ what a user typed
 
@@ -463,28 +113,9 @@ def open_artifact(ref: str | Path) -> Artifact:
     )
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    """``RUN/checkpoints/checkpoint-N``: a training checkpoint (since checkpoints hold adapters, also one)."""
-    return path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE_FILE).is_file()
-
-
 def looks_like_hub_id(ref: str) -> bool:
     """``owner/name`` that is not a relative path a user meant as a directory (``./x``, ``runs/x``)."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
-
-
-def drift_warning(meta: Meta | None, ref: str | Path) -> str | None:
-    """A ``warning:`` line when ``meta`` was written with another major/minor transformers or peft than the
-    installed one (weights may be named differently; the loaders check every key), else None."""
-    from lora_llava.versions import LOADERS, drift, package_versions
-
-    changes = drift(meta.versions, package_versions(LOADERS)) if meta is not None else []
-    if not changes:
-        return None
-    return (
-        f"warning: {ref} was saved with other versions ({', '.join(changes)}); weights are checked key by key as "
-        "they load (lora-llava env shows the installed versions)"
-    )
 
 
 _WARNED: set[str] = set()
@@ -548,6 +179,36 @@ def backbone_dir(art: Artifact) -> Path:
     )
 
 
+def resolve_backbone(name: str) -> BackboneSpec:
+    """The backbone ``name`` names: a registered name or Hub id, a local directory (a LLaVA checkpoint, a
+    merged or assembled model, a finished stage-1 run), or an unregistered Hub id of a LLaVA checkpoint.
+    A directory that exists is always a directory (``open_artifact``)."""
+    from lora_llava.backbones.registry import hub_spec, registered, spec_from_files, unknown_backbone
+
+    if not Path(name).exists():
+        spec = registered(name)
+        if spec is not None:
+            return spec
+        if "/" in name or os.sep in name:
+            if looks_like_hub_id(name):
+                return hub_spec(name)
+            raise UserError(
+                f"backbone directory {name!r} does not exist",
+                hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
+            )
+        raise unknown_backbone(name)
+    art = open_artifact(name)
+    if art.path is None:
+        return hub_spec(name)
+    path = backbone_dir(art)
+
+    def read(filename: str) -> str | None:
+        f = path / filename
+        return f.read_text() if f.is_file() else None
+
+    return spec_from_files(str(path), read, "local")
+
+
 def adapter_meta_of(art: Artifact) -> AdapterMeta:
     """The adapter metadata of a run or adapter; a UserError for anything else."""
     if art.kind in ("run", "adapter") and isinstance(art.meta, AdapterMeta):
@@ -558,79 +219,3 @@ def adapter_meta_of(art: Artifact) -> AdapterMeta:
         f"{art.ref!r} is {art.description}, not a run or adapter directory",
         hint="pass the output_dir of a finished `lora-llava train`",
     )
-
-
-# ---------------------------------------------------------------------------------------------- writers
-
-
-def deployable_processor(processor: Processor, fmt: ChatFormat, pad_to_square: bool) -> Processor:
-    """A copy of ``processor`` that stock transformers uses exactly as training did.
-
-    Its chat template renders ``fmt`` (system prompt included), and with ``pad_to_square`` its image
-    processor is transformers' ``LlavaImageProcessor`` with ``do_pad`` (LLaVA-1.5's pad handling, same
-    mean color), so ``AutoProcessor`` on a saved adapter or merged model pads like training did.
-    """
-    import copy
-
-    out = copy.deepcopy(processor)
-    out.chat_template = fmt.jinja
-    if pad_to_square:
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-        settings = {k: v for k, v in out.image_processor.to_dict().items() if k != "image_processor_type"}
-        settings["do_pad"] = True
-        out.image_processor = LlavaImageProcessorPil(**settings)
-    return out
-
-
-def write_adapter(
-    target: Path,
-    model: Model,
-    processor: Processor,
-    spec: BackboneSpec,
-    recipe: Recipe,
-    fmt: ChatFormat,
-    extra: dict[str, Any],
-) -> Path:
-    """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
-    from lora_llava.fsutil import atomic_dir
-
-    with atomic_dir(target, replace=True) as tmp:
-        write_adapter_files(tmp, model, processor, spec, recipe, fmt, extra)
-    return target
-
-
-def write_adapter_files(
-    folder: Path,
-    model: Model,
-    processor: Processor,
-    spec: BackboneSpec,
-    recipe: Recipe,
-    fmt: ChatFormat,
-    extra: dict[str, Any],
-    between: Any = None,
-) -> None:
-    """An adapter's files into an existing ``folder`` (a checkpoint's, or write_adapter's temporary one).
-    ``between`` is called after the weights and before the rest (the slow_save fault of the tests)."""
-    from lora_llava.config.load import recipe_to_dict, save_recipe
-    from lora_llava.model.trained_parts import save_trained_parts
-
-    save_trained_parts(model, spec, recipe, folder)
-    if between is not None:
-        between()
-    deployable_processor(processor, fmt, recipe.images.pad_to_square).save_pretrained(folder)
-    save_recipe(recipe, folder / RECIPE_FILE)
-    meta = AdapterMeta(
-        backbone=spec.name,
-        source=spec.source,
-        family=spec.family,
-        chat_format=fmt.name,
-        stage=recipe.stage,
-        system_prompt=fmt.system,
-        backbone_chat_format=spec.chat_format,
-        quantization=recipe_to_dict(recipe)["quantization"],
-        projector_trained=recipe.projector.policy == "full",
-        pad_to_square=recipe.images.pad_to_square,
-        **extra,
-    )
-    write_meta(folder, meta)

@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from lora_llava.artifacts import RunDir
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lora_llava.artifacts import AdapterMeta, RunDir, open_artifact, read_meta
+from lora_llava.artifacts import open_artifact
 from lora_llava.chat import ChatSession, GenerationSettings
 from lora_llava.infer import Loaded
+from lora_llava.layout import AdapterMeta, RunDir, read_meta
 
 
 def lineage(ref: str) -> str:

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from lora_llava.annotations import Model, Processor
-from lora_llava.artifacts import Artifact, adapter_meta_of, open_artifact
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import Artifact, adapter_meta_of, open_artifact, resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder

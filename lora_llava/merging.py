@@ -27,16 +27,8 @@ from pathlib import Path
 import torch
 
 from lora_llava.annotations import Log, Model
-from lora_llava.artifacts import (
-    VISION_FILE,
-    AdapterMeta,
-    AlignedMeta,
-    MergedMeta,
-    adapter_meta_of,
-    open_artifact,
-    write_meta,
-)
-from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.artifacts import adapter_meta_of, open_artifact, resolve_backbone
+from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.compat import finish_dequantize
 from lora_llava.config.load import load_recipe
 from lora_llava.config.schema import Recipe
@@ -45,6 +37,7 @@ from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
+from lora_llava.layout import VISION_FILE, AdapterMeta, AlignedMeta, MergedMeta, write_meta
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trainability import get_module
 from lora_llava.model.trained_parts import has_lora, load_peft_adapter, require_trained_files, restore_trained_parts

@@ -14,11 +14,11 @@ import json
 import time
 
 from lora_llava.annotations import Log
-from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
 from lora_llava.data.check import DataReport
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir
 
 
 def _eval_samples(recipe: Recipe, report: DataReport) -> list[Sample]:

@@ -184,7 +184,8 @@ def parse_size(text: str) -> int:
 
 def backbone_config(recipe: Recipe) -> tuple[Any, Any, str]:
     """(transformers config, BackboneSpec, where the config came from) of the recipe's backbone, without weights."""
-    from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
+    from lora_llava.backbones.registry import BackboneSpec
 
     if recipe.backbone == "assemble":
         assert recipe.assemble is not None  # the schema requires it with backbone: assemble

@@ -79,8 +79,9 @@ def check_builtin_recipes() -> dict[str, str]:
     Hub ids), or the ``output_dir`` of a built-in stage-1 (align) recipe. Every registered backbone
     must have its recipe. Raises UserError listing every problem.
     """
+    from lora_llava.artifacts import resolve_backbone
     from lora_llava.backbones.assemble import PARTS
-    from lora_llava.backbones.registry import registered_backbones, resolve_backbone
+    from lora_llava.backbones.registry import registered_backbones
     from lora_llava.config import load_recipe
 
     recipes = {name: load_recipe(recipe_path(name)) for name, _ in list_recipes()}

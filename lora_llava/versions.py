@@ -71,6 +71,17 @@ def bitsandbytes_backend(import_it: bool = True) -> str | None:
     return backend
 
 
+def hardware() -> str:
+    """Where this process trains, in words: the GPU's name and CUDA version, or the CPU and its threads."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} thread(s))"
+
+
 def stamp() -> dict[str, Any]:
     """What an artifact records: package versions and the runtime (device, CUDA, bitsandbytes backend)."""
     return {**package_versions(), **runtime()}

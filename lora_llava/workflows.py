@@ -9,11 +9,11 @@ Usage::
 from __future__ import annotations
 
 from lora_llava.annotations import Log
-from lora_llava.artifacts import RunDir
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir
 from lora_llava.training.prepare import PreparedRun
 from lora_llava.training.run import TrainResult
 from lora_llava.training.run import train as train_adapter
@@ -32,7 +32,12 @@ def train(
     run = RunDir(recipe.output_dir)
     if recipe.stage == "align" and run.aligned.exists() and not run.aligned.is_dir():
         raise UserError(f"{run.aligned} is a file; stage 1 writes its aligned model there")
-    result = train_adapter(recipe, log=log, prepared=prepared, overwrite=overwrite, run_id=run_id)
+    from lora_llava import plan
+
+    result = train_adapter(
+        recipe, log=log, prepared=prepared, overwrite=overwrite, run_id=run_id,
+        before_load=lambda: plan.preload_warning(recipe),  # on CUDA: the memory plan before weights load
+    )  # fmt: skip
     if recipe.stage == "align":
         from lora_llava.merging import merge
 

@@ -175,7 +175,7 @@ def assembled(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec(tiny_path):
-    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
 
     return resolve_backbone("tiny")
 

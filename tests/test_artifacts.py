@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.cli.main import main
 from lora_llava.data.chat import (
     VICUNA_SYSTEM,
@@ -95,10 +95,11 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "legacy_v1"
 
 
 def test_an_old_run_directory_opens_and_answers_as_it_did(legacy, capsys):
-    from lora_llava.artifacts import AdapterMeta, open_artifact
+    from lora_llava.artifacts import open_artifact
     from lora_llava.config.schema import DataSource
     from lora_llava.data.formats import read_source
     from lora_llava.infer import generate, load_model
+    from lora_llava.layout import AdapterMeta
 
     art = open_artifact("exp1")
     assert (art.kind, art.path, art.adapter_dir) == ("run", Path("exp1"), Path("exp1/adapter"))
@@ -156,8 +157,8 @@ def test_unfinished_runs_say_what_to_do(tmp_path, monkeypatch):
 
 
 def test_each_kind_writes_and_reads_one_metadata_shape(tmp_path):
-    from lora_llava.artifacts import AdapterMeta, AlignedMeta, AssembledMeta, MergedMeta, read_meta, write_meta
     from lora_llava.errors import UserError
+    from lora_llava.layout import AdapterMeta, AlignedMeta, AssembledMeta, MergedMeta, read_meta, write_meta
 
     metas = [
         AdapterMeta(backbone="tiny", source="builtin:tiny", family="llava", chat_format="vicuna_v1", steps=3),
@@ -194,7 +195,8 @@ def test_every_checkpoint_is_an_adapter_for_eval_predict_chat_and_merge(make_rec
 
     from helpers import assert_user_error, run_cli
 
-    from lora_llava.artifacts import AdapterMeta, open_artifact
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.layout import AdapterMeta
     from lora_llava.workflows import train
 
     recipe = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 4, "save_steps": 2})

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lora_llava.backbones.registry import resolve_backbone
-from lora_llava.compat import CompatTrainer, allow_training_quantized_base, image_token_counts
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.compat import allow_training_quantized_base, image_token_counts
+from lora_llava.compat.trainer import CompatTrainer
 from lora_llava.model.loading import load_processor
 
 

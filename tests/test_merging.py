@@ -142,8 +142,8 @@ def test_a_broken_merge_fails_verification_and_is_kept_marked(trained_run, tmp_p
     import dataclasses
 
     import lora_llava.merging as merging
-    from lora_llava.artifacts import read_meta
     from lora_llava.config.load import load_recipe, save_recipe
+    from lora_llava.layout import read_meta
 
     run = tmp_path / "run"
     import shutil
@@ -187,8 +187,8 @@ def test_large_merges_are_sharded(trained_run, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from lora_llava.config.load import load_recipe, save_recipe
-    from lora_llava.hub import plan_push
     from lora_llava.merging import merge
+    from lora_llava.publish import plan_push
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -96,7 +96,7 @@ def test_estimate_within_stated_error_of_a_measured_cpu_step(make_recipe, backbo
 
 
 def test_weights_lora_and_optimizer_bytes_are_exact(make_recipe):
-    from lora_llava.backbones.registry import resolve_backbone
+    from lora_llava.artifacts import resolve_backbone
     from lora_llava.model.loading import load_base
     from lora_llava.model.trainability import attach_adapters
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import shipped_recipes
 
-from lora_llava.backbones.registry import registered_backbones, resolve_backbone
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.backbones.registry import registered_backbones
 from lora_llava.errors import UserError
 
 

@@ -7,7 +7,7 @@ import json
 import torch
 from helpers import align_data
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.data.chat import (
     VICUNA_SYSTEM,
     chat_format,

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from lora_llava.annotations import Log
-from lora_llava.artifacts import AssembledMeta, read_meta, write_meta
 from lora_llava.config.schema import AssembleConfig
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
+from lora_llava.layout import AssembledMeta, read_meta, write_meta
 
 
 def _builtin_parts() -> tuple[str, ...]:

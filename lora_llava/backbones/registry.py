@@ -16,7 +16,6 @@ or inferred from its chat template (``spec.inferred`` says which).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,45 +173,25 @@ def registered_backbones() -> list[BackboneSpec]:
 
 def is_registered(name: str) -> bool:
     """A registered backbone name or the Hub id of one."""
-    return name in _REGISTRY or any(spec.source == name for spec in _REGISTRY.values())
+    return registered(name) is not None
 
 
-def resolve_backbone(name: str) -> BackboneSpec:
-    """The backbone ``name`` names: a registered name or Hub id, a local directory (a LLaVA checkpoint, a
-    merged or assembled model, a finished stage-1 run), or an unregistered Hub id of a LLaVA checkpoint.
-    A directory that exists is always a directory (``lora_llava.artifacts.open_artifact``)."""
-    from lora_llava.artifacts import backbone_dir, looks_like_hub_id, open_artifact
+def registered(name: str) -> BackboneSpec | None:
+    """The registered backbone called ``name`` (a registered name or the Hub id of one), or None."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    return next((spec for spec in _REGISTRY.values() if spec.source == name), None)
 
-    if not Path(name).exists():
-        if name in _REGISTRY:
-            return _REGISTRY[name]
-        for spec in _REGISTRY.values():
-            if spec.source == name:
-                return spec
-        if "/" in name or os.sep in name:
-            if looks_like_hub_id(name):
-                return _hub_spec(name)
-            raise UserError(
-                f"backbone directory {name!r} does not exist",
-                hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
-            )
-        import difflib
 
-        close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
-        raise UserError(
-            f"unknown backbone {name!r}: not a registered name, registered Hub id or local directory",
-            hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava recipes --backbones",
-        )
-    art = open_artifact(name)
-    if art.path is None:
-        return _hub_spec(name)
-    path = backbone_dir(art)
+def unknown_backbone(name: str) -> UserError:
+    """The error for a name that is neither registered nor a directory nor a Hub id, with the nearest name."""
+    import difflib
 
-    def read(filename: str) -> str | None:
-        f = path / filename
-        return f.read_text() if f.is_file() else None
-
-    return _spec_from_files(str(path), read, "local")
+    close = difflib.get_close_matches(name, [*_REGISTRY, *(s.source for s in _REGISTRY.values())], n=1)
+    return UserError(
+        f"unknown backbone {name!r}: not a registered name, registered Hub id or local directory",
+        hint=(f"did you mean {close[0]!r}? " if close else "") + "list them with: lora-llava recipes --backbones",
+    )
 
 
 def infer_chat_format(template: str | None) -> str:
@@ -227,7 +206,7 @@ def infer_chat_format(template: str | None) -> str:
     return "vicuna_v1"
 
 
-def _hub_spec(repo_id: str) -> BackboneSpec:
+def hub_spec(repo_id: str) -> BackboneSpec:
     """A spec for an unregistered Hub id, from its config and chat template (Hub cache or network)."""
     from huggingface_hub import hf_hub_download
 
@@ -247,10 +226,10 @@ def _hub_spec(repo_id: str) -> BackboneSpec:
             f"unknown backbone {repo_id!r}: not registered, and its config.json could not be read {where}",
             hint="list registered backbones with: lora-llava recipes --backbones; or give a local directory",
         )
-    return _spec_from_files(repo_id, read, "Hub")
+    return spec_from_files(repo_id, read, "Hub")
 
 
-def _spec_from_files(source: str, read: Callable[[str], str | None], where: str) -> BackboneSpec:
+def spec_from_files(source: str, read: Callable[[str], str | None], where: str) -> BackboneSpec:
     model_type = json.loads(read("config.json") or "{}").get("model_type")
     if model_type not in _FAMILIES:
         raise UserError(

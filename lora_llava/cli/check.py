@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_llava.artifacts import RunDir
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args
+from lora_llava.layout import RunDir
 
 HELP = "validate a recipe and every data sample (no model weights are loaded)"
 EPILOG = """examples:

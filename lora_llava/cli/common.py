@@ -42,7 +42,7 @@ def training(recipe: Recipe, command: str) -> None:
 
 def interrupted_message() -> str:
     """What an interrupt stopped, with the latest checkpoint and the command that resumes it."""
-    from lora_llava.artifacts import RunDir
+    from lora_llava.layout import RunDir
 
     if not TRAINING:
         return "interrupted"

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_llava.hub import plan_push, push
+    from lora_llava.publish import plan_push, push
 
     plan = plan_push(args.source, args.repo_id, merged=args.merged, public=args.public, revision=args.revision)
     print(plan.describe())

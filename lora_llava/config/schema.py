@@ -17,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from lora_llava.data.chat import ChatFormatName, ConversationFormatName
+# the chat formats by name (lora_llava.data.chat defines them); plain: stage-1 alignment only
+ConversationFormatName = Literal["vicuna_v1", "mistral_instruct", "chatml_direct", "chatml", "llama3"]
+ChatFormatName = Literal[ConversationFormatName, "plain"]
+
 
 DType = Literal["bfloat16", "float16", "float32"]  # the one list of dtypes a recipe or a flag may name
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)

@@ -36,9 +36,10 @@ every processor lora_llava writes, so ``apply_chat_template`` builds the same pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 from lora_llava.annotations import Tokenizer
+from lora_llava.config.schema import ConversationFormatName
 from lora_llava.errors import UserError
 
 Message = tuple[str, str]  # (role, text) with role in system | user | assistant
@@ -246,8 +247,6 @@ _FORMATS: dict[str, dict] = {
 }
 
 # the names, as types (recipe keys are checked against them); _FORMATS must define exactly these
-ConversationFormatName = Literal["vicuna_v1", "mistral_instruct", "chatml_direct", "chatml", "llama3"]
-ChatFormatName = Literal[ConversationFormatName, "plain"]  # plain: stage-1 alignment only
 CHAT_FORMATS: tuple[str, ...] = tuple(_FORMATS)
 CONVERSATION_FORMATS: tuple[str, ...] = get_args(ConversationFormatName)
 if set(_FORMATS) != {*CONVERSATION_FORMATS, "plain"}:

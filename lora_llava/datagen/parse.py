@@ -59,7 +59,8 @@ class Rejected(Exception):
 @cache
 def control_strings() -> tuple[str, ...]:
     """Role markers and stop strings of every chat format, and common special tokens."""
-    from lora_llava.data.chat import CONVERSATION_FORMATS, ChatFormatName, chat_format
+    from lora_llava.config.schema import ChatFormatName
+    from lora_llava.data.chat import CONVERSATION_FORMATS, chat_format
 
     out = {"<image>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>"}
     for name in set(CONVERSATION_FORMATS) | set(get_args(ChatFormatName)):

@@ -22,18 +22,12 @@ from typing import Any
 import torch
 
 from lora_llava.annotations import Model, Processor
-from lora_llava.artifacts import (
-    LORA_CONFIG_FILE,
-    LORA_WEIGHTS_FILE,
-    PROJECTOR_FILE,
-    VISION_FILE,
-    AdapterMeta,
-    read_meta,
-)
-from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
+from lora_llava.layout import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, PROJECTOR_FILE, VISION_FILE, AdapterMeta, read_meta
 from lora_llava.model.loading import load_base, load_processor
 from lora_llava.model.trainability import connector_state, get_module, image_newline, prepare_projector
 from lora_llava.versions import LOADERS, drift, package_versions

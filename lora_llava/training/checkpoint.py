@@ -28,7 +28,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lora_llava.annotations import Log
-from lora_llava.artifacts import (
+from lora_llava.config.load import load_recipe, recipe_to_dict
+from lora_llava.config.schema import Recipe
+from lora_llava.errors import UserError
+from lora_llava.layout import (
     CHECKPOINT_EVAL_FILE,
     CHECKPOINT_PREFIX,
     TRAINER_STATE_FILE,
@@ -40,9 +43,6 @@ from lora_llava.artifacts import (
     read_meta,
     write_manifest,
 )
-from lora_llava.config.load import load_recipe, recipe_to_dict
-from lora_llava.config.schema import Recipe
-from lora_llava.errors import UserError
 
 STAGING = ".staging"
 # keys a resumed run may change: how long to train, how often to save/log, where metrics go, eval/merge

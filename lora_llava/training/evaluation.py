@@ -23,11 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from lora_llava.annotations import Log, Model, Processor
-from lora_llava.artifacts import RunDir
 from lora_llava.compat import no_cpu_weight_repacking
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import Sample
+from lora_llava.layout import RunDir
 from lora_llava.training.checkpoint import PublishCheckpoints
 from lora_llava.training.loss import supervised_loss
 

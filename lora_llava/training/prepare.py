@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_llava.annotations import Log
-from lora_llava.backbones.registry import BackboneSpec, resolve_backbone
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.load import chat_format_name
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import ChatFormat, format_for
@@ -46,8 +47,8 @@ class PreparedRun:
 def backbone_for(recipe: Recipe, log: Log = print) -> BackboneSpec:
     """The recipe's backbone spec; ``backbone: assemble`` builds (or reuses) ``<output_dir>/assembled``."""
     if recipe.backbone == "assemble":
-        from lora_llava.artifacts import RunDir
         from lora_llava.backbones.assemble import assemble
+        from lora_llava.layout import RunDir
 
         assert recipe.assemble is not None  # cross_check requires it with backbone: assemble
         dtype = torch_dtype(recipe.quantization.compute_dtype)

@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 from lora_llava import thirdparty
 from lora_llava.annotations import Log, Model
-from lora_llava.artifacts import RunDir, write_adapter
 from lora_llava.compat import allow_training_quantized_base
 from lora_llava.config.load import save_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, EncodedDataset
 from lora_llava.data.packing import PackedDataset, pack_indices
 from lora_llava.errors import TrainingStopped, UserError
+from lora_llava.layout import RunDir
 from lora_llava.model.loading import load_base
 from lora_llava.model.parts import check_policy, format_part_table
+from lora_llava.model.saving import write_adapter
 from lora_llava.model.trainability import attach_adapters
 from lora_llava.training.callbacks import MetricsCallback, MetricsLog, ProgressBar
 from lora_llava.training.checkpoint import (
@@ -49,6 +50,7 @@ from lora_llava.training.prepare import PreparedRun, describe_format, prepare_ru
 from lora_llava.training.stop import StopCallback, StopSignals
 from lora_llava.training.tracking import wandb_run
 from lora_llava.training.trainer import LlavaTrainer, training_arguments
+from lora_llava.versions import hardware
 
 
 @dataclass
@@ -70,10 +72,12 @@ def train(
     prepared: PreparedRun | None = None,
     overwrite: bool = False,
     run_id: str | None = None,
+    before_load: Callable[[], str | None] | None = None,
 ) -> TrainResult:
     """Train ``recipe``. An output_dir holding an earlier run is refused unless ``overwrite`` (or the recipe
     resumes); ``run_id`` is given by a caller that already claimed the directory (``RunDir.start``), and
-    ``prepared`` is a ``prepare_run(recipe, run_dir)`` already at hand.
+    ``prepared`` is a ``prepare_run(recipe, run_dir)`` already at hand; ``before_load`` is called once the data
+    is checked and before any weight loads, and what it returns (a warning line) is logged.
 
     Raises ``TrainingStopped`` when SIGTERM/SIGINT stopped the run (a checkpoint was saved), and a UserError
     when ``train.max_bad_steps`` NaN/inf steps in a row stopped it; neither writes an adapter."""
@@ -88,9 +92,7 @@ def train(
     _report_data(prepared, run, log)
     resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
 
-    from lora_llava import plan
-
-    warning = plan.preload_warning(recipe)  # on CUDA: the memory plan before any weight loads (lora-llava plan)
+    warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
     if warning:
         log(warning)
     set_seed(recipe.train.seed)
@@ -155,15 +157,6 @@ def _draw_curves(run: RunDir, log: Log) -> None:
         log(f"curves: {plot_run(run.path)}")
     except UserError as e:  # a run too short to have logged anything: no curves, said so
         log(f"warning: no curves drawn: {e}")
-
-
-def hardware() -> str:
-    """Where this process trains: the GPU's name, or the CPU."""
-    import platform
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} thread(s))"
 
 
 def _report_data(prepared: PreparedRun, run: RunDir, log: Log) -> None:

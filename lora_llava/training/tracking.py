@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from lora_llava.artifacts import RunDir
 from lora_llava.config.load import recipe_to_dict
 from lora_llava.config.schema import Recipe
+from lora_llava.layout import RunDir
 
 REDACTED = "<redacted>"
 _SECRET_NAME = re.compile(r"token|secret|passw|api_?key|(^|_)key$", re.IGNORECASE)

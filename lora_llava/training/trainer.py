@@ -27,19 +27,21 @@ from typing import Any
 import torch
 
 from lora_llava.annotations import Log, Model, Processor
-from lora_llava.artifacts import LORA_WEIGHTS_FILE, RUN_FILE, RunDir, write_adapter_files
 from lora_llava.backbones.registry import BackboneSpec
-from lora_llava.compat import CompatTrainer
+from lora_llava.compat.trainer import CompatTrainer
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import ChatFormat
 from lora_llava.data.formats import Sample
 from lora_llava.data.sampler import ModalityLengthGroupedSampler
+from lora_llava.layout import LORA_WEIGHTS_FILE, RUN_FILE, RunDir
+from lora_llava.model.saving import write_adapter_files
 from lora_llava.model.trained_parts import has_lora, restore_trained_parts
 from lora_llava.training import faults
 from lora_llava.training.callbacks import TokenCounts
 from lora_llava.training.checkpoint import STAGING
 from lora_llava.training.loss import supervised_loss
 from lora_llava.training.optim import SkippableStep
+from lora_llava.versions import hardware
 
 
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
@@ -255,8 +257,6 @@ class LlavaTrainer(CompatTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """What a checkpoint holds besides the Trainer's states: an adapter (so every checkpoint can be
         evaluated, chatted with, merged), and the run's id and loss so far (for resuming)."""
-        from lora_llava.training.run import hardware
-
         if self.processor is None or self.fmt is None:
             raise TypeError("LlavaTrainer needs processor= and fmt= to write checkpoints")
         out = Path(output_dir or self.args.output_dir)
@@ -281,7 +281,7 @@ class LlavaTrainer(CompatTrainer):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from lora_llava.artifacts import AdapterMeta, read_meta
+        from lora_llava.layout import AdapterMeta, read_meta
         from lora_llava.model.trained_parts import require_trained_files, verify_adapter_weights
 
         ckpt = Path(checkpoint)

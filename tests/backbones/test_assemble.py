@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import AssembleConfig
 from lora_llava.data.chat import format_for
 from lora_llava.errors import UserError

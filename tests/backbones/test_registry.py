@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lora_llava.backbones.registry import registered_backbones, resolve_backbone
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.backbones.registry import registered_backbones
 from lora_llava.errors import UserError
 
 
@@ -54,7 +55,7 @@ def test_backbone_paths_that_are_not_models_say_why(tmp_path):
     assert "train its align recipe first" in str(e.value)
     import dataclasses
 
-    from lora_llava.artifacts import AdapterMeta, write_meta
+    from lora_llava.layout import AdapterMeta, write_meta
 
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     meta = AdapterMeta(backbone="tiny", source="builtin:tiny", family="llava", chat_format="plain", stage="align")

@@ -23,7 +23,8 @@ def test_merge_into_a_file_is_a_user_error(capsys, tmp_path, trained_run):
 
 
 def test_merge_through_the_command(capsys, tmp_path, trained_run):
-    from lora_llava.artifacts import MergedMeta, open_artifact
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.layout import MergedMeta
 
     code, out, err = run_cli(capsys, "merge", trained_run, tmp_path / "m", "--dtype", "float32")
     assert code == 0, err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_llava.backbones.registry import registered_backbones, resolve_backbone
+from lora_llava.artifacts import resolve_backbone
+from lora_llava.backbones.registry import registered_backbones
 from lora_llava.data.chat import (
     CHAT_FORMATS,
     VICUNA_SYSTEM,

@@ -10,7 +10,7 @@ import torch
 from helpers import N_IMAGE_TOKENS
 from PIL import Image
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import DataSource
 from lora_llava.data.chat import VICUNA_SYSTEM, chat_format, format_for, tokenize_with_labels
 from lora_llava.data.encode import Collator, EncodedDataset, Encoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.errors import UserError

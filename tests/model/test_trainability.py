@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import LM, PEFT_PREFIX, PROJECTOR, VISION, base_of, is_4bit
 
-from lora_llava.backbones.registry import resolve_backbone
+from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.model.loading import bnb_config, load_base
 from lora_llava.model.parts import check_policy

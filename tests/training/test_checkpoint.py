@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_llava.artifacts import RunDir, write_manifest
+from lora_llava.layout import RunDir, write_manifest
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}
@@ -109,8 +109,8 @@ def test_a_finished_run_is_not_overwritten_and_checkpoints_belong_to_their_run(m
 
     import pytest
 
-    from lora_llava.artifacts import RunDir
     from lora_llava.errors import UserError
+    from lora_llava.layout import RunDir
 
     out = tmp_path / "r"
     first = make_recipe(output_dir=str(out), train={"max_steps": 2, "save_steps": 1})
@@ -189,7 +189,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(make_recipe, tmp_path):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_says_so(make_recipe, tmp_path):
-    from lora_llava.artifacts import checkpoint_problem
+    from lora_llava.layout import checkpoint_problem
 
     recipe = make_recipe(output_dir=str(tmp_path / "d"), train={"max_steps": 4, "save_steps": 2})
     train(recipe, **QUIET)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_llava.artifacts import write_manifest
 from lora_llava.errors import UserError
+from lora_llava.layout import write_manifest
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}

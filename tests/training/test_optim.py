@@ -88,7 +88,7 @@ def test_8bit_optimizers_train_keep_8bit_state_and_skip_bad_steps(make_recipe, m
     import torch
     from safetensors.torch import load_file
 
-    from lora_llava.artifacts import RunDir
+    from lora_llava.layout import RunDir
     from lora_llava.workflows import train
 
     monkeypatch.setenv("LORA_LLAVA_FAULTS", "nan_loss@2")

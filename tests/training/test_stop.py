@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_llava.artifacts import RunDir, checkpoint_problem
 from lora_llava.config.load import save_recipe
 from lora_llava.errors import EXIT_STOPPED
+from lora_llava.layout import RunDir, checkpoint_problem
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_llava.artifacts import RunDir, checkpoint_problem
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir, checkpoint_problem
 from lora_llava.workflows import train
 
 

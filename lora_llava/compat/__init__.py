@@ -5,7 +5,8 @@ Usage::
     counts = image_token_counts(processor, [(336, 336), (672, 336)])   # image tokens per (height, width)
     allow_training_quantized_base(model)     # stage 1 on a 4-bit LM: only 16-bit parts train
     with no_cpu_weight_repacking(model): ...  # eval mode mid-training without bitsandbytes' CPU repacking
-    class MyTrainer(CompatTrainer): ...      # resume-time weight loading and the train sampler as public hooks
+    class MyTrainer(CompatTrainer): ...      # lora_llava.compat.trainer: resume-time weight loading, the train
+                                             # sampler and the step's gradient norm as public hooks
 
 No public API does these jobs (checked against transformers 5.24). ``tests/test_compat.py`` fails
 loudly when an installed transformers changes the behaviour relied on here; nothing else in
@@ -17,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-from transformers import Trainer
 
 from lora_llava.annotations import Model, Processor
 
@@ -41,39 +40,6 @@ def allow_training_quantized_base(model: Model) -> None:
     before this is called. The Trainer reads the flag PEFT's transformers integration sets.
     """
     model._hf_peft_config_loaded = True
-
-
-class CompatTrainer(Trainer):
-    """A Trainer whose resume-time weight loading and train sampler are the public hooks below.
-
-    - ``load_checkpoint_weights(path, model)``: what a checkpoint holds is lora_llava's trained parts,
-      not a transformers model file, so the Trainer's own loader cannot read it;
-    - ``train_sampler(dataset)``: the sampler of the training DataLoader (None: the Trainer's default);
-    - ``before_optimizer_step(grad_norm)``: called once per optimizer step, after the backward passes
-      and clipping and before ``optimizer.step()``, with the step's gradient norm (before clipping) as a
-      float. The Trainer computes that norm every step, logging or not, but passes it to no callback.
-    """
-
-    def before_optimizer_step(self, grad_norm: float | None) -> None:
-        pass
-
-    def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def train_sampler(self, dataset: Any) -> Any:
-        return None
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Model | None = None) -> None:
-        self.load_checkpoint_weights(resume_from_checkpoint, model or self.model)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        sampler = self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
-        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
-
-    def _get_grad_norm(self, model: Model, grad_norm: Any = None) -> Any:
-        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.before_optimizer_step(None if norm is None else float(norm))
-        return norm
 
 
 def finish_dequantize(model: Model, dtype: Any) -> Model:
