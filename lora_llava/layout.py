@@ -341,10 +341,18 @@ def write_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def checkpoint_problem(path: Path, hashes: bool = False) -> str | None:
+# what only resuming reads (the Trainer's optimizer, scheduler, RNG and arguments): a checkpoint opened as a
+# model hashes everything else, not these (gigabytes of optimizer state at real sizes)
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin", "scaler.pt")
+
+
+def checkpoint_problem(path: Path, hashes: bool = False, as_model: bool = False) -> str | None:
     """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or unreadable,
-    or a file it lists is missing, of another size, or (``hashes``) of other content. A checkpoint written
-    before manifests existed counts as complete when it holds its trainer state."""
+    or a file it lists is missing, of another size, or (``hashes``) of other content; ``as_model`` hashes the
+    files a model is loaded from (all but ``RESUME_ONLY``). A checkpoint written before manifests existed
+    counts as complete when it holds its trainer state."""
+    import fnmatch
+
     manifest = path / MANIFEST_FILE
     if not manifest.is_file():
         return None if (path / TRAINER_STATE_FILE).is_file() else f"incomplete (no {MANIFEST_FILE})"
@@ -358,7 +366,8 @@ def checkpoint_problem(path: Path, hashes: bool = False) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != entry.get("size"):
             return f"{name} has {p.stat().st_size} bytes, the manifest says {entry.get('size')}"
-        if hashes and _sha256(p) != entry.get("sha256"):
+        resume_only = any(fnmatch.fnmatch(p.name, pattern) for pattern in RESUME_ONLY)
+        if (hashes or (as_model and not resume_only)) and _sha256(p) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (damaged)"
     return None
 

@@ -23,6 +23,7 @@ from lora_llava.annotations import Model, Processor
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.schema import QuantizationConfig
 from lora_llava.errors import UserError
+from lora_llava.layout import META_FILE
 from lora_llava.model.anyres import apply_max_tiles
 
 
@@ -89,22 +90,34 @@ def _raise_unavailable(path: str, what: str, e: OSError) -> NoReturn:
     ) from None
 
 
-def check_loading_info(info: dict, what: str) -> None:
+_REWRITE = (
+    "the checkpoint's weight names do not match this model class or transformers version: use the version it was "
+    "saved with (lora-llava env), or re-save it with save_pretrained"
+)
+
+
+def check_loading_info(info: dict, what: str, strict: bool = False) -> None:
     """A base that loaded only in part is an error, never a model with freshly initialized weights: weights of the
     model that the checkpoint lacks (or holds in another shape) are named; weights of the checkpoint that the
-    model does not use are a warning line."""
+    model does not use are an error for a model lora_llava wrote (``strict``), else a warning line."""
     from lora_llava.versions import package_versions
 
     missing = sorted({*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))})
     unexpected = sorted(info.get("unexpected_keys", ()))
     installed = ", ".join(f"{n} {v}" for n, v in package_versions(("transformers",)).items())
-    if missing:
-        raise UserError(
-            f"{what}: {len(missing)} weight(s) of the model are not in the checkpoint (or have another shape), "
-            f"e.g. {', '.join(missing[:4])}; they would start from random values (installed: {installed})",
-            hint="the checkpoint's weight names do not match this model class or transformers version: use the "
-            "version it was saved with (lora-llava env), or re-save it with save_pretrained",
+    unused = (
+        f"; {len(unexpected)} weight(s) of the checkpoint are not used by the model, e.g. {', '.join(unexpected[:4])}"
+        if unexpected
+        else ""
+    )
+    if missing or (unexpected and strict):
+        lacking = (
+            f"{len(missing)} weight(s) of the model are not in the checkpoint (or have another shape), "
+            f"e.g. {', '.join(missing[:4])}; they would start from random values"
+            if missing
+            else "every weight of the model loaded"
         )
+        raise UserError(f"{what}: {lacking}{unused} (installed: {installed})", hint=_REWRITE)
     if unexpected:
         print(
             f"warning: {what}: {len(unexpected)} weight(s) of the checkpoint are not used by the model, "
@@ -130,11 +143,22 @@ def load_base(
         kwargs["quantization_config"] = bnb_config(spec, q)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
+    ours = (Path(path) / META_FILE).is_file()  # a model lora_llava wrote (merged, aligned, assembled)
+    what = f"model {path}" if ours else f"backbone {spec.name!r} ({path})"
+    from safetensors import SafetensorError
+
     try:
         model, info = spec.model_class().from_pretrained(path, output_loading_info=True, **kwargs, **hub_kwargs(path))
     except OSError as e:
         _raise_unavailable(path, f"backbone {spec.name!r}", e)
-    check_loading_info(info, f"backbone {spec.name!r} ({path})")
+    except SafetensorError as e:
+        raise UserError(f"{what}: a weight file is not readable safetensors ({e})", hint=_REWRITE) from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e) and "shape" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{what}: weights of another shape than the model's ({first})", hint=_REWRITE) from None
+    check_loading_info(info, what, strict=ours)
     model.config.use_cache = False
     processor = load_processor(path)
     apply_max_tiles(model, processor, max_tiles)

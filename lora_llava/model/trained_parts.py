@@ -16,6 +16,9 @@ silently answers like the base. File names are the artifact layout's (``lora_lla
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +88,82 @@ def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> Non
 
     path = folder / PROJECTOR_FILE
     if path.is_file():
-        state = load_file(path)
-        nl_saved = state.pop("image_newline", None)
-        nl = image_newline(model, spec)
-        if (nl_saved is None) != (nl is None):
-            problem = f"image_newline {'missing' if nl is not None else 'unexpected'} for this backbone"
-            raise load_error(path, [problem], versions_in(folder))
-        missing, unexpected = get_module(model, spec.projector).load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise load_error(path, key_problems(unexpected, missing), versions_in(folder))
-        if nl is not None and nl_saved is not None:
-            nl.data = nl_saved.to(nl.device, nl.dtype)
+        with readable_weights(path, versions_in(folder)):
+            state = load_file(path)
+            nl_saved = state.pop("image_newline", None)
+            nl = image_newline(model, spec)
+            if (nl_saved is None) != (nl is None):
+                problem = f"image_newline {'missing' if nl is not None else 'unexpected'} for this backbone"
+                raise load_error(path, [problem], versions_in(folder))
+            missing, unexpected = get_module(model, spec.projector).load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise load_error(path, key_problems(unexpected, missing), versions_in(folder))
+            if nl is not None and nl_saved is not None:
+                if nl_saved.shape != nl.shape:
+                    raise load_error(path, ["1 tensor(s) of another shape: image_newline"], versions_in(folder))
+                nl.data = nl_saved.to(nl.device, nl.dtype)
         prepare_projector(model, spec, trainable=False)
+        _same_copies(folder, path, spec.projector)
     vpath = folder / VISION_FILE
     if vpath.is_file():
+        _same_copies(folder, vpath, spec.vision_tower)
         vt = get_module(model, spec.vision_tower)
-        missing, unexpected = vt.load_state_dict(load_file(vpath), strict=False)
+        with readable_weights(vpath, versions_in(folder)):
+            missing, unexpected = vt.load_state_dict(load_file(vpath), strict=False)
         if missing or unexpected:
             raise load_error(vpath, key_problems(unexpected, missing), versions_in(folder))
+
+
+@contextmanager
+def readable_weights(path: Path, versions: dict[str, Any]) -> Iterator[None]:
+    """Loading ``path``: a file safetensors cannot read, or tensors whose shapes are not the model's, is a
+    ``load_error`` naming the file and the tensors, never a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise load_error(path, [f"not a readable safetensors file ({e})"], versions) from None
+    except RuntimeError as e:
+        text = str(e)
+        shapes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
+                            r"the shape in current model is (\S+ ?\S*)\.", text)  # fmt: skip
+        if not shapes and "size" not in text and "shape" not in text:
+            raise
+        found = [f"{k} ({a.rstrip('.')} in the file, {b.rstrip('.')} in the model)" for k, a, b in shapes]
+        problem = f"{len(found)} tensor(s) of another shape: {_few(found)}" if found else text.splitlines()[0]
+        raise load_error(path, [problem], versions) from None
+
+
+def _same_copies(folder: Path, part_file: Path, module: str) -> None:
+    """A fully trained part is saved twice: in its own file and, for PEFT, as modules_to_save in the adapter.
+    The two must hold the same tensors (one of them edited or swapped: which one would answer is a matter
+    of which loader runs)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    lora = folder / LORA_WEIGHTS_FILE
+    if not lora.is_file():
+        return
+    versions = versions_in(folder)
+    prefix = f"base_model.model.{module}."
+    with readable_weights(lora, versions), safe_open(str(lora), "pt") as f:
+        copies = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not copies:  # written before parts rode along as modules_to_save
+        return
+    with readable_weights(part_file, versions):
+        own = {k: v for k, v in load_file(part_file).items() if k != "image_newline"}
+    differ = sorted(
+        k
+        for k in own.keys() | copies.keys()
+        if k not in own or k not in copies or not torch.equal(own[k].to(copies[k].dtype), copies[k])
+    )
+    if differ:
+        raise load_error(
+            part_file,
+            [f"{len(differ)} tensor(s) differ from their copy in {LORA_WEIGHTS_FILE}: {_few(differ)}"],
+            versions,
+        )
 
 
 def versions_in(folder: Path) -> dict[str, Any]:
@@ -173,7 +234,8 @@ def verify_adapter_weights(
 
     path = folder / LORA_WEIGHTS_FILE
     skip = tuple(f"base_model.model.{p}." for p in restored_apart)
-    saved = _as_peft_loads(model, load_file(path))
+    with readable_weights(path, versions):
+        saved = _as_peft_loads(model, load_file(path))
     saved = {k: v for k, v in saved.items() if not k.startswith(skip)}
     live = {k: v for k, v in get_peft_model_state_dict(model).items() if not k.startswith(skip)}
     differ = [k for k in saved.keys() & live.keys() if not _same(live[k], saved[k])]
@@ -206,15 +268,27 @@ def load_peft_adapter(model: Model, folder: Path, versions: dict[str, Any]) -> M
     from safetensors import safe_open
 
     try:
-        model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+        with readable_weights(folder / LORA_WEIGHTS_FILE, versions):
+            model = PeftModel.from_pretrained(model, folder, is_trainable=False)
     except KeyError as e:  # a modules_to_save key under another name: PEFT looks it up in the file and fails
         with safe_open(str(folder / LORA_WEIGHTS_FILE), "pt") as f:
-            others = [k for k in f.keys() if ".lora_" not in k]
-        names = f"the file's {len(others)} modules_to_save tensors are named {_few(sorted(others))}"
-        problems = [f"1 missing (left untrained): {e.args[0]}", names]
+            keys = list(f.keys())
+        modules = dict(model.named_modules())
+        # the fully trained parts' tensors first: those PEFT looked for (LoRA keys it may still have renamed)
+        unplaced = sorted((k for k in keys if _module_of(k) not in modules), key=lambda k: (".lora_" in k, k))
+        problems = [f"{len(unplaced)} unexpected (found no module): {_few(unplaced)}"] if unplaced else []
+        problems.append(f"1 missing (left untrained): {e.args[0]}")
+        if not keys:
+            problems.append("the file holds no tensors")
         raise load_error(folder / LORA_WEIGHTS_FILE, problems, versions) from None
     verify_adapter_weights(model, folder, versions)
     return model
+
+
+def _module_of(key: str) -> str:
+    """The module a saved adapter tensor belongs to, by its name in the base model."""
+    path = key.removeprefix("base_model.model.")
+    return path.split(".lora_", 1)[0] if ".lora_" in path else path.rsplit(".", 1)[0]
 
 
 def load_adapter_model(

@@ -153,7 +153,7 @@ def resume_point(recipe: Recipe, run_dir: str | os.PathLike, log: Log = print) -
         raise UserError(
             f"train.resume: no complete checkpoint in {run.checkpoints}"
             + (f" ({len(skipped)} damaged or incomplete: {'; '.join(skipped)})" if skipped else ""),
-            hint="train once with train.save_steps set, or drop train.resume",
+            hint="train once with train.save_steps set; or start the run over: drop train.resume and add --overwrite",
         )
     if (ckpt / "recipe.yaml").is_file():
         then = _flat(recipe_to_dict(load_recipe(ckpt / "recipe.yaml")))

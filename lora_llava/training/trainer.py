@@ -282,14 +282,15 @@ class LlavaTrainer(CompatTrainer):
         from safetensors.torch import load_file
 
         from lora_llava.layout import AdapterMeta, read_meta
-        from lora_llava.model.trained_parts import require_trained_files, verify_adapter_weights
+        from lora_llava.model.trained_parts import readable_weights, require_trained_files, verify_adapter_weights
 
         ckpt = Path(checkpoint)
         meta = read_meta(ckpt)
         meta = meta if isinstance(meta, AdapterMeta) else None
         require_trained_files(ckpt, self.recipe, meta)
         if has_lora(ckpt):
-            set_peft_model_state_dict(model, load_file(ckpt / LORA_WEIGHTS_FILE))
+            with readable_weights(ckpt / LORA_WEIGHTS_FILE, meta.versions if meta is not None else {}):
+                set_peft_model_state_dict(model, load_file(ckpt / LORA_WEIGHTS_FILE))
             # the fully trained parts the adapter also carries (modules_to_save) load from their own files below
             full = [
                 (self.recipe.projector.policy, self.spec.projector),

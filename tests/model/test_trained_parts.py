@@ -149,3 +149,88 @@ def test_merge_refuses_a_damaged_adapter_like_loading_does(adapter, tmp_path, ca
     (adapter / "projector.safetensors").unlink()
     code, out, err = run_cli(capsys, "merge", adapter, tmp_path / "merged")
     assert_user_error(code, out, err, "projector.safetensors missing")
+
+
+def retensor(path, key, fn):
+    """Re-save ``path`` with tensor ``key`` replaced by ``fn(tensor)``."""
+    state = load_file(path)
+    state[key] = fn(state[key])
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_a_tensor_of_another_shape_is_one_error_not_a_traceback(adapter, shapes, capsys):
+    retensor(adapter / "adapter_model.safetensors", Q_A, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
+    data = ["--data", shapes / "eval.json", "--image-folder", shapes / "images"]
+    code, out, err = run_cli(capsys, "eval", adapter, *data)
+    assert_user_error(code, out, err, "tensor(s) of another shape: ", "q_proj", "\nhint: ")
+
+
+def test_a_projector_of_another_shape_is_one_error(adapter):
+    retensor(adapter / "projector.safetensors", "linear_1.weight", lambda t: torch.zeros(t.shape[0] + 1, t.shape[1]))
+    text = refused(adapter)
+    assert "projector.safetensors" in text and "tensor(s) of another shape: linear_1.weight" in text
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "projector.safetensors"])
+def test_a_truncated_weight_file_is_one_error(adapter, name):
+    data = (adapter / name).read_bytes()
+    (adapter / name).write_bytes(data[: len(data) // 2])
+    text = refused(adapter)
+    assert f"{name}: not a readable safetensors file" in text
+
+
+def test_the_projector_and_its_copy_in_the_adapter_must_agree(adapter):
+    """The projector is saved twice (its own file, and as PEFT's modules_to_save): an edit of one copy is refused,
+    not silently outvoted by the other."""
+    retensor(adapter / "projector.safetensors", "linear_1.weight", lambda t: torch.zeros_like(t))
+    text = refused(adapter)
+    assert (
+        "projector.safetensors: 1 tensor(s) differ from their copy in adapter_model.safetensors: linear_1.weight"
+        in text
+    )
+
+
+def test_every_key_renamed_names_the_keys_found_nowhere(adapter):
+    rename(
+        adapter / "adapter_model.safetensors", lambda k: k.replace("base_model.model.model.", "base_model.model.mdl.")
+    )
+    text = refused(adapter)
+    assert "32 unexpected (found no module): " in text and "1 missing (left untrained)" in text
+
+
+def test_a_merged_model_loads_strictly(trained_run, tmp_path, capsys):
+    from lora_llava.merging import merge
+
+    merged = tmp_path / "merged"
+    merge(trained_run, merged, dtype="float32", log=lambda *_: None)
+    weights = merged / "model.safetensors"
+    original = weights.read_bytes()
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("layers.0.self_attn.q_proj.weight"))
+
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, weights, metadata={"format": "pt"})
+    text = refused(merged)
+    assert f"model {merged}: every weight of the model loaded; 1 weight(s) of the checkpoint are not used" in text
+    assert "model.extra.weight" in text
+
+    state = load_file(weights)
+    del state["model.extra.weight"]
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 2)
+    save_file(state, weights, metadata={"format": "pt"})
+    assert "weights of another shape" in refused(merged) or "have another shape" in refused(merged)
+
+    weights.write_bytes(original[: len(original) // 3])
+    assert "not readable safetensors" in refused(merged)
+    weights.write_bytes(original)
+    load_model(merged)
+
+
+def test_a_checkpoint_whose_weights_do_not_match_its_manifest_is_refused(make_recipe, tmp_path, capsys):
+    from lora_llava.workflows import train
+
+    train(make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 2, "save_steps": 2}), log=lambda *_: None)
+    ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-2"
+    retensor(ckpt / "adapter_model.safetensors", Q_A, lambda t: torch.zeros_like(t))  # same size, other bytes
+    code, out, err = run_cli(capsys, "eval", ckpt)
+    assert_user_error(code, out, err, "is damaged: adapter_model.safetensors does not match its SHA-256")
