@@ -5,6 +5,7 @@ Usage::
 
     art = open_artifact("exp1")            # a run dir, adapter, checkpoint, merged/aligned/assembled model, or backbone
     art.kind, art.path, art.meta           # "run", Path("exp1"), AdapterMeta(backbone="tiny", ...)
+    lin = art.lineage()                    # Lineage: base, training numbers, eval before/after, merge verification
     spec = resolve_backbone("tiny")        # the BackboneSpec a recipe's backbone names (a name, a Hub id, a folder)
 
 A path that exists is always a path: ``exp1`` is the directory ``exp1`` when it exists, and only a
@@ -14,6 +15,7 @@ on-disk layouts are ``lora_llava.layout``'s.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -23,10 +25,13 @@ from pathlib import Path
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.errors import UserError
 from lora_llava.layout import (
+    MERGE_REPORT_FILE,
     META_FILE,
+    MODEL_CONFIG_FILE,
     RECIPE_FILE,
     TRAINER_STATE_FILE,
     AdapterMeta,
+    MergedMeta,
     Meta,
     RunDir,
     checkpoint_problem,
@@ -34,6 +39,9 @@ from lora_llava.layout import (
     is_checkpoint_dir,
     read_meta,
 )
+
+# names that belong in layout.py (not there yet): the merge report lora_llava.merging writes next to a merged
+# model, and a transformers checkpoint's config
 
 # ------------------------------------------------------------------------------------ what a user typed
 
@@ -78,6 +86,10 @@ class Artifact:
     def is_model_dir(self) -> bool:
         """A complete transformers checkpoint: loads with ``from_pretrained`` as it is."""
         return self.kind in ("merged", "aligned", "assembled", "checkpoint_dir")
+
+    def lineage(self) -> Lineage:
+        """What this model is and how it was made, from what lora_llava recorded (see ``Lineage``)."""
+        return _read_lineage(self)
 
 
 KIND_WORDS = {
@@ -129,7 +141,7 @@ def _open_dir(path: Path, ref: str) -> Artifact:
         print(warning, file=sys.stderr)
     if meta is not None:
         if is_checkpoint_dir(path) and isinstance(meta, AdapterMeta):
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, as_model=True)
             if problem is not None:
                 raise UserError(f"checkpoint {ref!r} is damaged: {problem}", hint="use another checkpoint of the run")
         return Artifact(meta.KIND, ref, path, meta)
@@ -139,7 +151,7 @@ def _open_dir(path: Path, ref: str) -> Artifact:
         return Artifact("run", ref, path, adapter_meta)
     if is_checkpoint_dir(path):  # written before checkpoints held adapters: it only resumes
         return Artifact("checkpoint", ref, path)
-    if (path / "config.json").is_file():
+    if (path / MODEL_CONFIG_FILE).is_file():
         return Artifact("checkpoint_dir", ref, path)
     if run.recipe.is_file():
         latest = run.latest_checkpoint()
@@ -153,7 +165,7 @@ def _open_dir(path: Path, ref: str) -> Artifact:
             hint="train it to the end (lora-llava train <recipe> output_dir=" + ref + ")",
         )
     raise UserError(
-        f"{ref!r} is not {WHAT}: no {META_FILE}, adapter/, {TRAINER_STATE_FILE} or config.json in it",
+        f"{ref!r} is not {WHAT}: no {META_FILE}, adapter/, {TRAINER_STATE_FILE} or {MODEL_CONFIG_FILE} in it",
     )
 
 
@@ -163,7 +175,7 @@ def backbone_dir(art: Artifact) -> Path:
         return art.path  # type: ignore[return-value]
     if art.kind == "run" and isinstance(art.meta, AdapterMeta) and art.meta.stage == "align":
         aligned = RunDir(art.path).aligned  # type: ignore[arg-type]
-        if (aligned / "config.json").is_file():
+        if (aligned / MODEL_CONFIG_FILE).is_file():
             return aligned
         raise UserError(
             f"backbone {art.ref!r} is a stage-1 run directory without model/ (the aligned model it writes last)",
@@ -218,4 +230,158 @@ def adapter_meta_of(art: Artifact) -> AdapterMeta:
     raise UserError(
         f"{art.ref!r} is {art.description}, not a run or adapter directory",
         hint="pass the output_dir of a finished `lora-llava train`",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ lineage
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    """How a merged model verified against the adapter it was merged from (its merge report)."""
+
+    folder: Path  # the merged model
+    dtype: str  # its weights' dtype
+    base: str  # what LoRA was folded into: dequantized (the NF4 base as trained) | original
+    samples: int  # verification samples (0: none were found, nothing was compared)
+    answers_equal: int  # greedy answers of the merged model equal to the adapter's
+    answers_total: int
+    max_abs_logit_diff: float | None  # next-token logits, merged against adapter
+    mean_max_abs_logit_diff: float | None
+    run_dtype: str  # the dtype the merged model ran in for the check (as stored)
+    quantized_answers_equal: int | None  # the merged model re-quantized to 4-bit NF4, against the adapter
+    accuracy: dict[str, float]  # exact match on the verification samples (merged, quantized)
+    no_op: bool  # the adapter changed nothing
+    passed: bool | None  # against merge.min_agreement (None: no threshold)
+    verified: bool | None  # the merged model's lora_llava.json: False when it fell below merge.min_agreement
+
+    @property
+    def agreement(self) -> float | None:
+        """The share of the merged model's answers equal to the adapter's (None: nothing compared)."""
+        return self.answers_equal / self.answers_total if self.answers_total else None
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a model is and how it was made: what its metadata, run directory and merge report recorded.
+
+    One reader for everything that shows it (the demo's lineage panel, a pushed model's card). None where
+    nothing recorded it.
+    """
+
+    kind: str  # as Artifact.kind
+    ref: str
+    folder: Path | None  # the model's own files (a run's adapter/); None for a backbone
+    run_dir: Path | None  # the run it came from (a merged model inside its run directory included)
+    # what it was trained from
+    backbone: str | None  # the base as lora_llava names it
+    source: str | None  # where the base came from (a Hub id, builtin:..., a folder)
+    family: str | None  # llava | llava_next ...
+    chat_format: str | None
+    system_prompt: str | None
+    pad_to_square: bool
+    stage: str | None  # instruct | align (of the adapter)
+    recipe: Path | None  # the recipe it was trained with (the model's own copy, else the run's)
+    # training (the adapter's metadata)
+    steps: int | None
+    train_loss: float | None  # mean training loss at the end
+    train_samples: int | None
+    seconds: float | None  # training wall time
+    hardware: str | None  # where it trained (GPU name, or CPU)
+    # eval before and after (the quickstart's summary)
+    accuracy: dict[str, float] | None  # {"base": ..., "adapter": ..., "merged": ...}; None: not measured
+    eval_samples: int | None
+    data_report: str | None  # the training data's check report, as printed
+    merge: MergeCheck | None  # this merged model's verification, or (a run, an adapter) its run's merged model's
+
+    @property
+    def accuracy_before(self) -> float | None:
+        """The base model's eval accuracy, before training."""
+        return (self.accuracy or {}).get("base")
+
+    @property
+    def accuracy_after(self) -> float | None:
+        """The trained adapter's eval accuracy."""
+        return (self.accuracy or {}).get("adapter")
+
+
+def _read_json(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _read_lineage(art: Artifact) -> Lineage:
+    meta = art.meta
+    folder = art.adapter_dir or art.path
+    run_path = art.run_dir
+    if run_path is None and art.kind in ("merged", "aligned") and art.path is not None:
+        if RunDir(art.path.parent).adapter.is_dir():  # <run>/merged: the run it was merged from
+            run_path = art.path.parent
+    run = RunDir(run_path) if run_path is not None else None
+    adapter = meta if isinstance(meta, AdapterMeta) else None
+    if adapter is None and run is not None and run.adapter.is_dir():
+        found = read_meta(run.adapter)
+        adapter = found if isinstance(found, AdapterMeta) else None
+    recipe = None
+    if folder is not None and (folder / RECIPE_FILE).is_file():
+        recipe = folder / RECIPE_FILE
+    elif run is not None and run.recipe.is_file():
+        recipe = run.recipe
+    accuracy, eval_samples, data_report = None, None, None
+    if run is not None and run.summary.is_file():
+        summary = _read_json(run.summary)
+        accuracy = dict(summary.get("accuracy") or {})
+        eval_samples = summary.get("eval_samples")
+    if run is not None and run.data_report.is_file():
+        data_report = run.data_report.read_text().strip()
+    report = folder / MERGE_REPORT_FILE if folder is not None else None
+    if (report is None or not report.is_file()) and run is not None:
+        report = run.merged / MERGE_REPORT_FILE  # a run's or adapter's lineage: how its merge verified
+    return Lineage(
+        kind=art.kind,
+        ref=art.ref,
+        folder=folder,
+        run_dir=run_path,
+        backbone=getattr(meta, "backbone", None),
+        source=getattr(meta, "source", None),
+        family=getattr(meta, "family", None),
+        chat_format=getattr(meta, "chat_format", None),
+        system_prompt=getattr(meta, "system_prompt", None),
+        pad_to_square=bool(getattr(meta, "pad_to_square", False)),
+        stage=adapter.stage if adapter is not None else None,
+        recipe=recipe,
+        steps=adapter.steps if adapter is not None else None,
+        train_loss=adapter.train_loss if adapter is not None else None,
+        train_samples=adapter.train_samples if adapter is not None else None,
+        seconds=adapter.seconds if adapter is not None else None,
+        hardware=(adapter.hardware or None) if adapter is not None else None,
+        accuracy=accuracy,
+        eval_samples=eval_samples,
+        data_report=data_report,
+        merge=_merge_check(report) if report is not None and report.is_file() else None,
+    )
+
+
+def _merge_check(report: Path) -> MergeCheck | None:
+    """The verification a merge report records (None when it records none)."""
+    data = _read_json(report)
+    p = data.get("parity") or {}
+    if not p:
+        return None
+    merged = read_meta(report.parent)
+    return MergeCheck(
+        folder=report.parent,
+        dtype=data.get("dtype", ""),
+        base=data.get("base", ""),
+        samples=p.get("samples", 0),
+        answers_equal=p.get("answers_equal", 0),
+        answers_total=p.get("answers_total", 0),
+        max_abs_logit_diff=p.get("max_abs_logit_diff"),
+        mean_max_abs_logit_diff=p.get("mean_max_abs_logit_diff"),
+        run_dtype=p.get("dtype", ""),
+        quantized_answers_equal=p.get("quantized_answers_equal"),
+        accuracy=dict(p.get("accuracy") or {}),
+        no_op=bool(p.get("no_op", False)),
+        passed=p.get("passed"),
+        verified=merged.verified if isinstance(merged, MergedMeta) else None,
     )

@@ -12,7 +12,6 @@ chat format, training numbers, eval before and after, the data report and the me
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,41 +19,28 @@ from typing import Any
 from lora_llava.artifacts import open_artifact
 from lora_llava.chat import ChatSession, GenerationSettings
 from lora_llava.infer import Loaded
-from lora_llava.layout import AdapterMeta, RunDir, read_meta
 
 
 def lineage(ref: str) -> str:
     """Markdown: what the model is and how it was made, from what its run directory recorded."""
     art = open_artifact(ref)
-    meta = art.meta
-    run = RunDir(art.run_dir) if art.run_dir else None
-    if (
-        run is None
-        and art.kind in ("merged", "aligned")
-        and art.path is not None
-        and (art.path.parent / "adapter").is_dir()
-    ):
-        run = RunDir(art.path.parent)
+    lin = art.lineage()
     lines = [f"**{art.description}** `{ref}`"]
-    if meta is not None:
-        lines.append(f"- base: `{getattr(meta, 'backbone', '?')}`; chat format `{getattr(meta, 'chat_format', '?')}`")
-    adapter = (
-        meta if isinstance(meta, AdapterMeta) else (read_meta(run.adapter) if run and run.adapter.is_dir() else None)
-    )
-    if isinstance(adapter, AdapterMeta) and adapter.steps is not None:
-        loss = f"{adapter.train_loss:.4f}" if adapter.train_loss is not None else "n/a"
-        lines.append(f"- trained {adapter.steps} steps on {adapter.train_samples} samples, mean loss {loss}"
-                     + (f", {adapter.hardware}" if adapter.hardware else ""))  # fmt: skip
-    if run is not None and run.summary.is_file():
-        acc = json.loads(run.summary.read_text()).get("accuracy") or {}
-        lines.append("- eval accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    report = (art.path / "merge_report.json") if art.path is not None else None
-    if report is not None and report.is_file():
-        p = json.loads(report.read_text()).get("parity") or {}
-        if p.get("samples"):
-            lines.append(f"- merge verified: {p['answers_equal']}/{p['answers_total']} answers equal to the adapter's")
-    if run is not None and run.data_report.is_file():
-        lines.append("\n**data**\n\n```\n" + run.data_report.read_text().strip() + "\n```")
+    if art.meta is not None:
+        backbone = lin.backbone if lin.backbone is not None else "?"
+        chat_format = lin.chat_format if lin.chat_format is not None else "?"
+        lines.append(f"- base: `{backbone}`; chat format `{chat_format}`")
+    if lin.steps is not None:
+        loss = f"{lin.train_loss:.4f}" if lin.train_loss is not None else "n/a"
+        lines.append(f"- trained {lin.steps} steps on {lin.train_samples} samples, mean loss {loss}"
+                     + (f", {lin.hardware}" if lin.hardware else ""))  # fmt: skip
+    if lin.accuracy is not None:
+        lines.append("- eval accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in lin.accuracy.items()))
+    merge = lin.merge
+    if merge is not None and merge.folder == lin.folder and merge.samples:  # this model's own merge
+        lines.append(f"- merge verified: {merge.answers_equal}/{merge.answers_total} answers equal to the adapter's")
+    if lin.data_report is not None:
+        lines.append("\n**data**\n\n```\n" + lin.data_report + "\n```")
     return "\n".join(lines)
 
 

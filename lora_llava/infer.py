@@ -26,7 +26,8 @@ from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
-from lora_llava.model.loading import load_base, torch_dtype
+from lora_llava.layout import AdapterMeta
+from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trained_parts import load_adapter_model
 
 
@@ -53,9 +54,7 @@ def load_model(
         adapter_dir, meta = art.adapter_dir, adapter_meta_of(art)
         assert adapter_dir is not None
         model, processor, _ = load_adapter_model(adapter_dir, meta, dtype=dtype)
-        fmt = format_for(meta.chat_format, processor.tokenizer, meta.system_prompt)
-        enc = Encoder(processor, fmt, pad_to_square=meta.pad_to_square)
-        return Loaded(model, processor, enc, "adapter", str(adapter_dir), art)
+        return Loaded(model, processor, _trained_encoder(processor, meta), "adapter", str(adapter_dir), art)
     if art.kind == "checkpoint":
         raise UserError(
             f"{art.ref!r} is a resumable training checkpoint, not a model",
@@ -81,6 +80,19 @@ def load_model(
     model.eval()
     enc = Encoder(processor, format_for(spec.chat_format, processor.tokenizer))
     return Loaded(model, processor, enc, "backbone", art.ref, art)
+
+
+def _trained_encoder(processor: Processor, meta: AdapterMeta) -> Encoder:
+    fmt = format_for(meta.chat_format, processor.tokenizer, meta.system_prompt)
+    return Encoder(processor, fmt, pad_to_square=meta.pad_to_square)
+
+
+def adapter_encoder(art: Artifact) -> Encoder:
+    """The encoder that prompts a run or adapter as trained (its processor, chat format, system prompt and
+    image padding), as ``load_model`` builds it, without loading the weights."""
+    adapter_dir, meta = art.adapter_dir, adapter_meta_of(art)
+    assert adapter_dir is not None
+    return _trained_encoder(load_processor(adapter_dir), meta)
 
 
 def _stored_dtype(path: Path) -> torch.dtype:

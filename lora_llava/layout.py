@@ -54,6 +54,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"  # the run's id, in the run directory and in each of its checkpoints
 MANIFEST_FILE = "manifest.json"  # a checkpoint's files with their sizes and SHA-256, written last
+MERGE_REPORT_FILE = "merge_report.json"  # a merged model's verification against its adapter
+MODEL_CONFIG_FILE = "config.json"  # a transformers model directory's config
 CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (with train.eval_steps)
 
 

@@ -37,7 +37,7 @@ from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
-from lora_llava.layout import VISION_FILE, AdapterMeta, AlignedMeta, MergedMeta, write_meta
+from lora_llava.layout import MERGE_REPORT_FILE, VISION_FILE, AdapterMeta, AlignedMeta, MergedMeta, write_meta
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trainability import get_module
 from lora_llava.model.trained_parts import has_lora, load_peft_adapter, require_trained_files, restore_trained_parts
@@ -208,7 +208,7 @@ def merge(
         parity.passed = parity.answers_equal >= floor * parity.answers_total
         write_meta(out, dataclasses.replace(info, verified=parity.passed))
     report = MergeReport(out, dtype_name, base_mode, parity)
-    (out / "merge_report.json").write_text(json.dumps(report.to_json(), indent=2))
+    (out / MERGE_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
     note = ""
     if base_mode == "original" and recipe.quantization.load_in_4bit:
         note = " (expected gap: the adapter runs on the NF4 base, the merged model on the original weights)"

@@ -16,16 +16,16 @@ import time
 from lora_llava.annotations import Log
 from lora_llava.config.schema import Recipe
 from lora_llava.data.check import DataReport
-from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
+from lora_llava.workflows import EvalPlan, recipe_eval_plan
 
 
-def _eval_samples(recipe: Recipe, report: DataReport) -> list[Sample]:
-    samples = report.eval
-    if not samples:
+def _eval_plan(recipe: Recipe, report: DataReport) -> EvalPlan:
+    """The run's eval data as training read it, with the recipe's eval settings (``recipe_eval_plan``)."""
+    if not report.eval:
         raise UserError("the pipeline needs evaluation data", hint="add data.eval sources to the recipe")
-    return samples[: recipe.eval.max_samples] if recipe.eval.max_samples else samples
+    return recipe_eval_plan(recipe, report.eval)
 
 
 def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> dict:
@@ -41,14 +41,14 @@ def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> d
     run_id = run.start(overwrite=overwrite, resume=recipe.train.resume)  # before any work: refuse or clear
     prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
     spec, encoder, report = prepared.spec, prepared.encoder, prepared.report
-    samples = _eval_samples(recipe, report)
-    e = recipe.eval
+    plan = _eval_plan(recipe, report)
+    samples, max_new_tokens, batch_size = plan.samples, plan.max_new_tokens, plan.batch_size
 
     log(f"== 1/5 base model ({spec.name}) on {len(samples)} eval samples")
     base_model = load_model(spec.name, max_tiles=recipe.images.max_tiles)
     # prompted exactly as the run trains (chat format, system prompt, image padding)
     base_model.encoder = Encoder(base_model.processor, encoder.fmt, pad_to_square=recipe.images.pad_to_square)
-    base = evaluate(base_model, samples, e.max_new_tokens, e.batch_size)
+    base = evaluate(base_model, samples, max_new_tokens, batch_size)
     log(format_predictions(base, 4))
     log(f"base accuracy {base.accuracy:.3f}")
 
@@ -56,7 +56,7 @@ def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> d
     trained = train(recipe, log=log, prepared=prepared, run_id=run_id)
 
     log("== 3/5 trained adapter")
-    after = evaluate(load_model(str(run_dir)), samples, e.max_new_tokens, e.batch_size)
+    after = evaluate(load_model(str(run_dir)), samples, max_new_tokens, batch_size)
     log(format_predictions(after, 4))
     log(f"adapter accuracy {after.accuracy:.3f}")
 
@@ -64,7 +64,7 @@ def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> d
     merged_report = merge(str(run_dir), str(merged_dir), log=log)
 
     log("== 5/5 merged model")
-    merged = evaluate(load_model(str(merged_dir)), samples, e.max_new_tokens, e.batch_size)
+    merged = evaluate(load_model(str(merged_dir)), samples, max_new_tokens, batch_size)
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(after.predictions, merged.predictions))
     parity = merged_report.parity
     summary = {

@@ -17,7 +17,18 @@ from typing import Any
 import yaml
 
 from lora_llava.annotations import Log
+from lora_llava.artifacts import Lineage, MergeCheck
 from lora_llava.card import CardFacts, render_card, scrub
+from lora_llava.layout import (
+    LORA_CONFIG_FILE,
+    LORA_WEIGHTS_FILE,
+    MERGE_REPORT_FILE,
+    META_FILE,
+    MODEL_CONFIG_FILE,
+    PROJECTOR_FILE,
+    RECIPE_FILE,
+    VISION_FILE,
+)
 
 # what a pushed repo may hold: weights as safetensors, configs, the processor; never optimizer, scheduler
 # or RNG state, pickles, or checkpoints
@@ -26,13 +37,8 @@ PROCESSOR_FILES = (
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt",
 )  # fmt: skip
-ADAPTER_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "projector.safetensors",
-    "vision_tower.safetensors",
-)
-MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+ADAPTER_FILES = (LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, PROJECTOR_FILE, VISION_FILE)
+MERGED_FILES = (MODEL_CONFIG_FILE, "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 MERGED_SHARD = "model-*-of-*.safetensors"
 
 
@@ -94,21 +100,20 @@ def plan_push(
     run_dir = art.run_dir
     if merged and art.kind in ("run", "adapter"):
         folder = RunDir(run_dir).merged if run_dir else None
-        if folder is None or not (folder / "config.json").is_file():
+        if folder is None or not (folder / MODEL_CONFIG_FILE).is_file():
             raise UserError(
                 f"{ref} has no merged model to push",
                 hint=f"make one with: lora-llava merge {ref} {RunDir(run_dir or ref).merged}, then push again",
             )
-        kind = "merged"
+        kind, lineage = "merged", open_artifact(folder).lineage()
     elif art.kind in ("merged", "aligned"):
-        folder, kind = art.path, "merged"
-        parent = art.path.parent if art.path else None
-        run_dir = parent if parent is not None and (parent / "adapter").is_dir() else run_dir
+        folder, kind, lineage = art.path, "merged", art.lineage()
     elif art.kind in ("run", "adapter"):
-        folder, kind = art.adapter_dir, "adapter"
+        folder, kind, lineage = art.adapter_dir, "adapter", art.lineage()
     else:
         raise UserError(f"{ref!r} is {art.description}; push takes a run directory, an adapter or a merged model")
     assert folder is not None
+    run_dir = lineage.run_dir
     allowed = (*(ADAPTER_FILES if kind == "adapter" else MERGED_FILES), *PROCESSOR_FILES)
     files = [
         PushFile(p.name, p)
@@ -118,72 +123,77 @@ def plan_push(
     meta = read_meta(folder)
     generated: dict[str, bytes] = {}
     if meta is not None:
-        generated["lora_llava.json"] = json.dumps(scrub(meta.to_json()), indent=2).encode()
-    recipe_path = folder / "recipe.yaml" if (folder / "recipe.yaml").is_file() else None
-    if recipe_path is None and run_dir is not None and (Path(run_dir) / "recipe.yaml").is_file():
-        recipe_path = Path(run_dir) / "recipe.yaml"
+        generated[META_FILE] = json.dumps(scrub(meta.to_json()), indent=2).encode()
     recipe_text = ""
-    if recipe_path is not None:
-        recipe_text = yaml.safe_dump(scrub(yaml.safe_load(recipe_path.read_text())), sort_keys=False)
-        generated["recipe.yaml"] = recipe_text.encode()
+    if lineage.recipe is not None:
+        recipe_text = yaml.safe_dump(scrub(yaml.safe_load(lineage.recipe.read_text())), sort_keys=False)
+        generated[RECIPE_FILE] = recipe_text.encode()
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None and run.metrics.is_file() and kind == "adapter":
-        generated["metrics.jsonl"] = scrub(run.metrics.read_text()).encode()
-    if (folder / "merge_report.json").is_file():
-        generated["merge_report.json"] = json.dumps(
-            scrub(json.loads((folder / "merge_report.json").read_text())), indent=2
+        generated[run.metrics.name] = scrub(run.metrics.read_text()).encode()
+    if (folder / MERGE_REPORT_FILE).is_file():
+        generated[MERGE_REPORT_FILE] = json.dumps(
+            scrub(json.loads((folder / MERGE_REPORT_FILE).read_text())), indent=2
         ).encode()
-    facts = _card_facts(kind, repo_id, folder, meta, run, recipe_text)
+    facts = _card_facts(kind, repo_id, lineage, recipe_text)
     generated["README.md"] = render_card(facts).encode()
     files += [PushFile(name, data) for name, data in generated.items()]
     return PushPlan(repo_id, not public, revision, kind, files, Path(run_dir) if run_dir else None)
 
 
-def _card_facts(kind: str, repo_id: str, folder: Path, meta: Any, run: Any, recipe_text: str) -> CardFacts:
+def _card_facts(kind: str, repo_id: str, lineage: Lineage, recipe_text: str) -> CardFacts:
+    """What the card states: the model's lineage (``Artifact.lineage``, as the demo shows it) and its links."""
     from lora_llava.backbones.registry import model_class_name
-    from lora_llava.layout import AdapterMeta
+    from lora_llava.layout import RunDir
 
-    source = getattr(meta, "source", "") or ""
+    source = lineage.source or ""
     base_model = source if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("builtin:") else None
-    adapter_meta = meta if isinstance(meta, AdapterMeta) else None
-    if adapter_meta is None and run is not None:
-        from lora_llava.layout import read_meta
-
-        found = read_meta(run.adapter) if run.adapter.is_dir() else None
-        adapter_meta = found if isinstance(found, AdapterMeta) else None
-    family = getattr(meta, "family", "llava")
+    family = lineage.family if lineage.family is not None else "llava"
     facts = CardFacts(
         kind=kind,
         repo_id=repo_id,
-        backbone=scrub(getattr(meta, "backbone", "") or "unknown"),
+        backbone=scrub(lineage.backbone or "unknown"),
         base_model=base_model,
-        chat_format=getattr(meta, "chat_format", "") or "",
-        system_prompt=getattr(meta, "system_prompt", "") or "",
+        chat_format=lineage.chat_format or "",
+        system_prompt=lineage.system_prompt or "",
         recipe_yaml=recipe_text.strip(),
         image_newline=family == "llava_next" and kind == "adapter",
-        pad_to_square=bool(getattr(meta, "pad_to_square", False)),
+        pad_to_square=lineage.pad_to_square,
         model_class=model_class_name(family),
+        steps=lineage.steps,
+        train_loss=lineage.train_loss,
+        seconds=lineage.seconds,
+        hardware=lineage.hardware or "",
+        train_samples=lineage.train_samples,
+        accuracy=dict(lineage.accuracy or {}),
+        eval_samples=lineage.eval_samples,
+        data_report=scrub(lineage.data_report) if lineage.data_report is not None else "",
+        parity=_parity(lineage.merge),
     )
-    if adapter_meta is not None:
-        facts.steps, facts.train_loss = adapter_meta.steps, adapter_meta.train_loss
-        facts.seconds, facts.hardware = adapter_meta.seconds, adapter_meta.hardware
-        facts.train_samples = adapter_meta.train_samples
-    if run is not None:
-        if run.data_report.is_file():
-            facts.data_report = scrub(run.data_report.read_text()).strip()
-        if run.summary.is_file():
-            summary = json.loads(run.summary.read_text())
-            facts.accuracy = dict(summary.get("accuracy") or {})
-            facts.eval_samples = summary.get("eval_samples")
-        if run.pushed.is_file():
-            other = json.loads(run.pushed.read_text()).get("merged" if kind == "adapter" else "adapter")
+    if lineage.run_dir is not None:
+        pushed = RunDir(lineage.run_dir).pushed
+        if pushed.is_file():
+            other = json.loads(pushed.read_text()).get("merged" if kind == "adapter" else "adapter")
             facts.other_repo = other if other != repo_id else None
-    report = folder / "merge_report.json"
-    if not report.is_file() and run is not None:
-        report = run.merged / "merge_report.json"  # an adapter's card shows how its merge verified
-    if report.is_file():
-        facts.parity = dict(json.loads(report.read_text()).get("parity") or {})
     return facts
+
+
+def _parity(merge: MergeCheck | None) -> dict[str, Any]:
+    """The merge verification as the card's table reads it."""
+    if merge is None:
+        return {}
+    return {
+        "samples": merge.samples,
+        "answers_equal": merge.answers_equal,
+        "answers_total": merge.answers_total,
+        "max_abs_logit_diff": merge.max_abs_logit_diff,
+        "mean_max_abs_logit_diff": merge.mean_max_abs_logit_diff,
+        "dtype": merge.run_dtype,
+        "quantized_answers_equal": merge.quantized_answers_equal,
+        "accuracy": dict(merge.accuracy),
+        "no_op": merge.no_op,
+        "passed": merge.passed,
+    }
 
 
 def hub_token() -> str:

@@ -277,3 +277,55 @@ def test_an_artifact_from_other_versions_says_so_in_one_warning(trained_run, tmp
     (same / "lora_llava.json").write_text(json.dumps(meta))
     open_artifact(same)  # a patch release, or no record: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_lineage_reads_what_a_run_and_its_merged_model_recorded(trained_run, tmp_path):
+    """One reader: the base, the training numbers, eval before/after and the merge verification, None where
+    nothing recorded them."""
+    from lora_llava.artifacts import MERGE_REPORT_FILE, open_artifact
+    from lora_llava.layout import MergedMeta, RunDir, read_meta, write_meta
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(trained_run, run.path)
+    lin = open_artifact(run.path).lineage()
+    adapter = read_meta(run.adapter)
+    assert (lin.kind, lin.folder, lin.run_dir, lin.recipe) == (
+        "run",
+        run.adapter,
+        run.path,
+        run.adapter / "recipe.yaml",
+    )
+    assert (lin.backbone, lin.chat_format, lin.stage, lin.system_prompt) == (
+        "tiny",
+        "vicuna_v1",
+        "instruct",
+        VICUNA_SYSTEM,
+    )
+    assert (lin.steps, lin.train_samples, lin.train_loss) == (40, adapter.train_samples, adapter.train_loss)
+    assert lin.hardware == adapter.hardware and lin.hardware.startswith("CPU") and lin.seconds == adapter.seconds
+    assert lin.source == adapter.source
+    assert lin.data_report == run.data_report.read_text().strip() and "data.max_length" in lin.data_report
+    assert lin.accuracy is None and lin.accuracy_before is None and lin.eval_samples is None and lin.merge is None
+
+    run.summary.write_text(json.dumps({"eval_samples": 16, "accuracy": {"base": 0.25, "adapter": 0.875}}))
+    run.merged.mkdir()
+    write_meta(run.merged, MergedMeta(
+        merged_from=str(run.adapter), backbone="tiny", source=adapter.source, family="llava", chat_format="vicuna_v1",
+        dtype="float32", verified=False,
+    ))  # fmt: skip
+    parity = {"samples": 4, "answers_equal": 3, "answers_total": 4, "max_abs_logit_diff": 0.5, "dtype": "float32",
+              "quantized_answers_equal": None, "accuracy": {"merged": 0.75}, "passed": False}  # fmt: skip
+    report = {"out_dir": str(run.merged), "dtype": "float32", "base": "original", "parity": parity}
+    (run.merged / MERGE_REPORT_FILE).write_text(json.dumps(report))
+    for ref in (run.path, run.merged, run.adapter):  # the run, its merged model, its adapter: one lineage
+        lin = open_artifact(ref).lineage()
+        assert lin.run_dir == run.path and lin.steps == 40 and lin.backbone == "tiny"
+        assert (lin.accuracy_before, lin.accuracy_after, lin.eval_samples) == (0.25, 0.875, 16)
+        m = lin.merge
+        assert m is not None and m.folder == run.merged
+        assert (m.answers_equal, m.answers_total, m.agreement, m.max_abs_logit_diff) == (3, 4, 0.75, 0.5)
+        assert (m.dtype, m.base, m.run_dtype, m.verified, m.passed) == ("float32", "original", "float32", False, False)
+    assert open_artifact(run.merged).lineage().recipe == run.recipe  # a merged model has no copy of its own
+
+    lin = open_artifact("tiny").lineage()  # a backbone: nothing recorded
+    assert (lin.folder, lin.run_dir, lin.backbone, lin.steps, lin.accuracy, lin.merge) == (None,) * 6

@@ -107,3 +107,98 @@ def test_stage1_plain_renders_image_and_caption_and_records_itself(make_recipe, 
     assert model_template == format_for("vicuna_v1", tok).jinja
     # stage 2 from the aligned model trains in the backbone's own format
     assert resolve_backbone(str(tmp_path / "run")).chat_format == "vicuna_v1"
+
+
+# -- the eval plan: what a model is evaluated on, and how ---------------------------------------------------
+
+
+def test_eval_plan_of_a_run_is_its_own_eval_data_and_settings(trained_run, shapes):
+    import pytest
+
+    from lora_llava.errors import UserError
+    from lora_llava.workflows import eval_plan
+
+    plan = eval_plan(trained_run)
+    assert len(plan.samples) == 16 and plan.where == "the run's eval data" and plan.bad == []
+    assert (plan.max_new_tokens, plan.batch_size) == (4, 16)  # the recipe's eval section
+    assert plan.settings_from == f"the run's recipe ({trained_run / 'adapter' / 'recipe.yaml'})"
+    assert plan.artifact is not None and plan.artifact.kind == "run" and plan.recipe is not None
+    plan = eval_plan(trained_run, max_samples=5, batch_size=2)  # arguments win, setting by setting
+    assert len(plan.samples) == 5 and (plan.max_new_tokens, plan.batch_size) == (4, 2)
+
+    plan = eval_plan("tiny", shapes / "eval.json", image_folder=shapes / "images", max_samples=3)
+    assert len(plan.samples) == 3 and plan.where == str(shapes / "eval.json")
+    assert (plan.max_new_tokens, plan.batch_size, plan.settings_from) == (16, 8, "the defaults")
+    with pytest.raises(UserError, match="--data is needed: 'tiny' is a backbone, which records no eval data"):
+        eval_plan("tiny")
+
+    plan = eval_plan(trained_run, images=shapes / "images", prompt="What color?", bad="keep")
+    assert plan.where == str(shapes / "images") and len(plan.samples) == len(list((shapes / "images").iterdir()))
+    assert plan.samples[0].messages[-2][1].endswith("What color?")
+
+
+def test_eval_plan_bad_samples_error_skip_or_keep(shapes, tmp_path):
+    import pytest
+
+    from lora_llava.errors import UserError
+    from lora_llava.workflows import eval_plan
+
+    records = json.loads((shapes / "eval.json").read_text())[:3] + [
+        {"id": "x", "image": "nope.png", "conversations": []}
+    ]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError, match="1 bad sample"):
+        eval_plan("tiny", data, image_folder=shapes / "images")
+    said: list[str] = []
+    plan = eval_plan("tiny", data, image_folder=shapes / "images", bad="skip", warn=said.append)
+    assert len(plan.samples) == 3 and [b.id for b in plan.bad] == ["x"]
+    assert said[0].startswith("skipping 1 bad sample(s):\n  ") and "'conversations' is empty" in said[0]
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(UserError, match="no samples to score in"):
+        eval_plan("tiny", tmp_path / "empty.json", bad="skip")
+    assert eval_plan("tiny", tmp_path / "empty.json", bad="keep").samples == []  # predict: nothing to write
+    # a recipe data entry's options, as mappings or YAML text
+    odd = [{"qid": r["id"], "img": r["image"], "conversations": r["conversations"]} for r in records[:3]]
+    (tmp_path / "odd.json").write_text(json.dumps(odd))
+    for columns in ("{id: qid, image: img}", {"id": "qid", "image": "img"}):
+        plan = eval_plan("tiny", tmp_path / "odd.json", image_folder=shapes / "images", columns=columns)
+        assert [s.id for s in plan.samples] == [r["id"] for r in records[:3]]
+    with pytest.raises(UserError, match="--columns '{id: ': not YAML"):
+        eval_plan("tiny", tmp_path / "odd.json", columns="{id: ")
+
+
+def test_eval_plan_carves_a_runs_eval_split_without_loading_the_model(trained_run, tmp_path):
+    """A run whose eval data is carved from its training data (data.eval_split) needs its encoder: given, or
+    read from its processor."""
+    import shutil
+
+    import yaml
+
+    from lora_llava.infer import adapter_encoder
+    from lora_llava.workflows import eval_plan, run_eval_samples
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    raw = yaml.safe_load((run / "adapter" / "recipe.yaml").read_text())
+    raw["data"].update(eval=[], eval_split=8)
+    (run / "adapter" / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    plan = eval_plan(run)
+    train_ids = {r["id"] for r in json.loads(open(raw["data"]["train"][0]["path"]).read())}
+    assert len(plan.samples) == 8 and {s.id for s in plan.samples} <= train_ids
+    assert plan.recipe is not None
+    from lora_llava.artifacts import open_artifact
+
+    same = run_eval_samples(plan.recipe, adapter_encoder(open_artifact(run)))
+    assert [s.id for s in same] == [s.id for s in plan.samples]
+
+
+def test_recipe_eval_plan_caps_at_the_recipes_max_samples(make_recipe, shapes):
+    from lora_llava.data.formats import read_source
+    from lora_llava.workflows import recipe_eval_plan
+
+    recipe = make_recipe(eval={"max_samples": 5, "batch_size": 3, "max_new_tokens": 7})
+    samples, _ = read_source(recipe.data.eval[0])
+    plan = recipe_eval_plan(recipe, samples)
+    assert [s.id for s in plan.samples] == [s.id for s in samples[:5]]
+    assert (plan.max_new_tokens, plan.batch_size, plan.where) == (7, 3, "the run's eval data")

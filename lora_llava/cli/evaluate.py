@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from lora_llava.config.schema import DataSource
 
 HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
 EPILOG = """examples:
@@ -67,83 +64,24 @@ def _positive(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
-    from lora_llava.config import load_recipe
-    from lora_llava.config.schema import EvalConfig
-    from lora_llava.errors import UserError
     from lora_llava.infer import evaluate, format_predictions, load_model
+    from lora_llava.workflows import eval_plan
 
     art = open_artifact(args.model)
-    adapter = art.adapter_dir
-    recipe = load_recipe(adapter / "recipe.yaml") if adapter is not None else None
-    settings = recipe.eval if recipe is not None else EvalConfig()
-    max_new_tokens = args.max_new_tokens or settings.max_new_tokens
-    batch_size = args.batch_size or settings.batch_size
     cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
     loaded = load_model(args.model)
-    if args.data is None:
-        if recipe is None:
-            raise UserError(
-                f"--data is needed: {args.model!r} is {art.description}, which records no eval data",
-                hint="pass --data FILE (and --image-folder DIR); a run directory evaluates its own eval data",
-            )
-        from lora_llava.workflows import run_eval_samples
-
-        samples = run_eval_samples(recipe, loaded.encoder)
-        if not samples:
-            raise UserError(
-                f"the run's recipe ({art.path}) has no eval data (data.eval, data.eval_split)",
-                hint="pass --data FILE (and --image-folder DIR)",
-            )
-        where = "the run's eval data"
-        samples = samples[: args.max_samples] if args.max_samples else samples
-    else:
-        samples = _read(args)
-        where = args.data
-    result = evaluate(loaded, samples, max_new_tokens, batch_size)
+    plan = eval_plan(
+        args.model, args.data, image_folder=args.image_folder, data_format=args.format, split=args.split,
+        columns=args.columns, roles=args.roles, prompt_style=args.prompt_style, max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, bad="skip" if args.skip_bad else "error",
+        encoder=loaded.encoder,
+    )  # fmt: skip
+    result = evaluate(loaded, plan.samples, plan.max_new_tokens, plan.batch_size)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(format_predictions(result))
-        print(f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}) — {loaded.kind} {loaded.ref} on {where}")
-    return 0
-
-
-def source_from_args(args: argparse.Namespace) -> DataSource:
-    """--data and the source options, validated exactly as a recipe's data.* entry."""
-    import yaml
-
-    from lora_llava.config.load import load_source
-    from lora_llava.errors import UserError
-
-    raw: dict = {"path": args.data, "image_folder": args.image_folder, "format": args.format}
-    raw.update({"split": args.split, "prompt_style": args.prompt_style})
-    for key in ("columns", "roles"):
-        text = getattr(args, key)
-        if text is not None:
-            try:
-                raw[key] = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise UserError(
-                    f"--{key} {text!r}: not YAML ({e})", hint="e.g. --columns '{conversations: dialog}'"
-                ) from None
-    return load_source(raw, "eval --data")
-
-
-def _read(args: argparse.Namespace) -> list:
-    from lora_llava.data.formats import read_source
-    from lora_llava.errors import UserError
-
-    samples, bad = read_source(source_from_args(args), limit=args.max_samples)
-    if bad:
-        listing = "\n  ".join(b.describe() for b in bad[:50]) + (
-            f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+        print(
+            f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}) — {loaded.kind} {loaded.ref} on {plan.where}"
         )
-        hints = ["--skip-bad scores the good ones"]
-        if args.image_folder is None and any("not found in" in b.reason for b in bad):
-            hints.insert(0, "image paths are relative to --image-folder (default: the current directory)")
-        if not args.skip_bad:
-            raise UserError(f"{len(bad)} bad sample(s) in {args.data}:\n  {listing}", hint="; ".join(hints))
-        print(f"skipping {len(bad)} bad sample(s):\n  {listing}", file=sys.stderr)
-    if not samples:
-        raise UserError(f"no samples to score in {args.data}", hint="check --data (and --max-samples)")
-    return samples
+    return 0

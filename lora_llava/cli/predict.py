@@ -17,10 +17,8 @@ already in --out are skipped, so every sample is written exactly once."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lora_llava.cli.evaluate import add_source_arguments
-
     p.add_argument("model", metavar="MODEL", help="run directory, adapter, merged directory or backbone name")
-    add_source_arguments(p, required=False)
+    _add_source_arguments(p)
     p.add_argument("--images", default=None, metavar="DIR", help="a folder of images (instead of --data)")
     p.add_argument("--prompt", default=None, help="with --images: the question asked about each image")
     p.add_argument("--out", required=True, help="the JSON-lines file answers are appended to")
@@ -30,16 +28,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-in-4bit", action="store_true", help="a merged model's language model in 4-bit NF4")
 
 
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """--data and the options a recipe's data entry takes (as lora-llava eval takes them)."""
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
+    )
+    p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
+    p.add_argument("--format", default="auto", help="auto | llava | messages | sharegpt (as data.*.format)")
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict folder (as data.*.split)")
+    p.add_argument(
+        "--columns", default=None, metavar="YAML", help="other field names, e.g. '{conversations: dialog, image: img}'"
+    )
+    p.add_argument("--roles", default=None, metavar="YAML", help="other speaker names, e.g. '{user: [customer]}'")
+    p.add_argument(
+        "--prompt-style", default="plain", help="plain | short_answer | multiple_choice (as data.*.prompt_style)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    from lora_llava.artifacts import open_artifact
     from lora_llava.cli.common import cpu_threads_for
-    from lora_llava.cli.evaluate import source_from_args
-    from lora_llava.config import load_recipe
-    from lora_llava.config.schema import EvalConfig
-    from lora_llava.data.formats.reader import open_source
     from lora_llava.errors import UserError
     from lora_llava.infer import load_model
-    from lora_llava.predict import predict, samples_from_images
+    from lora_llava.predict import predict
+    from lora_llava.workflows import eval_plan
 
     if (args.data is None) == (args.images is None):
         raise UserError("give either --data FILE or --images DIR (with --prompt)")
@@ -47,24 +60,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--images needs --prompt: the question asked about each image")
     if args.reference and args.images is not None:
         raise UserError("--reference needs --data: a folder of images has no reference answers")
-    art = open_artifact(args.model)
-    adapter = art.adapter_dir
-    settings = load_recipe(adapter / "recipe.yaml").eval if adapter is not None else EvalConfig()
-    if args.data is not None:
-        reader = open_source(source_from_args(args))
-        read = reader.read()
-        samples, bad = read.samples, read.bad
-        for w in read.warnings:
-            print(f"warning: {w}", file=sys.stderr)
-    else:
-        samples, bad = samples_from_images(args.images, args.prompt)
-    for b in bad:
+    plan = eval_plan(
+        args.model, args.data, image_folder=args.image_folder, data_format=args.format, split=args.split,
+        columns=args.columns, roles=args.roles, prompt_style=args.prompt_style, images=args.images,
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, bad="keep",
+    )  # fmt: skip
+    for b in plan.bad:
         print(f"bad sample: {b.describe()}", file=sys.stderr)
-    cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
+    backbone = getattr(plan.artifact.meta, "backbone", None) if plan.artifact is not None else None
+    cpu_threads_for(backbone or args.model)
     loaded = load_model(args.model, quantize=args.load_in_4bit)
     summary = predict(
-        loaded, samples, bad, args.out, reference=args.reference,
-        batch_size=args.batch_size or settings.batch_size, max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        loaded, plan.samples, plan.bad, args.out, reference=args.reference,
+        batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens,
     )  # fmt: skip
     line = f"wrote {summary.written} answer(s) to {args.out}"
     if summary.skipped:

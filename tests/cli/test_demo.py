@@ -88,3 +88,39 @@ def test_the_demo_answers_in_a_browser(trained_run, shapes, tmp_path):
             driver.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_demo_and_the_card_show_the_same_lineage(trained_run, tmp_path):
+    """The demo's lineage panel and a pushed model's card read one lineage: every number the demo shows, for the
+    run and for its merged model, is in the card."""
+    import json
+    import re
+    import shutil
+
+    from lora_llava.card import scrub
+    from lora_llava.demo import lineage
+    from lora_llava.layout import RunDir
+    from lora_llava.merging import merge
+    from lora_llava.publish import plan_push
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(trained_run, run.path)
+    merge(str(run.path), str(run.merged), log=lambda *_: None)
+    run.summary.write_text(json.dumps({"eval_samples": 16, "accuracy": {"base": 0.3125, "adapter": 0.8125,
+                                                                        "merged": 0.8125}}))  # fmt: skip
+    for ref, merged in ((run.path, False), (run.merged, True)):
+        shown = lineage(str(ref))
+        card = next(f.content for f in plan_push(str(ref), "me/x").files if f.path_in_repo == "README.md")
+        assert isinstance(card, bytes)
+        text = card.decode()
+        facts, _, data = shown.partition("\n**data**")
+        bullets = [ln for ln in facts.splitlines() if ln.startswith("- ")]
+        assert any(ln.startswith("- trained 40 steps on ") for ln in bullets), shown
+        assert "- eval accuracy: base 0.312, adapter 0.812, merged 0.812" in bullets, shown
+        assert any(ln.startswith("- merge verified: ") for ln in bullets) == merged, shown
+        for line in bullets:
+            for number in re.findall(r"\d+(?:[./]\d+)?", line):
+                assert number in text, (number, line, text)
+        assert "`tiny`" in shown and "vicuna_v1" in shown and "vicuna_v1" in text
+        report = data.strip().removeprefix("```").removesuffix("```").strip()
+        assert report and scrub(report) in text  # the data report, local paths scrubbed

@@ -80,3 +80,18 @@ def test_predict_mistakes_are_one_error_line(trained_run, tmp_path, capsys):
         *run_cli(capsys, "predict", trained_run, "--images", tmp_path, "--prompt", "Q", "--out", tmp_path / "o.jsonl"),
         "no images in",
     )
+
+
+def test_eval_and_predict_take_their_eval_policy_from_the_library():
+    """What a model is evaluated on, and how, is workflows.eval_plan's: the verbs parse and print."""
+    import ast
+    import inspect
+
+    import lora_llava.cli.evaluate as evaluate
+    import lora_llava.cli.predict as predict
+
+    for module in (evaluate, predict):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "lora_llava.workflows" in imported, module.__name__
+        assert not imported & {"lora_llava.cli.evaluate", "lora_llava.config", "lora_llava.data.formats.reader"}
