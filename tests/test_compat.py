@@ -138,3 +138,60 @@ def test_before_optimizer_step_sees_every_steps_unclipped_norm_before_the_update
     t.train()
     assert [s for s, _, _ in seen] == [0, 1, 2]  # every optimizer step, though none of them logs
     assert not torch.equal(seen[0][2], seen[1][2])  # called before the step's update (weights moved between)
+
+
+def test_use_attention_makes_a_built_model_call_the_registered_function():
+    """The planner builds a model, then points its language model at a stand-in attention by name."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaModel
+
+    from lora_llava.compat import use_attention
+
+    calls = []
+
+    def attention(module, query, key, value, *args, **kwargs):
+        calls.append(query.shape)
+        return torch.zeros_like(query).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("lora_llava_compat_test", attention)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=32)  # fmt: skip
+    model = LlamaModel(config)
+    use_attention(model.config, "lora_llava_compat_test")
+    model(input_ids=torch.zeros(1, 5, dtype=torch.long))
+    assert len(calls) == 2 and calls[0] == (1, 2, 5, 8)  # every layer, (batch, heads, tokens, head_dim)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_storage_keys_are_shared_by_views_and_freed_storages_are_seen(device):
+    from lora_llava.compat import freed_storages, storage_ref
+
+    a = torch.empty(4, 8, device=device)
+    b = torch.empty(4, 8, device=device)
+    key_a, ref_a = storage_ref(a)
+    key_b, ref_b = storage_ref(b)
+    assert isinstance(key_a, int) and key_a != key_b
+    assert storage_ref(a.view(8, 4))[0] == storage_ref(a[1:])[0] == key_a  # views: one storage, one key
+    assert freed_storages([key_a, key_b]) == []
+    view = b.t()
+    del b
+    assert freed_storages([key_a, key_b]) == []  # a view keeps the storage alive
+    del view
+    assert freed_storages([key_a, key_b]) == [key_b]
+    del a
+    assert freed_storages([key_a, key_b]) == [key_a, key_b]
+    del ref_a, ref_b
+
+
+def test_watch_ops_sees_every_ops_outputs_the_backwards_included():
+    from lora_llava.compat import watch_ops
+
+    seen: list = []
+    x = torch.ones(3, 2, device="meta", requires_grad=True)
+    with watch_ops(lambda outputs: seen.append([tuple(t.shape) for t in outputs])):
+        y = (x * 2).sum()
+        y.backward()
+    assert [(3, 2)] in seen and [()] in seen  # the forward's mul and sum
+    assert x.grad is not None and x.grad.shape == (3, 2)
+    forward = seen.index([()])
+    assert [(3, 2)] in seen[forward + 1 :]  # the backward's gradient, seen as an op output too
+    assert all(isinstance(shapes, list) for shapes in seen)

@@ -151,8 +151,12 @@ def test_real_llava_15_7b_from_builtin_config(monkeypatch):
     from lora_llava.config.load import load_recipe
     from lora_llava.recipes import recipe_path
 
-    plan = planner.plan_memory(load_recipe(recipe_path("llava-1.5-7b/qlora")), gpu_memory="24GB")
+    recipe = load_recipe(recipe_path("llava-1.5-7b/qlora"))
+    plan = planner.plan_memory(recipe, gpu_memory="24GB")
     assert plan.config_source == "built-in config (offline)" and plan.seq_len == 2048
+    _, spec, source = planner.backbone_config(recipe)
+    assert source.origin is planner.ConfigOrigin.OFFLINE and not source.origin.has_processor
+    assert spec.offline_config is not None  # the registry's row is where the offline config lives
     assert plan.categories["LoRA"] == 319_815_680 * 4  # LLaVA-1.5-7B's LoRA at r=128, float32
     nf4 = planner.nf4_bytes
     assert plan.categories["4-bit weights"] == 32 * (4 * nf4(4096 * 4096, True) + 3 * nf4(4096 * 11008, True))
@@ -174,6 +178,23 @@ def test_plan_cli_reads_the_data_lengths(capsys, shapes, tmp_path):
     code, out, err = run_cli(capsys, "plan", str(recipe))
     assert code == 0, err
     assert "the longest of" in out and "training samples" in out
+
+
+def test_where_the_config_came_from_decides_whether_the_data_is_read(make_recipe):
+    """A typed origin, not words in the description: only a local config has its processor at hand."""
+    from lora_llava.plan.configs import ConfigOrigin, ConfigSource
+    from lora_llava.plan.lengths import sequence_plan
+
+    recipe = make_recipe()
+    _, _, source = planner.backbone_config(recipe)
+    assert source.origin is ConfigOrigin.LOCAL and str(source) == "config from the built-in backbone"
+    assert [o for o in ConfigOrigin if o.has_processor] == [ConfigOrigin.LOCAL]
+    # a description that happens to say "offline" no longer decides anything
+    seq, _, how, _ = sequence_plan(recipe, ConfigSource(ConfigOrigin.LOCAL, "config from /data/offline/x"))
+    assert how.startswith("the longest of")
+    seq, images, how, sup = sequence_plan(recipe, ConfigSource(ConfigOrigin.STAGE1_PENDING, "anything"))
+    assert (seq, images, sup) == (recipe.data.max_length, 1, None)
+    assert how == "data.max_length; data not read: the backbone's processor is not available here"
 
 
 def test_unknown_hub_backbone_is_one_clear_line(capsys, shapes, tmp_path):

@@ -7,6 +7,10 @@ Usage::
     spec.quantization_skip_modules()    # never 4-bit: vision tower, projector, LM head
     spec.lora_target_regex(["q_proj"])  # anchored to the language model's path
 
+A registered Hub backbone's row also carries its config.json values (``spec.offline_config``), so that
+``lora-llava plan`` can build it on the meta device with neither the Hub nor its cache; adding a
+registered backbone is one row.
+
 A name that is not registered may still be a local directory holding a LLaVA or LLaVA-NeXT
 checkpoint (a merged model, an assembled model, a stage-1 run directory): its roles are then the
 standard transformers ones for its model type and its chat format is read from ``lora_llava.json``
@@ -17,12 +21,32 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_llava.errors import UserError
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    """A registered Hub backbone's config.json values (its language model's and its vision tower's), for
+    planning when neither a directory nor the Hugging Face cache has the config. Kept as items, not dicts,
+    so that a spec stays frozen and hashable; ``text_values()`` and ``vision_values()`` are the dicts."""
+
+    text: tuple[tuple[str, Any], ...]
+    vision: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, text: Mapping[str, Any], vision: Mapping[str, Any]) -> OfflineConfig:
+        return cls(tuple(text.items()), tuple(vision.items()))
+
+    def text_values(self) -> dict[str, Any]:
+        return dict(self.text)
+
+    def vision_values(self) -> dict[str, Any]:
+        return dict(self.vision)
 
 
 @dataclass(frozen=True)
@@ -39,6 +63,7 @@ class BackboneSpec:
     lm_head: str = "lm_head"
     recipe: str | None = None  # built-in recipe that uses it
     inferred: str = ""  # how an unregistered directory's roles and chat format were found
+    offline_config: OfflineConfig | None = field(default=None, repr=False)  # registered Hub backbones: the config
 
     @property
     def builtin(self) -> bool:
@@ -89,9 +114,33 @@ class BackboneSpec:
 _FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
-def _hub(name: str, source: str, family: str, fmt: str, description: str) -> BackboneSpec:
+# The config.json values on the Hub of the registered Hub backbones' parts (their ``offline_config``)
+CLIP_VIT_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                  "projection_dim": 768}  # fmt: skip
+_VICUNA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}  # fmt: skip
+_VICUNA_13B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+               "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32064,
+               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}  # fmt: skip
+_MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064}  # fmt: skip
+_YI_34B = {"model_type": "llama", "hidden_size": 7168, "intermediate_size": 20480, "num_hidden_layers": 60,
+           "num_attention_heads": 56, "num_key_value_heads": 8, "vocab_size": 64064}  # fmt: skip
+
+
+def _hub(
+    name: str, source: str, family: str, fmt: str, description: str, text: dict[str, Any], vision: dict[str, Any]
+) -> BackboneSpec:
     return BackboneSpec(
-        name=name, source=source, family=family, chat_format=fmt, description=description, recipe=f"{name}/qlora"
+        name=name,
+        source=source,
+        family=family,
+        chat_format=fmt,
+        description=description,
+        recipe=f"{name}/qlora",
+        offline_config=OfflineConfig.of(text, vision),
     )
 
 
@@ -122,6 +171,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava",
             "vicuna_v1",
             "LLaVA-1.5 7B: CLIP ViT-L/14-336 + MLP + Vicuna-7B",
+            _VICUNA_7B,
+            CLIP_VIT_L_336,
         ),
         _hub(
             "llava-1.5-13b",
@@ -129,6 +180,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava",
             "vicuna_v1",
             "LLaVA-1.5 13B: CLIP ViT-L/14-336 + MLP + Vicuna-13B",
+            _VICUNA_13B,
+            CLIP_VIT_L_336,
         ),
         _hub(
             "llava-v1.6-mistral-7b",
@@ -136,6 +189,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava_next",
             "mistral_instruct",
             "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Mistral-7B-Instruct",
+            _MISTRAL_7B,
+            CLIP_VIT_L_336,
         ),
         _hub(
             "llava-v1.6-vicuna-7b",
@@ -143,6 +198,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava_next",
             "vicuna_v1",
             "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Vicuna-7B",
+            _VICUNA_7B,
+            CLIP_VIT_L_336,
         ),
         _hub(
             "llava-v1.6-vicuna-13b",
@@ -150,6 +207,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava_next",
             "vicuna_v1",
             "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Vicuna-13B",
+            _VICUNA_13B,
+            CLIP_VIT_L_336,
         ),
         _hub(
             "llava-v1.6-34b",
@@ -157,6 +216,8 @@ _REGISTRY: dict[str, BackboneSpec] = {
             "llava_next",
             "chatml_direct",
             "LLaVA-NeXT: AnyRes CLIP-336 + MLP + Nous-Hermes-2-Yi-34B",
+            _YI_34B,
+            CLIP_VIT_L_336,
         ),
     ]
 }

@@ -1,4 +1,4 @@
-"""Every private transformers internal lora_llava relies on, in one place, each pinned by a test.
+"""Every private torch and transformers internal lora_llava relies on, in one place, each pinned by a test.
 
 Usage::
 
@@ -7,15 +7,20 @@ Usage::
     with no_cpu_weight_repacking(model): ...  # eval mode mid-training without bitsandbytes' CPU repacking
     class MyTrainer(CompatTrainer): ...      # lora_llava.compat.trainer: resume-time weight loading, the train
                                              # sampler and the step's gradient norm as public hooks
+    use_attention(text_model.config, "my_attention")  # a registered AttentionInterface name, set after the build
+    key, ref = storage_ref(tensor)           # one key per storage (all views share it) while ref is held
+    freed_storages([key, ...])               # of those keys, the storages PyTorch has freed since
+    with watch_ops(lambda outputs: ...): ... # every ATen op's output tensors, the backward's included
 
-No public API does these jobs (checked against transformers 5.24). ``tests/test_compat.py`` fails
-loudly when an installed transformers changes the behaviour relied on here; nothing else in
-lora_llava touches a private transformers attribute.
+No public API does these jobs (checked against transformers 5.24 and torch 2.13). ``tests/test_compat.py``
+fails loudly when an installed transformers or torch changes the behaviour relied on here; nothing else in
+lora_llava touches a private transformers or torch attribute. Importing this module imports neither (each
+function imports what it needs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,3 +78,56 @@ def no_cpu_weight_repacking(model: Model) -> Iterator[None]:
     finally:
         for m in layers:
             m.support_avx512bf16_for_cpu = True
+
+
+def use_attention(config: Any, name: str) -> None:
+    """Make the model built from ``config`` (already built: its layers read the config at each forward) call the
+    attention function registered under ``name`` with ``transformers.AttentionInterface.register``.
+
+    Public alternative: ``model.set_attn_implementation(name)``, which also validates the name against the
+    installed kernels and sets every sub-model; the planner sets its own stand-in on the language model only.
+    """
+    config._attn_implementation = name
+
+
+def storage_ref(tensor: Any) -> tuple[int, Any]:
+    """(key, weak reference) of the storage under ``tensor``: every view of one storage has the same key, and
+    no other storage gets it while the reference is held (meta tensors included).
+
+    ``torch.multiprocessing.reductions.StorageWeakRef`` is undocumented; its ``cdata`` is the key.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    ref = StorageWeakRef(tensor.untyped_storage())
+    return ref.cdata, ref
+
+
+def freed_storages(keys: Iterable[int]) -> list[int]:
+    """Of ``keys`` (from ``storage_ref``, their references still held), those whose storage PyTorch has freed.
+
+    ``torch.UntypedStorage._expired`` is private; there is no public way to ask it of a weak reference's key.
+    """
+    import torch
+
+    expired = torch.UntypedStorage._expired
+    return [k for k in keys if expired(k)]
+
+
+def watch_ops(seen: Callable[[list[Any]], None]) -> Any:
+    """A context manager inside which every ATen op (the backward's too) runs as before and then hands its
+    output tensors to ``seen``.
+
+    ``TorchDispatchMode`` (``torch.utils._python_dispatch``) and ``tree_flatten`` (``torch.utils._pytree``)
+    live in private modules; no public hook sees each op's outputs below autograd.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            seen([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+            return out
+
+    return Watch()

@@ -22,6 +22,22 @@ def test_every_registered_backbone_has_a_known_family_and_chat_format():
     assert resolve_backbone("llava-v1.6-vicuna-13b").model_class().__name__ == "LlavaNextForConditionalGeneration"
 
 
+def test_every_registered_hub_backbone_carries_its_offline_config_and_specs_stay_hashable():
+    """One row per backbone: a registered Hub backbone's row holds the config the planner builds offline."""
+    for spec in registered_backbones():
+        assert hash(spec) == hash(resolve_backbone(spec.name))  # frozen and hashable, offline config included
+        if spec.builtin:
+            assert spec.offline_config is None  # built once from lora_llava's own config
+            continue
+        config = spec.offline_config
+        assert config is not None, spec.name
+        assert config.text_values()["model_type"] in ("llama", "mistral")
+        assert config.vision_values()["model_type"] == "clip_vision_model"
+    seven = resolve_backbone("llava-1.5-7b").offline_config
+    assert seven is not None and seven.text_values()["num_hidden_layers"] == 32
+    assert "offline_config" not in repr(resolve_backbone("llava-1.5-7b"))
+
+
 def test_unregistered_hub_id_is_read_from_its_config(monkeypatch, tmp_path):
     import huggingface_hub
 
