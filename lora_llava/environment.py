@@ -60,7 +60,73 @@ def environment(check_hub: bool = True) -> dict[str, Any]:
         "endpoint": str(constants.ENDPOINT),
         "reason": offline_reason() if reachable is False else None,
     }
-    return {"packages": package_versions(PACKAGES + REPORTED), "runtime": info, "cache": cache, "hub": hub}
+    info.update(_machine())
+    settings = {name: os.environ.get(name) for name in SETTINGS}
+    settings["HF_TOKEN"] = "set" if os.environ.get("HF_TOKEN") else None  # whether, never the value
+    return {
+        "packages": package_versions(PACKAGES + REPORTED),
+        "source": _source(),
+        "runtime": info,
+        "cache": cache,
+        "hub": hub,
+        "settings": settings,
+    }
+
+
+# environment variables that change what lora_llava does (HF_TOKEN is reported as set or not, never shown)
+SETTINGS = (
+    "HF_HUB_OFFLINE", "HF_HOME", "LORA_LLAVA_CACHE", "LORA_LLAVA_THIRD_PARTY", "USE_HUB_KERNELS",
+    "CUDA_VISIBLE_DEVICES", "WANDB_MODE",
+)  # fmt: skip
+
+
+def _machine() -> dict[str, Any]:
+    """The OS release, CPU model, cores and memory."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    os_name = platform.system()
+    try:
+        release = dict(line.rstrip().split("=", 1) for line in open("/etc/os-release", encoding="utf-8") if "=" in line)
+        os_name = release.get("PRETTY_NAME", os_name).strip('"')
+    except OSError:
+        pass
+    try:
+        memory: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return {"os": os_name, "cpu": cpu, "cpu_count": os.cpu_count(), "memory_bytes": memory}
+
+
+def _source() -> dict[str, Any]:
+    """Where lora_llava is imported from and, in a git checkout, its commit (read from .git, no git run)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    out: dict[str, Any] = {"path": str(package), "commit": None}
+    git = package.parent / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            ref_file = git / ref
+            if ref_file.is_file():
+                head = ref_file.read_text().strip()
+            else:  # a packed ref
+                packed = (git / "packed-refs").read_text().splitlines()
+                head = next((line.split()[0] for line in packed if line.endswith(" " + ref)), "")
+        out["commit"] = head[:12] or None
+    except OSError:
+        pass
+    return out
 
 
 def _cudnn_version() -> int | None:

@@ -20,7 +20,9 @@ from typing import Any
 # the packages whose versions decide how a model is built, trained, saved and loaded
 PACKAGES = ("lora_llava", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl")
 # the other packages a bug report names (installed or not): data, Hub, weights, kernels, logging, demo
-REPORTED = ("datasets", "huggingface_hub", "safetensors", "tokenizers", "kernels", "wandb", "gradio")
+REPORTED = (
+    "datasets", "huggingface_hub", "safetensors", "tokenizers", "kernels", "numpy", "pillow", "wandb", "gradio",
+)  # fmt: skip
 # the packages whose major/minor versions decide how saved weights are named and loaded
 LOADERS = ("transformers", "peft")
 

@@ -11,7 +11,7 @@ EPILOG = """examples:
   lora-llava env --no-network        (the same, without trying to reach the Hub)
   lora-llava env --json              (one JSON object, for scripts)
 
-nothing secret is printed: no token, no environment variable other than the cache folders' paths"""
+nothing secret is printed: HF_TOKEN shows only "set" or "unset", never its value"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,9 @@ def render(env: dict[str, Any]) -> str:
             [
                 ("python", rt["python"]),
                 ("platform", rt["platform"]),
+                ("os", rt.get("os") or "unknown"),
+                ("cpu", f"{rt.get('cpu')} ({rt.get('cpu_count')} cores)"),
+                ("memory", f"{rt['memory_bytes'] / 2**30:.1f} GiB" if rt.get("memory_bytes") else "unknown"),
                 ("device", _device(rt)),
                 ("torch CUDA", _cuda(rt)),
                 *([("cuDNN", str(rt["cudnn"]) if rt["cudnn"] else "not available")] if rt["cuda"] else []),
@@ -59,6 +62,8 @@ def render(env: dict[str, Any]) -> str:
             ],
         ),
         ("Hugging Face Hub", [("status", _hub(hub))]),
+        ("lora_llava source", [("path", env["source"]["path"]), ("git commit", env["source"]["commit"] or "none")]),
+        ("settings", [(name, value if value is not None else "unset") for name, value in env["settings"].items()]),
     ]
     width = max(len(key) for _, rows in sections for key, _ in rows) + 1
     lines: list[str] = []
