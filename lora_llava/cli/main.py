@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import import_module
+from typing import NoReturn
 
 from lora_llava.errors import TrainingStopped, UserError
 
@@ -34,8 +35,35 @@ VERBS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lora_llava's error shape: one ``error:`` line and a ``hint:`` (the nearest verb, or the
+    verb's --help), exit status 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+        import re
+
+        hint = f"{self.prog} --help lists the arguments"
+        wrong = re.match(r"argument VERB: invalid choice: '([^']*)'", message)
+        if wrong:
+            close = difflib.get_close_matches(wrong.group(1), list(VERBS), n=1)
+            message = f"unknown command {wrong.group(1)!r}"
+            hint = (f"did you mean '{close[0]}'? " if close else "") + "lora-llava --help lists the commands"
+        elif message.startswith("unrecognized arguments") and self.prog == "lora-llava":
+            verb = next((a for a in sys.argv[1:] if a in VERBS), None) if _ARGV is None else _verb_of(_ARGV)
+            hint = f"lora-llava {verb} --help lists its arguments" if verb else hint
+        self.exit(2, f"error: {message}\nhint: {hint}\n")
+
+
+_ARGV: list[str] | None = None  # the arguments main() parses (for the hint of an unrecognized one)
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in VERBS), None)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lora-llava",
         description="Fine-tune LLaVA vision-language models with QLoRA on one GPU (or a CPU, with the tiny backbone).",
         epilog="examples:\n  lora-llava quickstart\n  lora-llava recipes\n  lora-llava train llava-1.5-7b/qlora "
@@ -78,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settle(argv[0] if argv and argv[0] in VERBS else "lora-llava")  # before any third-party import
     parser = build_parser()
+    global _ARGV
+    _ARGV = argv
     args = parser.parse_args(_flags_first(argv))
     if not getattr(args, "_run", None):
         parser.print_help()

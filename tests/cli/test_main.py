@@ -155,3 +155,27 @@ def test_overwrite_may_come_between_overrides():
     args = build_parser().parse_args(_flags_first(argv))
     assert args.overwrite and args.overrides == ["a=1", "b=2"]
     assert _flags_first(["merge", "run", "--overwrite"]) == ["merge", "run", "--overwrite"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "lines"),
+    [
+        (["envv"], ["error: unknown command 'envv'", "hint: did you mean 'env'? lora-llava --help lists the commands"]),
+        (
+            ["eval", "runs/x", "--bogus"],
+            ["error: unrecognized arguments: --bogus", "hint: lora-llava eval --help lists its arguments"],
+        ),
+        (
+            ["merge", "a"],
+            [
+                "error: the following arguments are required: OUT_DIR",
+                "hint: lora-llava merge --help lists the arguments",
+            ],
+        ),
+    ],
+)
+def test_argument_mistakes_are_one_error_line_and_a_hint(capsys, argv, lines):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.splitlines() == lines
