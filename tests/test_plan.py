@@ -229,6 +229,6 @@ def test_train_on_cuda_warns_before_loading_weights_when_the_plan_exceeds_the_ca
         events.append("load")
         return real_load(*a, **k)
 
-    monkeypatch.setattr("lora_llava.training.run.load_base", load)
+    monkeypatch.setattr("lora_llava.training.trainable.load_base", load)
     train(recipe, log=events.append)
     assert events.index("warning: the memory plan (stand-in)") < events.index("load")

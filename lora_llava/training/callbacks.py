@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,13 +63,10 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, log: MetricsLog) -> None:
         self.log = log
-        self.mean_loss: Callable[[], float] | None = None  # the whole run's mean, for the end-of-run row
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs:
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            if "train_loss" in row and self.mean_loss is not None:
-                row["train_loss"] = self.mean_loss()
             self.log.write(row)
 
 

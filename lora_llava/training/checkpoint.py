@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,20 @@ class PublishCheckpoints(TrainerCallback):
     """Seals each checkpoint the Trainer wrote (eval result, manifest, fsync), renames it into place, and
     deletes the ones ``keep`` (keep-last-N) no longer needs — never the best by eval accuracy."""
 
-    def __init__(self, checkpoints: Path, keep: int | None = None) -> None:
+    def __init__(
+        self, checkpoints: Path, keep: int | None = None, eval_at: Callable[[int], dict | None] | None = None
+    ) -> None:
         self.checkpoints = checkpoints
         self.keep = keep
-        self.last_eval: dict | None = None  # set by the in-training eval: {"step", "accuracy", "eval_loss", ...}
+        self.eval_at = eval_at  # the in-training eval's result at a step: {"step", "accuracy", "eval_loss", ...}
         self.latest: Path | None = None  # the checkpoint this run published last
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         name = f"{CHECKPOINT_PREFIX}{state.global_step}"
         staged = Path(args.output_dir) / name
-        if self.last_eval is not None and self.last_eval.get("step") == state.global_step:
-            (staged / CHECKPOINT_EVAL_FILE).write_text(json.dumps(self.last_eval))
+        result = self.eval_at(state.global_step) if self.eval_at is not None else None
+        if result is not None:
+            (staged / CHECKPOINT_EVAL_FILE).write_text(json.dumps(result))
         write_manifest(staged)
         target = self.checkpoints / name
         if target.exists():

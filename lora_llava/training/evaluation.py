@@ -2,7 +2,7 @@
 
 Usage::
 
-    cb = EvalDuringTraining(trainer, samples, encoder, processor, recipe, run, publish, log)
+    cb = EvalDuringTraining(trainer, samples, encoder, processor, recipe, run, log)
     trainer.add_callback(cb)        # eval/step-N.jsonl, an eval row in metrics.jsonl, the checkpoint's eval.json
 
 The samples are the run's eval data (data.eval sources and the data.eval_split carve), at most
@@ -28,7 +28,6 @@ from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.layout import RunDir
-from lora_llava.training.checkpoint import PublishCheckpoints
 from lora_llava.training.loss import supervised_loss
 
 
@@ -89,7 +88,6 @@ class EvalDuringTraining(TrainerCallback):
         processor: Processor,
         recipe: Recipe,
         run: RunDir,
-        publish: PublishCheckpoints,
         log: Log = print,
     ) -> None:
         cap = recipe.eval.max_samples
@@ -99,9 +97,13 @@ class EvalDuringTraining(TrainerCallback):
         self.processor = processor
         self.recipe = recipe
         self.run = run
-        self.publish = publish
         self.log = log
         self.done: set[int] = set()
+        self.results: dict[int, dict] = {}  # step -> the eval summary (the checkpoint of that step records it)
+
+    def result_at(self, step: int) -> dict | None:
+        """The eval summary at ``step``, when this run evaluated there."""
+        return self.results.get(step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         every = self.recipe.train.eval_steps
@@ -142,7 +144,7 @@ class EvalDuringTraining(TrainerCallback):
             "correct": result.correct,
             "n": result.n,
         }
-        self.publish.last_eval = summary
+        self.results[step] = summary
         # Trainer.log clears control.should_log: keep it, or this step's training row would not be logged
         control = self.trainer.control
         should_log = control.should_log

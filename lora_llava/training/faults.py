@@ -10,7 +10,7 @@ Usage::
 ``slow_save@N`` prints ``fault: saving step N`` to stderr after the first file of checkpoint-N is
 written, then sleeps, so a test can kill the process in the middle of a save; ``slow_step@N`` sleeps
 0.25 s in the middle of every micro-batch (between forward and backward) from step N on, so a signal
-sent by a test lands inside a step. Unset (the normal case), nothing here does anything.
+sent by a test lands inside a step. Unset (the normal case), the trainer gets no fault plan and none of this runs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 ENV = "LORA_LLAVA_FAULTS"
 KINDS = ("nan_loss", "slow_save", "slow_step")
@@ -33,19 +34,24 @@ def _faults() -> set[tuple[str, int]]:
     return out
 
 
-def active(kind: str, step: int) -> bool:
-    """Whether fault ``kind`` is injected at optimizer step ``step`` (1-based)."""
-    return ENV in os.environ and (kind, step) in _faults()
+class FaultPlan:
+    """The faults of ``LORA_LLAVA_FAULTS``, handed to the trainer only when the variable is set (``from_env``)."""
 
+    def __init__(self, faults: set[tuple[str, int]]) -> None:
+        self.faults = faults
 
-def slow_step(step: int) -> None:
-    """The ``slow_step`` fault: steps from the given one on take longer."""
-    if ENV in os.environ and any(kind == "slow_step" and step >= n for kind, n in _faults()):
-        time.sleep(0.25)
+    @classmethod
+    def from_env(cls) -> FaultPlan | None:
+        return cls(_faults()) if os.environ.get(ENV) else None
 
+    def on_loss(self, step: int, loss: Any) -> Any:
+        """A micro-batch loss of optimizer step ``step`` (1-based): slowed (``slow_step``), or NaN (``nan_loss``)."""
+        if any(kind == "slow_step" and step >= n for kind, n in self.faults):
+            time.sleep(0.25)
+        return loss * float("nan") if ("nan_loss", step) in self.faults else loss
 
-def pause_in_save(step: int) -> None:
-    """The ``slow_save`` fault: announce, then wait to be killed."""
-    if active("slow_save", step):
-        print(f"fault: saving step {step}", file=sys.stderr, flush=True)
-        time.sleep(60)
+    def in_save(self, step: int) -> None:
+        """Between a checkpoint's weights and its other files (``slow_save``): announce, then wait to be killed."""
+        if ("slow_save", step) in self.faults:
+            print(f"fault: saving step {step}", file=sys.stderr, flush=True)
+            time.sleep(60)

@@ -8,7 +8,7 @@ Usage::
     trainer = LlavaTrainer(spec=spec, recipe=recipe, processor=processor, fmt=fmt, samples=train_samples,
                            model=model, args=args, train_dataset=EncodedDataset(samples, encoder, with_index=True),
                            data_collator=Collator(pad_id), optimizers=(GuardedAdamW(groups, lr=lr), None))
-    trainer.train(); trainer.aborted        # None, or why the run stopped on bad steps
+    trainer.train(); trainer.abort.reason   # None, or why the run stopped on bad steps
 
 The guard: a step whose micro-batch loss or gradient norm is NaN/inf changes neither the weights nor the
 optimizer state (the learning-rate schedule moves on), is counted, and named with its samples;
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,20 @@ from lora_llava.data.sampler import ModalityLengthGroupedSampler
 from lora_llava.layout import LORA_WEIGHTS_FILE, RUN_FILE, RunDir
 from lora_llava.model.saving import write_adapter_files
 from lora_llava.model.trained_parts import has_lora, restore_trained_parts
-from lora_llava.training import faults
 from lora_llava.training.callbacks import TokenCounts
 from lora_llava.training.checkpoint import STAGING
+from lora_llava.training.faults import FaultPlan
 from lora_llava.training.loss import supervised_loss
 from lora_llava.training.optim import SkippableStep
 from lora_llava.versions import hardware
+
+
+@dataclass
+class Abort:
+    """Why a run stops on bad steps (None while it does not): set by the trainer, read by the callback that keeps
+    the stopping step from being saved and by the caller."""
+
+    reason: str | None = None
 
 
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
@@ -101,9 +110,13 @@ class LlavaTrainer(CompatTrainer):
         has_image: list[bool] | None = None,
         run_id: str | None = None,
         log: Log = print,
+        abort: Abort | None = None,
+        faults: FaultPlan | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.abort = abort or Abort()
+        self.faults = faults  # the tests' injected faults (LORA_LLAVA_FAULTS); None in every real run
         self.spec = spec
         self.recipe = recipe
         self.processor = processor
@@ -123,7 +136,6 @@ class LlavaTrainer(CompatTrainer):
         self._tokens: Any = None  # (all, padding, supervised) since the last sync, on the training device
         self.bad_steps = 0  # skipped here (not counting the run before a resume)
         self.bad_in_a_row = 0
-        self.aborted: str | None = None  # why the run stopped on bad steps
         self._last_log: tuple[float | None, int, int] = (None, 0, 0)  # (time, real, supervised tokens) at the last log
         self._interval = [0, 0]  # good and skipped steps since the last log
         self._interval_loss: Any = 0.0  # summed losses of the good steps since the last log
@@ -170,7 +182,7 @@ class LlavaTrainer(CompatTrainer):
             if self.optimizer is not None:
                 _guarded(self.optimizer).skip = True
             if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
-                self.aborted = (
+                self.abort.reason = (
                     f"{self.bad_in_a_row} optimizer steps in a row (to step {step}) had a NaN/inf {what}; each was "
                     f"skipped, so the weights are those of step {step - self.bad_in_a_row}. The last batch: {names}{more}"
                 )
@@ -192,9 +204,8 @@ class LlavaTrainer(CompatTrainer):
             # train): a zero-gradient step keeps the run going instead of failing in backward
             p = next(p for p in model.parameters() if p.requires_grad)
             loss = loss + 0.0 * p.reshape(-1)[0]
-        faults.slow_step(self.state.global_step + 1)
-        if faults.active("nan_loss", self.state.global_step + 1):
-            loss = loss * float("nan")
+        if self.faults is not None:
+            loss = self.faults.on_loss(self.state.global_step + 1, loss)
         return (loss, *out[1:]) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------ the numbers
@@ -225,6 +236,8 @@ class LlavaTrainer(CompatTrainer):
             logs["tokens_per_s"] = round((c.real - real) / elapsed, 1)
             logs["supervised_tokens_per_s"] = round((c.supervised - supervised) / elapsed, 1)
             self._last_log = (now, c.real, c.supervised)
+        if "train_loss" in logs:  # the run's mean over its good steps, resumed or not (not the Trainer's average)
+            logs["train_loss"] = self.mean_loss()
         if "learning_rate" in logs or "train_loss" in logs:
             logs["padding_fraction"] = round(self.sync_counts().fraction, 4)
             logs["skipped_steps"] = self.bad_before + self.bad_steps
@@ -268,10 +281,9 @@ class LlavaTrainer(CompatTrainer):
             "train_samples": len(self.samples),
             "hardware": hardware(),
         }
-        write_adapter_files(
-            out, self.model, self.processor, self.spec, self.recipe, self.fmt, extra,
-            between=lambda: faults.pause_in_save(step),
-        )  # fmt: skip
+        faults = self.faults
+        between = (lambda: faults.in_save(step)) if faults is not None else None
+        write_adapter_files(out, self.model, self.processor, self.spec, self.recipe, self.fmt, extra, between=between)
         run = {"run_id": self.run_id, "loss_sum": self.loss_sum(), "bad_steps": self.bad_before + self.bad_steps}
         (out / RUN_FILE).write_text(json.dumps(run))
 

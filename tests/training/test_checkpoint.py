@@ -77,7 +77,7 @@ def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_mode
 
     import pytest
 
-    import lora_llava.training.run as run_mod
+    import lora_llava.training.trainable as trainable_mod
     from lora_llava.errors import UserError
 
     out = str(tmp_path / "e")
@@ -87,7 +87,7 @@ def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_mode
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the resume check")
 
-    monkeypatch.setattr(run_mod, "load_base", no_model)
+    monkeypatch.setattr(trainable_mod, "load_base", no_model)
     changed = make_recipe(output_dir=out, lora={"r": 4}, train={"max_steps": 4, "save_steps": 1, "resume": True})
     with pytest.raises(UserError) as e:
         train(changed, **QUIET)

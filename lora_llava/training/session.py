@@ -1,0 +1,180 @@
+"""One run's training session: the Trainer, its arguments, its callbacks in a fixed order, the stop signals.
+
+Usage::
+
+    with TrainingSession(recipe, prepared, model, run, run_id, resume, log) as session:
+        outcome = session.train()      # Outcome(steps, loss, counts, skipped); TrainingStopped / UserError otherwise
+        write_adapter(...)             # still inside: a stop signal waits until the adapter is whole
+
+The callbacks are built in the order they act at the end of a step: metrics, the progress bar, stop
+signals, no checkpoint at a step that stopped the run on bad steps, eval (``train.eval_steps``), and last
+the checkpoint publisher, which seals each checkpoint with that step's eval result and rotates old ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from lora_llava.annotations import Log, Model
+from lora_llava.config.schema import Recipe
+from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.packing import PackedDataset, pack_indices
+from lora_llava.errors import TrainingStopped, UserError
+from lora_llava.layout import RunDir
+from lora_llava.training.callbacks import MetricsCallback, MetricsLog, ProgressBar, TokenCounts
+from lora_llava.training.checkpoint import PublishCheckpoints, checkpoint_global_step, clean_staging
+from lora_llava.training.evaluation import EvalDuringTraining
+from lora_llava.training.faults import FaultPlan
+from lora_llava.training.optim import make_optimizer
+from lora_llava.training.prepare import PreparedRun
+from lora_llava.training.stop import StopCallback, StopSignals
+from lora_llava.training.tracking import wandb_run
+from lora_llava.training.trainer import Abort, LlavaTrainer, training_arguments
+
+
+@dataclass
+class Outcome:
+    """What the Trainer did: steps, the run's mean loss over its good steps, token counts, skipped steps."""
+
+    steps: int
+    loss: float
+    counts: TokenCounts
+    skipped: int
+
+
+class TrainingSession:
+    """Owns the Trainer of one run; see the module docstring."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        prepared: PreparedRun,
+        model: Model,
+        run: RunDir,
+        run_id: str,
+        resume: Path | None,
+        log: Log = print,
+    ) -> None:
+        self.recipe, self.prepared, self.run, self.resume, self.log = recipe, prepared, run, resume, log
+        self.run_id = run_id
+        self.stops = StopSignals()
+        self.abort = Abort()
+        self.progress = ProgressBar(log)
+        report = prepared.report
+        grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
+        run.checkpoints.mkdir(exist_ok=True)
+        metrics = MetricsLog(run.metrics, keep_until=checkpoint_global_step(resume) if resume else None)
+        self.trainer = LlavaTrainer(
+            spec=prepared.spec,
+            recipe=recipe,
+            processor=prepared.processor,
+            fmt=prepared.fmt,
+            samples=report.train,
+            lengths=[report.length_of(s) for s in report.train] if grouped else None,
+            has_image=[bool(s.images) for s in report.train] if grouped else None,
+            run_id=run_id,
+            log=self.progress.say,  # lines above the progress bar while it runs
+            abort=self.abort,
+            faults=FaultPlan.from_env(),
+            model=model,
+            args=training_arguments(recipe, run.path),
+            train_dataset=self._dataset(),
+            data_collator=Collator(prepared.processor.tokenizer.pad_token_id),
+            optimizers=(make_optimizer(model, prepared.spec, recipe), None),
+            callbacks=[
+                MetricsCallback(metrics),
+                self.progress,
+                StopCallback(self.stops),
+                _NoSaveWhenAborted(self.abort),
+            ],
+        )
+        self.trainer.remove_callback(ProgressCallback)
+        evaluation = self._evaluation()
+        if evaluation is not None:
+            self.trainer.add_callback(evaluation)
+        self.publish = PublishCheckpoints(
+            run.checkpoints, keep=recipe.train.keep_checkpoints, eval_at=evaluation.result_at if evaluation else None
+        )
+        self.trainer.add_callback(self.publish)
+        self._wandb: Any = None
+
+    def __enter__(self) -> TrainingSession:
+        self.stops.__enter__()
+        self._wandb = wandb_run(self.recipe, self.run, self.run_id)
+        self._wandb.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._wandb.__exit__(*exc)
+        finally:
+            self.stops.__exit__(*exc)
+
+    def train(self) -> Outcome:
+        """Train to the end; a stop signal raises TrainingStopped (after its checkpoint), bad steps a UserError."""
+        if self.resume is not None:
+            self.log(f"resuming from {self.resume}")
+        trainer = self.trainer
+        trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        clean_staging(self.run.checkpoints)
+        steps = trainer.state.global_step
+        if self.abort.reason:
+            latest = self.run.latest_checkpoint()
+            kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
+            raise UserError(
+                f"training stopped at step {steps}: {self.abort.reason}; no adapter was written ({kept})",
+                hint="check those samples (with the data file fixed, train.resume=true continues from the last "
+                "checkpoint), or train again with a lower train.learning_rate or quantization.compute_dtype "
+                "bfloat16/float32",
+            )
+        if self.stops.requested and steps < trainer.state.max_steps:
+            raise TrainingStopped(
+                self.stops.requested, steps, trainer.state.max_steps, self.run.path, self.publish.latest
+            )
+        loss = trainer.mean_loss()  # over every good step of the run, also when it was resumed
+        if not math.isfinite(loss):
+            raise UserError("training loss became NaN/inf; no adapter was written", hint="lower train.learning_rate")
+        return Outcome(steps, loss, trainer.sync_counts(), trainer.bad_before + trainer.bad_steps)
+
+    def _dataset(self) -> Any:
+        """The training samples one per row, or with ``train.packing`` packed into rows of data.max_length."""
+        recipe, report, encoder = self.recipe, self.prepared.report, self.prepared.encoder
+        if not recipe.train.packing:
+            return EncodedDataset(report.train, encoder, with_index=True)
+        lengths = [report.length_of(s) for s in report.train]
+        packs = pack_indices(lengths, recipe.data.max_length)
+        fill = sum(lengths) / max(len(packs) * recipe.data.max_length, 1)
+        self.log(
+            f"packing: {len(lengths)} samples into {len(packs)} rows of at most {recipe.data.max_length} tokens "
+            f"({fill:.1%} full; train.batch_size counts rows)"
+        )
+        return PackedDataset(report.train, encoder, packs, with_index=True)
+
+    def _evaluation(self) -> EvalDuringTraining | None:
+        recipe, report = self.recipe, self.prepared.report
+        if not recipe.train.eval_steps:
+            return None
+        if not report.eval:
+            self.log("warning: train.eval_steps is set but the eval data has no usable sample; no eval during training")
+            return None
+        samples = report.eval[: recipe.eval.max_samples] if recipe.eval.max_samples else report.eval
+        return EvalDuringTraining(
+            self.trainer, samples, self.prepared.encoder, self.prepared.processor, recipe, self.run, self.progress.say
+        )
+
+
+class _NoSaveWhenAborted(TrainerCallback):
+    """No checkpoint at the step that stopped a run on bad steps: the last one stays the last good one."""
+
+    def __init__(self, abort: Abort) -> None:
+        self.abort = abort
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.abort.reason:
+            control.should_save = False
