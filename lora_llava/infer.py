@@ -26,7 +26,7 @@ from lora_llava.data.chat import format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
-from lora_llava.layout import AdapterMeta
+from lora_llava.layout import MODEL_CONFIG_FILE, AdapterMeta
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trained_parts import load_adapter_model
 
@@ -99,7 +99,7 @@ def _stored_dtype(path: Path) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in: what plain transformers (and a server) runs it in."""
     import json
 
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = json.loads((path / MODEL_CONFIG_FILE).read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float32"
     return torch_dtype(name)
 

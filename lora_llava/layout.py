@@ -199,6 +199,7 @@ class RunDir:
     assembled = property(lambda self: self.path / "assembled")
     merged = property(lambda self: self.path / "merged")
     summary = property(lambda self: self.path / "summary.json")
+    bad_samples = property(lambda self: self.path / "bad_samples.jsonl")  # every bad sample, when too many to print
     data_report = property(lambda self: self.path / "data_report.txt")  # the data check's report, as printed
     pushed = property(lambda self: self.path / "pushed.json")  # repos this run was pushed to
     eval_predictions = property(lambda self: self.path / "eval_predictions.json")

@@ -37,7 +37,15 @@ from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
 from lora_llava.fsutil import atomic_dir
-from lora_llava.layout import MERGE_REPORT_FILE, VISION_FILE, AdapterMeta, AlignedMeta, MergedMeta, write_meta
+from lora_llava.layout import (
+    MERGE_REPORT_FILE,
+    RECIPE_FILE,
+    VISION_FILE,
+    AdapterMeta,
+    AlignedMeta,
+    MergedMeta,
+    write_meta,
+)
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
 from lora_llava.model.trainability import get_module
 from lora_llava.model.trained_parts import has_lora, load_peft_adapter, require_trained_files, restore_trained_parts
@@ -84,7 +92,7 @@ def fold(
     delta added in float32, and the sum cast to ``dtype`` before the next layer is touched, so the
     peak memory is about one model in ``dtype`` plus the 4-bit base, never a float32 copy of the model.
     """
-    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    recipe = load_recipe(adapter_dir / RECIPE_FILE)
     require_trained_files(adapter_dir, recipe, meta)
     spec = resolve_backbone(meta.backbone)
     base_mode = base_mode or recipe.merge.base
@@ -171,7 +179,7 @@ def merge(
             f"output directory {str(out_dir)!r} exists and is not empty", hint="choose a new directory or delete it"
         )
     t0 = time.time()
-    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    recipe = load_recipe(adapter_dir / RECIPE_FILE)
     dtype_name = dtype or recipe.merge.dtype
     merged, recipe, spec, base_mode, changed = fold(adapter_dir, meta, base_mode, dtype_name)
     merged.config.use_cache = True

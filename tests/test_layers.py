@@ -63,3 +63,32 @@ def test_no_modules_import_each_other_in_a_circle():
         c for c in circles if not any(a == b.rsplit(".", 1)[0] or b == a.rsplit(".", 1)[0] for a, b in zip(c, c[1:]))
     ]
     assert real == [], real
+
+
+def _layout_file_names() -> set[str]:
+    import re
+
+    text = (ROOT / "lora_llava" / "layout.py").read_text()
+    names = set(re.findall(r'^[A-Z_]+_FILE = "([^"]+)"', text, re.M))
+    names |= {n for n in re.findall(r'self\.path / "([^"]+)"', text) if "." in n}  # files of a run directory
+    return names
+
+
+# a dataset's own file names that happen to equal a layout name (the synthetic task writes train.json/eval.json)
+NOT_LAYOUT = {("lora_llava/data/synthetic.py", "eval.json")}
+
+
+def test_no_module_but_the_layout_spells_a_layout_file_name():
+    import ast
+
+    names = _layout_file_names()
+    assert {"lora_llava.json", "recipe.yaml", "adapter_model.safetensors", "metrics.jsonl", "manifest.json"} <= names
+    spelled = []
+    for path in sorted((ROOT / "lora_llava").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel == "lora_llava/layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names and (rel, node.value) not in NOT_LAYOUT:
+                spelled.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert spelled == [], "use the names of lora_llava.layout instead:\n" + "\n".join(spelled)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_llava.errors import UserError
+from lora_llava.layout import META_FILE, MODEL_CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def hub_spec(repo_id: str) -> BackboneSpec:
         except Exception:  # missing file, offline, gated, unknown repo: all mean "not available"
             return None
 
-    if read("config.json") is None:
+    if read(MODEL_CONFIG_FILE) is None:
         where = "from the Hub (private or misspelt?)" if online else f"from the local cache ({offline_reason()})"
         raise UserError(
             f"unknown backbone {repo_id!r}: not registered, and its config.json could not be read {where}",
@@ -291,7 +292,7 @@ def hub_spec(repo_id: str) -> BackboneSpec:
 
 
 def spec_from_files(source: str, read: Callable[[str], str | None], where: str) -> BackboneSpec:
-    model_type = json.loads(read("config.json") or "{}").get("model_type")
+    model_type = json.loads(read(MODEL_CONFIG_FILE) or "{}").get("model_type")
     if model_type not in _FAMILIES:
         raise UserError(
             f"backbone {source!r}: model_type {model_type!r} is not a LLaVA model",
@@ -299,9 +300,9 @@ def spec_from_files(source: str, read: Callable[[str], str | None], where: str) 
             "a causal LM use backbone: assemble",
         )
     family = model_type
-    meta = read("lora_llava.json")
+    meta = read(META_FILE)
     if meta and json.loads(meta).get("chat_format"):
-        fmt, how = json.loads(meta)["chat_format"], "lora_llava.json"
+        fmt, how = json.loads(meta)["chat_format"], META_FILE
     else:
         template = read("chat_template.jinja") or read("chat_template.json")
         fmt, how = infer_chat_format(template), "its chat template"

@@ -33,6 +33,7 @@ from typing import Any
 
 from lora_llava.annotations import Model, Processor, Tokenizer
 from lora_llava.fsutil import cache_root
+from lora_llava.layout import MODEL_CONFIG_FILE
 
 TINY_VERSION = "3"
 IMAGE_SIZE = 32
@@ -362,7 +363,7 @@ BUILTINS: dict[str, Builtin] = {
 def ensure_tiny(name: str = "tiny") -> Path:
     """Return the directory of a built-in offline backbone, building it (atomically) on first use."""
     target = cache_root() / f"{name}-v{TINY_VERSION}"
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    if (target / MODEL_CONFIG_FILE).is_file() and (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

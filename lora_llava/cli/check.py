@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     spec, report = prepared.spec, prepared.report
     print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")
     print(report.summary())
-    full_list = RunDir(recipe.output_dir).path / "bad_samples.jsonl"  # where a list too long to print goes
+    full_list = RunDir(recipe.output_dir).bad_samples  # where a list too long to print goes
     if report.dropped:
         print(f"{len(report.dropped)} sample(s) over data.max_length would be left out (data.overlength):")
         _print_capped(report.dropped)

@@ -37,6 +37,7 @@ from lora_llava.data.mixture import (
 )
 from lora_llava.data.prompts import add_brief_instruction
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir
 
 MAX_LISTED = 50  # bad samples printed; the whole list goes to a file
 
@@ -283,7 +284,7 @@ def enforce_policy(
     more = ""
     if len(report.bad) > len(listed):
         more = f"\n  ... and {len(report.bad) - len(listed)} more"
-        list_file = list_file or (Path(run_dir) / "bad_samples.jsonl" if run_dir is not None else None)
+        list_file = list_file or (RunDir(run_dir).bad_samples if run_dir is not None else None)
         if list_file is not None:
             write_rejected(report.bad, list_file)
             more += f"; all {len(report.bad)} in {list_file}"
@@ -293,7 +294,7 @@ def enforce_policy(
             hint="fix them, or set data.on_bad_sample=skip to leave them out (they are then listed in rejected.jsonl)",
         )
     if run_dir is not None and (report.bad or report.dropped):
-        write_rejected(report.bad + report.dropped, Path(run_dir) / "rejected.jsonl")
+        write_rejected(report.bad + report.dropped, RunDir(run_dir).rejected)
     for split, total in report.totals.items():
         bad = report.bad_counts.get(split, 0)
         frac = bad / max(total, 1)

@@ -30,7 +30,15 @@ from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
-from lora_llava.layout import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, PROJECTOR_FILE, VISION_FILE, AdapterMeta, read_meta
+from lora_llava.layout import (
+    LORA_CONFIG_FILE,
+    LORA_WEIGHTS_FILE,
+    PROJECTOR_FILE,
+    RECIPE_FILE,
+    VISION_FILE,
+    AdapterMeta,
+    read_meta,
+)
 from lora_llava.model.loading import load_base, load_processor
 from lora_llava.model.trainability import connector_state, get_module, image_newline, prepare_projector
 from lora_llava.versions import LOADERS, drift, package_versions
@@ -297,7 +305,7 @@ def load_adapter_model(
     """Rebuild a trained model: base as recorded, trained projector, LoRA weights; nothing left fresh."""
     from lora_llava.config.load import load_recipe
 
-    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    recipe = load_recipe(adapter_dir / RECIPE_FILE)
     require_trained_files(adapter_dir, recipe, meta)
     spec = resolve_backbone(meta.backbone)
     model, _ = load_base(spec, recipe.quantization, dtype=dtype, max_tiles=recipe.images.max_tiles)

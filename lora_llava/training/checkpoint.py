@@ -35,6 +35,7 @@ from lora_llava.errors import UserError
 from lora_llava.layout import (
     CHECKPOINT_EVAL_FILE,
     CHECKPOINT_PREFIX,
+    RECIPE_FILE,
     TRAINER_STATE_FILE,
     RunDir,
     checkpoint_run_id,
@@ -159,8 +160,8 @@ def resume_point(recipe: Recipe, run_dir: str | os.PathLike, log: Log = print) -
             + (f" ({len(skipped)} damaged or incomplete: {'; '.join(skipped)})" if skipped else ""),
             hint="train once with train.save_steps set; or start the run over: drop train.resume and add --overwrite",
         )
-    if (ckpt / "recipe.yaml").is_file():
-        then = _flat(recipe_to_dict(load_recipe(ckpt / "recipe.yaml")))
+    if (ckpt / RECIPE_FILE).is_file():
+        then = _flat(recipe_to_dict(load_recipe(ckpt / RECIPE_FILE)))
         now = _flat(recipe_to_dict(recipe))
         changed = sorted(
             k
