@@ -245,18 +245,23 @@ class RunDir:
             latest = self.latest_checkpoint()
             adopted = checkpoint_run_id(latest) if latest is not None else None
             return self.run_id() or self._new_id(adopted)
-        found = self.finished_outputs()
-        if found and not overwrite:
-            raise UserError(
-                f"output_dir {str(self.path)!r} holds an earlier run ({', '.join(found)})",
-                hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
-                "continue it",
-            )
+        self.check_free(overwrite)
         for p in (self.adapter, self.aligned, self.merged, self.checkpoints, self.eval_dir):
             shutil.rmtree(p, ignore_errors=True)
         for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves, self.third_party_log):
             p.unlink(missing_ok=True)
         return self._new_id()
+
+    def check_free(self, overwrite: bool = False, resume: bool = False) -> None:
+        """A UserError when the directory holds an earlier run's outputs and neither ``overwrite`` nor ``resume``
+        is asked (cheap: a command calls it before loading anything)."""
+        found = [] if overwrite or resume else self.finished_outputs()
+        if found:
+            raise UserError(
+                f"output_dir {str(self.path)!r} holds an earlier run ({', '.join(found)})",
+                hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
+                "continue it",
+            )
 
     def run_id(self) -> str | None:
         return _read_run_id(self.path)

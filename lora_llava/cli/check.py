@@ -23,10 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
     from lora_llava.data.check import enforce_policy
     from lora_llava.training.prepare import describe_format, prepare_run
 
-    recipe = recipe_from_args(args)
     prepared = prepare_run(recipe, run_dir=None, enforce=False)
     spec, report = prepared.spec, prepared.report
     print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")

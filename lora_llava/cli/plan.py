@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
     from lora_llava.plan import plan_memory
 
-    recipe = recipe_from_args(args)
     plan = plan_memory(recipe, gpu_memory=args.gpu_memory, seq_len=args.seq_len)
     print(plan.table())
     return 0

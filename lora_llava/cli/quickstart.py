@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data
+from lora_llava.layout import RunDir
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
 EPILOG = """examples:
@@ -30,13 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lora_llava.config import load_recipe
-    from lora_llava.pipeline import run_pipeline
     from lora_llava.recipes import recipe_path
 
     rest = list(args.args)
     name = rest.pop(0) if rest and "=" not in rest[0] else "quickstart"
     recipe = load_recipe(recipe_path(name), rest)
     ensure_synthetic_data(recipe)
+    RunDir(recipe.output_dir).check_free(args.overwrite)  # before anything heavy is imported
     cpu_threads_for(recipe.backbone)
+    from lora_llava.pipeline import run_pipeline
+
     run_pipeline(recipe, overwrite=args.overwrite)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, training
+from lora_llava.layout import RunDir
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
 EPILOG = """examples:
@@ -29,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
+    RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume)
     from lora_llava.workflows import train
 
-    recipe = recipe_from_args(args)
     kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]
     training(recipe, " ".join(["lora-llava train", str(args.recipe), *kept]))
     train(recipe, overwrite=args.overwrite)
