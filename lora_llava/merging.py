@@ -83,16 +83,15 @@ class MergeReport:
 
 
 def fold(
-    adapter_dir: Path, meta: AdapterMeta, base_mode: str | None = None, dtype: str | None = None
-) -> tuple[Model, Recipe, BackboneSpec, str, bool]:
-    """Return the merged (unsaved) model in ``dtype``, its recipe, backbone spec, the base used, and
-    whether the adapter changed anything at all.
+    adapter_dir: Path, meta: AdapterMeta, recipe: Recipe, base_mode: str | None = None, dtype: str | None = None
+) -> tuple[Model, BackboneSpec, str, bool]:
+    """Return the merged (unsaved) model in ``dtype``, its backbone spec, the base used, and whether the adapter
+    changed anything at all; ``recipe`` is the one saved beside the adapter.
 
     Layer by layer: each LoRA layer's base weight is dequantized (or upcast) to float32, its LoRA
     delta added in float32, and the sum cast to ``dtype`` before the next layer is touched, so the
     peak memory is about one model in ``dtype`` plus the 4-bit base, never a float32 copy of the model.
     """
-    recipe = load_recipe(adapter_dir / RECIPE_FILE)
     require_trained_files(adapter_dir, recipe, meta)
     spec = resolve_backbone(meta.backbone)
     base_mode = base_mode or recipe.merge.base
@@ -117,7 +116,7 @@ def fold(
     leftovers = [n for n, _ in model.named_modules() if "lora_" in n or "modules_to_save" in n]
     if leftovers:
         raise UserError(f"merge left adapter modules behind: {leftovers[:3]}")
-    return model.eval(), recipe, spec, base_mode, changed
+    return model.eval(), spec, base_mode, changed
 
 
 def _fold_lora_layers(peft_model: Model, dtype: torch.dtype) -> Model:
@@ -181,7 +180,7 @@ def merge(
     t0 = time.time()
     recipe = load_recipe(adapter_dir / RECIPE_FILE)
     dtype_name = dtype or recipe.merge.dtype
-    merged, recipe, spec, base_mode, changed = fold(adapter_dir, meta, base_mode, dtype_name)
+    merged, spec, base_mode, changed = fold(adapter_dir, meta, recipe, base_mode, dtype_name)
     merged.config.use_cache = True
     processor = load_processor(adapter_dir)
     info = MergedMeta(
