@@ -27,6 +27,7 @@ from lora_llava.compat import no_cpu_weight_repacking
 from lora_llava.config.schema import Recipe
 from lora_llava.data.encode import Collator, Encoder
 from lora_llava.data.formats import Sample
+from lora_llava.infer import Loaded, evaluate
 from lora_llava.layout import RunDir
 from lora_llava.training.loss import supervised_loss
 
@@ -112,8 +113,6 @@ class EvalDuringTraining(TrainerCallback):
             self.evaluate(step)
 
     def evaluate(self, step: int) -> dict:
-        from lora_llava.infer import Loaded, evaluate
-
         model = self.trainer.model
         with untouched_training_state(model):
             loss = eval_loss(
