@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lora_llava.cli.sources import add_source_arguments
+
 HELP = "score a run, adapter, merged model or backbone by exact match of greedy answers"
 EPILOG = """examples:
   lora-llava eval runs/quickstart                       (the run's own eval data, generation settings of its recipe)
@@ -27,26 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="longest answer (default: the run's)")
     p.add_argument("--batch-size", type=_positive, default=None, help="samples generated together (default: the run's)")
     p.add_argument("--skip-bad", action="store_true", help="score the good samples and list the bad ones")
-
-
-def add_source_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--data and the options a recipe's data entry takes."""
-    p.add_argument(
-        "--data",
-        default=None,
-        required=required,
-        help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
-    )
-    p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
-    p.add_argument("--format", default="auto", help="auto | llava | messages | sharegpt (as data.*.format)")
-    p.add_argument("--split", default=None, help="split of a saved DatasetDict folder (as data.*.split)")
-    p.add_argument(
-        "--columns", default=None, metavar="YAML", help="other field names, e.g. '{conversations: dialog, image: img}'"
-    )
-    p.add_argument("--roles", default=None, metavar="YAML", help="other speaker names, e.g. '{user: [customer]}'")
-    p.add_argument(
-        "--prompt-style", default="plain", help="plain | short_answer | multiple_choice (as data.*.prompt_style)"
-    )
 
 
 def _positive(text: str) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lora_llava.cli.sources import add_source_arguments
+
 HELP = "answer every sample of a data file, or every image of a folder, into a JSON-lines file (resumable)"
 EPILOG = """examples:
   lora-llava predict runs/my-run --images photos/ --prompt "What is shown?" --out preds.jsonl
@@ -18,7 +20,7 @@ already in --out are skipped, so every sample is written exactly once."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="run directory, adapter, merged directory or backbone name")
-    _add_source_arguments(p)
+    add_source_arguments(p, data_default="none: give --data or --images")
     p.add_argument("--images", default=None, metavar="DIR", help="a folder of images (instead of --data)")
     p.add_argument("--prompt", default=None, help="with --images: the question asked about each image")
     p.add_argument("--out", required=True, help="the JSON-lines file answers are appended to")
@@ -26,25 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's eval setting)")
     p.add_argument("--batch-size", type=int, default=None, help="samples generated together (default: the run's)")
     p.add_argument("--load-in-4bit", action="store_true", help="a merged model's language model in 4-bit NF4")
-
-
-def _add_source_arguments(p: argparse.ArgumentParser) -> None:
-    """--data and the options a recipe's data entry takes (as lora-llava eval takes them)."""
-    p.add_argument(
-        "--data",
-        default=None,
-        help="data file or datasets folder (any format a recipe source reads); default: the run's eval data",
-    )
-    p.add_argument("--image-folder", default=None, help="folder the samples' image paths are relative to")
-    p.add_argument("--format", default="auto", help="auto | llava | messages | sharegpt (as data.*.format)")
-    p.add_argument("--split", default=None, help="split of a saved DatasetDict folder (as data.*.split)")
-    p.add_argument(
-        "--columns", default=None, metavar="YAML", help="other field names, e.g. '{conversations: dialog, image: img}'"
-    )
-    p.add_argument("--roles", default=None, metavar="YAML", help="other speaker names, e.g. '{user: [customer]}'")
-    p.add_argument(
-        "--prompt-style", default="plain", help="plain | short_answer | multiple_choice (as data.*.prompt_style)"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
