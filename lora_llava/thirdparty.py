@@ -4,7 +4,6 @@ Usage::
 
     settle("train")                 # first thing in a command, before any third-party package is imported
     log_into(run.third_party_log)   # from here on (and what came before) into the run's own folder
-    log_file()                      # the file the lines went to (None while none came)
 
 A command prints lora_llava's lines. Warnings and log records of transformers, bitsandbytes, kernels,
 datasets, huggingface_hub, PIL, wandb, gradio, torch, ... (Python ``warnings`` and ``logging`` at WARNING
@@ -65,8 +64,6 @@ _LIBRARY_LOGGING = {
     "huggingface_hub.utils.logging": ("enable_propagation",),
     "datasets.utils.logging": ("enable_propagation",),
 }
-_LIBRARY_ROOTS = {"transformers.utils.logging": "transformers", "huggingface_hub.utils.logging": "huggingface_hub",
-                  "datasets.utils.logging": "datasets"}  # fmt: skip
 MAX_KEPT = 2000  # lines kept in memory to replay into the run's log file
 
 
@@ -166,16 +163,11 @@ def settled() -> bool:
     return _SINK is not None
 
 
-def log_file() -> Path | None:
-    """The file third-party lines of this process went to, or None when none came."""
-    return _SINK.path if _SINK is not None and _SINK.stream is not None else None
-
-
 def _propagate(module: ModuleType) -> None:
     """A library's own stderr handler removed, its records passed up to the root (our sink)."""
     for name in _LIBRARY_LOGGING.get(module.__name__, ()):
         getattr(module, name, lambda: None)()
-    logger = logging.getLogger(_LIBRARY_ROOTS[module.__name__])
+    logger = logging.getLogger(module.__name__.split(".")[0])  # the package's root logger
     for handler in list(logger.handlers):
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             logger.removeHandler(handler)
