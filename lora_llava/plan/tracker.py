@@ -31,6 +31,7 @@ class LiveTensors:
         self.live: dict[int, tuple[Any, int, bool]] = {}  # storage key -> (weak ref, bytes, is logits)
         self.current = self.peak = self.logits_at_peak = 0
         self.keys_at_peak: list[int] = []
+        self._refs_at_peak: list[Any] = []  # held: no later storage gets the key of one freed since the peak
         self._snapshot_at = 0
 
     def mode(self) -> Any:
@@ -53,6 +54,7 @@ class LiveTensors:
             if self.peak > self._snapshot_at * 1.002:  # enough to split the peak by category
                 self._snapshot_at = self.peak
                 self.keys_at_peak = list(self.live)
+                self._refs_at_peak = [ref for ref, _, _ in self.live.values()]
                 self.logits_at_peak = sum(s for _, s, lg in self.live.values() if lg)
 
     def bytes_at_peak(self, keys: set[int]) -> int:
