@@ -34,8 +34,9 @@ import torch
 
 from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import DataSource
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.data.chat import format_for
-from lora_llava.data.encode import Collator, EncodedDataset, Encoder
+from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import read_source
 from lora_llava.data.images import load_image
 from lora_llava.data.synthetic import write_shapes_dataset

@@ -200,7 +200,7 @@ def run_lora_llava(root: Path, args: argparse.Namespace, clock: StepClock, varia
 def _model_and_batches(root: Path, args: argparse.Namespace, order: list[list[int]]) -> tuple[Any, Any, list[dict]]:
     from transformers import set_seed
 
-    from lora_llava.data.encode import Collator
+    from lora_llava.data.batching import Collator
     from lora_llava.model.loading import load_base
     from lora_llava.model.trainability import attach_adapters
     from lora_llava.training.prepare import prepare_run

@@ -56,6 +56,8 @@ RUN_FILE = "run.json"  # the run's id, in the run directory and in each of its c
 MANIFEST_FILE = "manifest.json"  # a checkpoint's files with their sizes and SHA-256, written last
 MERGE_REPORT_FILE = "merge_report.json"  # a merged model's verification against its adapter
 MODEL_CONFIG_FILE = "config.json"  # a transformers model directory's config
+PROCESSOR_CONFIG_FILE = "processor_config.json"  # its processor's settings (image processor included)
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its tokenizer's settings (the tokenizer class)
 CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (with train.eval_steps)
 
 

@@ -25,15 +25,17 @@ from lora_llava.layout import (
     MERGE_REPORT_FILE,
     META_FILE,
     MODEL_CONFIG_FILE,
+    PROCESSOR_CONFIG_FILE,
     PROJECTOR_FILE,
     RECIPE_FILE,
+    TOKENIZER_CONFIG_FILE,
     VISION_FILE,
 )
 
 # what a pushed repo may hold: weights as safetensors, configs, the processor; never optimizer, scheduler
 # or RNG state, pickles, or checkpoints
 PROCESSOR_FILES = (
-    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    PROCESSOR_CONFIG_FILE, "preprocessor_config.json", "tokenizer.json", TOKENIZER_CONFIG_FILE,
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt",
 )  # fmt: skip

@@ -175,15 +175,14 @@ def _propagate(module: ModuleType) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``action(module)`` right after one of ``names`` is imported (the import itself is left to the
-    other finders)."""
+    """Runs each ``action(module)`` registered for a name right after that module is imported (the import
+    itself is left to the other finders)."""
 
-    def __init__(self, names: Sequence[str], action: Callable[[ModuleType], None]) -> None:
-        self.names = set(names)
-        self.action = action
+    def __init__(self) -> None:
+        self.actions: dict[str, list[Callable[[ModuleType], None]]] = {}
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname not in self.names:
+        if fullname not in self.actions:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -196,16 +195,31 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         loader = spec.loader
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        run, action = loader.exec_module, self.action
+        run, actions = loader.exec_module, self.actions[fullname]
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            action(module)
+            for action in actions:
+                action(module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
+def when_imported(name: str, action: Callable[[ModuleType], None]) -> None:
+    """``action(module)`` once ``name`` is imported: now when it already is, else right after its import (a
+    setting made without paying for the import in a process that never needs the module)."""
+    if name in sys.modules:
+        action(sys.modules[name])
+        return
+    _after_import([name], action)
+
+
 def _after_import(names: Sequence[str], action: Callable[[ModuleType], None]) -> None:
-    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(names, action))
+    finder = next((f for f in sys.meta_path if isinstance(f, _AfterImport)), None)
+    if finder is None:
+        finder = _AfterImport()
+        sys.meta_path.insert(0, finder)
+    for name in names:
+        if action not in finder.actions.setdefault(name, []):
+            finder.actions[name].append(action)

@@ -40,7 +40,7 @@ def measure_step(recipe, batch: int) -> tuple[int, int, dict]:
     from torch.profiler import ProfilerActivity, profile
     from transformers import set_seed
 
-    from lora_llava.data.encode import Collator
+    from lora_llava.data.batching import Collator
     from lora_llava.model.loading import load_base
     from lora_llava.model.trainability import attach_adapters
     from lora_llava.training.optim import GuardedAdamW, optimizer_groups

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_llava.data.check import enforce_policy
     from lora_llava.training.prepare import describe_format, prepare_run
 
-    prepared = prepare_run(recipe, run_dir=None, enforce=False)
+    prepared = prepare_run(recipe, run_dir=None, enforce=False, pixels=False)
     spec, report = prepared.spec, prepared.report
     print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")
     print(report.summary())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from lora_llava.config import Recipe, load_recipe
@@ -71,13 +72,17 @@ def stopped_message(e: TrainingStopped) -> str:
 def cpu_threads_for(backbone: str | None) -> None:
     """One torch thread on a CPU for the built-in tiny backbones: their 64-wide matmuls gain nothing from
     threads, and spinning OpenMP threads slow them down many times over when the CPUs are shared.
-    A process-wide setting, so it is made here, by the command, never by the library."""
-    import torch
-
+    A process-wide setting, so it is made here, by the command, never by the library; made once torch is
+    imported, so a command that never needs torch (``check``) does not import it for this."""
     from lora_llava.backbones.registry import registered_backbones
+    from lora_llava.thirdparty import when_imported
 
-    builtin = {s.name for s in registered_backbones() if s.builtin}
-    if backbone in builtin and not torch.cuda.is_available():
+    if backbone in {s.name for s in registered_backbones() if s.builtin}:
+        when_imported("torch", _one_thread_on_cpu)
+
+
+def _one_thread_on_cpu(torch: ModuleType) -> None:
+    if not torch.cuda.is_available():
         torch.set_num_threads(1)
 
 

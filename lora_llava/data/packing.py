@@ -103,6 +103,6 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    from lora_llava.data.encode import cat_pixels
+    from lora_llava.data.batching import cat_pixels
 
     return cat_pixels(parts) if parts[0].dim() == 5 else torch.cat(parts)

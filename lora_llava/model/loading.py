@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lora_llava.annotations import Model, Processor
 from lora_llava.backbones.registry import BackboneSpec
@@ -26,9 +24,14 @@ from lora_llava.errors import UserError
 from lora_llava.layout import META_FILE
 from lora_llava.model.anyres import apply_max_tiles
 
+if TYPE_CHECKING:
+    import torch
+
 
 def torch_dtype(name: str) -> torch.dtype:
     """``torch.bfloat16`` for ``"bfloat16"``: the recipe's dtype names (config.schema.DTYPE_NAMES) as torch dtypes."""
+    import torch  # here, not at the top: check and plan read this module's processors without torch
+
     return getattr(torch, name)
 
 
@@ -141,6 +144,8 @@ def load_base(
     kwargs: dict = {"dtype": dtype or torch_dtype(q.compute_dtype), "use_kernels": False}
     if quantized:
         kwargs["quantization_config"] = bnb_config(spec, q)
+    import torch
+
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     ours = (Path(path) / META_FILE).is_file()  # a model lora_llava wrote (merged, aligned, assembled)

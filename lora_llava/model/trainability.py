@@ -13,6 +13,7 @@ LoRA targets are one regex anchored under the language model's path (and the vis
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -93,77 +94,22 @@ def lora_targets(spec: BackboneSpec, recipe: Recipe) -> str | None:
     return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
 
 
-def linear_names(model: Model, part: str) -> set[str]:
-    """The names (last path component) of the linear layers under ``part``."""
-    return {
-        n.rsplit(".", 1)[-1] for n, m in model.get_submodule(part).named_modules() if isinstance(m, torch.nn.Linear)
-    }
+def attach_adapters(
+    model: Model, spec: BackboneSpec, recipe: Recipe, lora: Callable[[Model, str, Recipe], Model] | None = None
+) -> Model:
+    """Apply the recipe's part policies: freeze everything, then LoRA where asked, full training where asked.
 
-
-def check_lora_targets(spec: BackboneSpec, recipe: Recipe) -> None:
-    """Before any weights load: every LoRA target name matches a linear layer of its part.
-
-    The model is built on the meta device from its config (no weights, no memory), so a misspelt
-    name (``v_prj``) is reported by ``check`` instead of being silently ignored beside one that matches.
+    ``lora(model, targets, recipe)`` attaches the LoRA layers (``targets``: one regex of module paths); PEFT's
+    by default. The planner passes its meta-device stand-ins (``lora_llava.plan.meta``), so both follow this
+    one policy.
     """
-    wanted = []
-    if lm_policy(recipe) == "lora":
-        wanted.append(("lora.target_modules", spec.language_model, recipe.lora.target_modules, "language model"))
-    if recipe.vision_tower.policy == "lora":
-        wanted.append(
-            ("vision_tower.target_modules", spec.vision_tower, recipe.vision_tower.target_modules, "vision tower")
-        )
-    if not wanted:
-        return
-    from transformers import AutoConfig
-
-    from lora_llava.model.loading import hub_kwargs
-
-    path = spec.local_path()
-    config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
-    with torch.device("meta"):
-        model = spec.model_class()(config)
-    problems = []
-    for key, part, names, what in wanted:
-        have = linear_names(model, part)
-        missing = [n for n in names if n not in have]
-        if missing:
-            problems.append(
-                f"{key}: {', '.join(repr(n) for n in missing)} match(es) no linear layer of the {what} "
-                f"(its linear layers: {', '.join(sorted(have))})"
-            )
-    if problems:
-        raise UserError("\n".join(problems), hint="use the layer names listed")
-
-
-def attach_adapters(model: Model, spec: BackboneSpec, recipe: Recipe) -> Model:
-    """Apply the recipe's part policies: freeze everything, then LoRA where asked, full training where asked."""
-    from peft import LoraConfig, get_peft_model
-
     for p in model.parameters():
         p.requires_grad_(False)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = lora_targets(spec, recipe)
     if targets is not None:
-        cfg = LoraConfig(
-            r=recipe.lora.r,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=targets,
-            bias="none",
-        )
-        try:
-            model = get_peft_model(model, cfg)
-        except ValueError as e:
-            raise UserError(
-                f"LoRA targets (lora.target_modules {recipe.lora.target_modules}, vision_tower.target_modules "
-                f"{recipe.vision_tower.target_modules}) match no linear layer: {e}",
-                hint="use layer names of that part, e.g. q_proj, v_proj",
-            ) from None
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
+        model = (lora or peft_lora)(model, targets, recipe)
     if recipe.vision_tower.policy == "full":
         vt = get_module(model, spec.vision_tower)
         vt.float()
@@ -171,3 +117,32 @@ def attach_adapters(model: Model, spec: BackboneSpec, recipe: Recipe) -> Model:
             p.requires_grad_(True)
     prepare_projector(model, spec, recipe.projector.policy == "full")
     return model
+
+
+def peft_lora(model: Model, targets: str, recipe: Recipe) -> Model:
+    """PEFT LoRA layers on every module whose path matches ``targets``, their weights in float32."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise no_lora_target(recipe, str(e)) from None
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model
+
+
+def no_lora_target(recipe: Recipe, why: str) -> UserError:
+    return UserError(
+        f"LoRA targets (lora.target_modules {recipe.lora.target_modules}, vision_tower.target_modules "
+        f"{recipe.vision_tower.target_modules}) match no linear layer: {why}",
+        hint="use layer names of that part, e.g. q_proj, v_proj",
+    )

@@ -29,7 +29,7 @@ def sequence_plan(recipe: Recipe, source: ConfigSource, log: Log | None = None) 
         from lora_llava.training.prepare import prepare_run
 
         try:
-            prepared = prepare_run(recipe, None, log=log or (lambda *a: None), enforce=False)
+            prepared = prepare_run(recipe, None, log=log or (lambda *a: None), enforce=False, pixels=False)
         except UserError as e:
             why = str(e).splitlines()[0]
         else:

@@ -77,6 +77,51 @@ class _FusedAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class LoraStandIn(torch.nn.Module):
+    """Stands in for PEFT's LoRA ``Linear`` on the meta device, with its tensors in its order: the base layer's
+    output, the input cast to the adapter's float32, dropout (when ``lora.dropout`` > 0), A, B, the scaling,
+    the sum, the sum cast back to the base layer's dtype. Its parameters are named as PEFT's (``lora_A``,
+    ``lora_B``), so ``categorize`` counts them as LoRA."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_dropout: torch.nn.Module = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, device="meta", dtype=torch.float32)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, device="meta", dtype=torch.float32)
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return result.to(dtype)
+
+
+def stand_in_lora(model: Any, targets: str, recipe: Recipe) -> Any:
+    """``attach_adapters``' LoRA step on the meta model without PEFT: a ``LoraStandIn`` on every linear layer
+    whose path matches ``targets`` (PEFT matches the whole path), and, as PEFT does for a model that is not
+    quantized and checkpoints gradients, the input embeddings' output made to require a gradient."""
+    import re
+
+    from lora_llava.model.trainability import no_lora_target
+
+    pattern = re.compile(targets)
+    matched = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name)]
+    if not matched:
+        raise no_lora_target(recipe, f"no module path matches {targets!r}")
+    for name in matched:
+        owner, _, attr = name.rpartition(".")
+        parent = model.get_submodule(owner) if owner else model
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoraStandIn(base, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout))
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return model
+
+
 def _attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, None]:
@@ -113,7 +158,7 @@ def meta_model(config: Any, spec: Any, recipe: Recipe, layers: int | None) -> An
                 stand_in.to(mod.weight.dtype)
                 setattr(lm.get_submodule(owner) if owner else lm, attr, stand_in)
     model.config.use_cache = False
-    model = attach_adapters(model, spec, recipe)
+    model = attach_adapters(model, spec, recipe, lora=stand_in_lora)
     from lora_llava.model.trainability import get_module
 
     text_model: Any = get_module(model, spec.language_model)

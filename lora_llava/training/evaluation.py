@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 from lora_llava.annotations import Log, Model, Processor
 from lora_llava.compat import no_cpu_weight_repacking
 from lora_llava.config.schema import Recipe
-from lora_llava.data.encode import Collator, Encoder
+from lora_llava.data.batching import Collator
+from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.infer import Loaded, evaluate
 from lora_llava.layout import RunDir
@@ -56,7 +57,7 @@ def untouched_training_state(model: Model) -> Iterator[None]:
 
 def eval_loss(model: Model, samples: list[Sample], encoder: Encoder, pad_id: int, batch_size: int) -> float:
     """Mean loss per supervised token over ``samples`` (the training loss, on the eval data)."""
-    from lora_llava.data.encode import EncodedDataset
+    from lora_llava.data.batching import EncodedDataset
 
     data = EncodedDataset(samples, encoder)
     collate = Collator(pad_id)

@@ -25,8 +25,9 @@ from lora_llava.data.check import DataReport, prepare_data
 from lora_llava.data.encode import Encoder
 from lora_llava.errors import UserError
 from lora_llava.model.anyres import apply_max_tiles
+from lora_llava.model.counting import counting_processor
 from lora_llava.model.loading import load_processor, torch_dtype
-from lora_llava.model.trainability import check_lora_targets
+from lora_llava.model.targets import check_lora_targets
 
 
 @dataclass
@@ -60,10 +61,14 @@ def backbone_for(recipe: Recipe, log: Log = print) -> BackboneSpec:
     return spec
 
 
-def prepare_run(recipe: Recipe, run_dir: Path | None = None, log: Log = print, enforce: bool = True) -> PreparedRun:
+def prepare_run(
+    recipe: Recipe, run_dir: Path | None = None, log: Log = print, enforce: bool = True, pixels: bool = True
+) -> PreparedRun:
     """Everything ``check`` does: backbone, processor, encoder and the data report (no model weights).
 
     ``enforce=False`` returns the report without applying data.on_bad_sample (see ``enforce_policy``).
+    ``pixels=False`` (``check``, ``plan``): lengths only, from a counting processor where the backbone's
+    processor is one it reads (``model.counting``), which skips transformers' image-processing imports.
     """
     spec = backbone_for(recipe, log)
     if recipe.images.pad_to_square and spec.family != "llava":
@@ -72,7 +77,8 @@ def prepare_run(recipe: Recipe, run_dir: Path | None = None, log: Log = print, e
             "(AnyRes tiles keep the aspect ratio), and stock transformers would not pad it at serving time",
             hint="remove images.pad_to_square (images.max_tiles bounds the image tokens instead)",
         )
-    processor = load_processor(spec.local_path())
+    path = spec.local_path()
+    processor = (None if pixels else counting_processor(path)) or load_processor(path)
     check_lora_targets(spec, recipe)
     grids = list(getattr(processor.image_processor, "image_grid_pinpoints", None) or [])
     apply_max_tiles(None, processor, recipe.images.max_tiles)

@@ -23,7 +23,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from lora_llava.annotations import Log, Model
 from lora_llava.config.schema import Recipe
-from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.data.packing import PackedDataset, pack_indices
 from lora_llava.errors import TrainingStopped, UserError
 from lora_llava.layout import RunDir

@@ -12,8 +12,9 @@ from PIL import Image
 
 from lora_llava.artifacts import resolve_backbone
 from lora_llava.config.schema import DataSource
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.data.chat import VICUNA_SYSTEM, chat_format, format_for, tokenize_with_labels
-from lora_llava.data.encode import Collator, EncodedDataset, Encoder
+from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import read_source
 from lora_llava.model.loading import load_processor
 

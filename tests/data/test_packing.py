@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import adapted_model
 
-from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.data.packing import PackedDataset, pack_indices
 from lora_llava.training.prepare import prepare_run
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.data.sampler import ModalityLengthGroupedSampler, grouped_batches
 
 

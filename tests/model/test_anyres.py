@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lora_llava.artifacts import resolve_backbone
+from lora_llava.data.batching import Collator
 from lora_llava.data.chat import format_for
-from lora_llava.data.encode import Collator, Encoder
+from lora_llava.data.encode import Encoder
 from lora_llava.errors import UserError
 from lora_llava.model.loading import load_processor
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import adapted_model
 
-from lora_llava.data.encode import Collator, EncodedDataset
+from lora_llava.data.batching import Collator, EncodedDataset
 from lora_llava.training import loss as loss_mod
 from lora_llava.training.loss import supervised_loss
 from lora_llava.training.prepare import prepare_run

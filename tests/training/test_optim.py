@@ -11,7 +11,7 @@ from lora_llava.model.trainability import attach_adapters
 
 
 def test_one_optimizer_step_moves_only_projector_and_lora(spec, recipe):
-    from lora_llava.data.encode import Collator, EncodedDataset
+    from lora_llava.data.batching import Collator, EncodedDataset
     from lora_llava.training.optim import optimizer_groups
     from lora_llava.training.prepare import prepare_run
 
