@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_llava.backbones.registry import BackboneSpec
+from lora_llava.backbones.registry import BackboneSpec, looks_like_hub_id
 from lora_llava.errors import UserError
 from lora_llava.layout import (
     MERGE_REPORT_FILE,
@@ -125,11 +124,6 @@ def open_artifact(ref: str | Path) -> Artifact:
     )
 
 
-def looks_like_hub_id(ref: str) -> bool:
-    """``owner/name`` that is not a relative path a user meant as a directory (``./x``, ``runs/x``)."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
-
-
 _WARNED: set[str] = set()
 
 
@@ -194,31 +188,13 @@ def backbone_dir(art: Artifact) -> Path:
 def resolve_backbone(name: str) -> BackboneSpec:
     """The backbone ``name`` names: a registered name or Hub id, a local directory (a LLaVA checkpoint, a
     merged or assembled model, a finished stage-1 run), or an unregistered Hub id of a LLaVA checkpoint.
-    A directory that exists is always a directory (``open_artifact``)."""
-    from lora_llava.backbones.registry import hub_spec, registered, spec_from_files, unknown_backbone
+    A directory that exists is always a directory (``open_artifact``), read by the registry as a model
+    directory (``backbone_dir``: a stage-1 run offers its aligned model)."""
+    from lora_llava.backbones.registry import backbone_spec
 
-    if not Path(name).exists():
-        spec = registered(name)
-        if spec is not None:
-            return spec
-        if "/" in name or os.sep in name:
-            if looks_like_hub_id(name):
-                return hub_spec(name)
-            raise UserError(
-                f"backbone directory {name!r} does not exist",
-                hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
-            )
-        raise unknown_backbone(name)
-    art = open_artifact(name)
-    if art.path is None:
-        return hub_spec(name)
-    path = backbone_dir(art)
-
-    def read(filename: str) -> str | None:
-        f = path / filename
-        return f.read_text() if f.is_file() else None
-
-    return spec_from_files(str(path), read, "local")
+    art = open_artifact(name) if Path(name).exists() else None
+    folder = backbone_dir(art) if art is not None and art.path is not None else None
+    return backbone_spec(name, folder, exists=art is not None)
 
 
 def adapter_meta_of(art: Artifact) -> AdapterMeta:

@@ -20,6 +20,7 @@ or inferred from its chat template (``spec.inferred`` says which).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -243,6 +244,33 @@ def registered(name: str) -> BackboneSpec | None:
     if name in _REGISTRY:
         return _REGISTRY[name]
     return next((spec for spec in _REGISTRY.values() if spec.source == name), None)
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """``owner/name`` that is not a relative path a user meant as a directory (``./x``, ``runs/x``)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith(("runs/", "./", "../", "."))
+
+
+def backbone_spec(name: str, folder: Path | None = None, exists: bool = False) -> BackboneSpec:
+    """The spec of backbone ``name``: from ``folder`` (the model directory ``name`` opened to), else, for a
+    name that is no existing path, the registered backbone or the Hub id it names."""
+    if folder is not None:
+        return spec_from_files(
+            str(folder), lambda f: (folder / f).read_text() if (folder / f).is_file() else None, "local"
+        )
+    if exists:
+        return hub_spec(name)
+    spec = registered(name)
+    if spec is not None:
+        return spec
+    if "/" in name or os.sep in name:
+        if looks_like_hub_id(name):
+            return hub_spec(name)
+        raise UserError(
+            f"backbone directory {name!r} does not exist",
+            hint="if it is a stage-1 run directory, train its align recipe first (lora-llava train .../align)",
+        )
+    raise unknown_backbone(name)
 
 
 def unknown_backbone(name: str) -> UserError:

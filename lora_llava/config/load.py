@@ -92,7 +92,7 @@ def cross_check(recipe: Recipe) -> list[str]:
             out.append("vision_tower.policy: stage align keeps the vision tower frozen")
     if recipe.train.max_steps is None and recipe.train.epochs <= 0:
         out.append("train.epochs: 0 would train nothing (and write an untrained adapter); give epochs > 0 or max_steps")
-    if recipe.projector.policy == "frozen" and recipe.vision_tower.policy == "frozen" and lm_policy(recipe) == "frozen":
+    if recipe.projector.policy == "frozen" and recipe.vision_tower.policy == "frozen" and recipe.lm_policy == "frozen":
         out.append(
             "projector.policy, vision_tower.policy, language_model.policy: every part is frozen; nothing would train"
         )
@@ -108,13 +108,6 @@ def cross_check(recipe: Recipe) -> list[str]:
     return out + _data_problems(recipe)
 
 
-def chat_format_name(recipe: Recipe, backbone_format: str) -> str:
-    """The chat format a run trains in: chat.format, else plain for stage align, else the backbone's."""
-    if recipe.chat.format:
-        return recipe.chat.format
-    return "plain" if recipe.stage == "align" else backbone_format
-
-
 def _data_problems(recipe: Recipe) -> list[str]:
     """Data keys whose valid range one type and bound cannot say."""
     out = []
@@ -128,13 +121,6 @@ def _data_problems(recipe: Recipe) -> list[str]:
             if src.fraction == 0.0:
                 out.append(f"data.{name}.{i}.fraction: 0 would use no sample; remove the source or raise it")
     return out
-
-
-def lm_policy(recipe: Recipe) -> str:
-    """The language model's policy, resolving the stage default."""
-    if recipe.language_model.policy is not None:
-        return recipe.language_model.policy
-    return "frozen" if recipe.stage == "align" else "lora"
 
 
 def _read_yaml(path: Path) -> dict:

@@ -335,3 +335,16 @@ class Recipe:
     train: TrainConfig = option(TrainConfig, "Optimization.")
     eval: EvalConfig = option(EvalConfig, "Generation-based evaluation.")
     merge: MergeConfig = option(MergeConfig, "Folding the adapter into deployable weights.")
+
+    @property
+    def lm_policy(self) -> str:
+        """The language model's policy: language_model.policy, else frozen for stage align, lora for instruct."""
+        if self.language_model.policy is not None:
+            return self.language_model.policy
+        return "frozen" if self.stage == "align" else "lora"
+
+    def chat_format_for(self, backbone_format: str) -> str:
+        """The chat format a run trains in: chat.format, else plain for stage align, else the backbone's."""
+        if self.chat.format:
+            return self.chat.format
+        return "plain" if self.stage == "align" else backbone_format

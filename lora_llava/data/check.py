@@ -27,14 +27,7 @@ from lora_llava.config.schema import DataConfig, DataSource, Recipe
 from lora_llava.data.budget import fit_sample, histogram
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample, open_source
-from lora_llava.data.mixture import (
-    MixtureRow,
-    carve_eval_split,
-    eval_split_size,
-    finish_rows,
-    format_mixture,
-    select_indices,
-)
+from lora_llava.data.mixture import MixtureRow, Part, format_mixture, mix, select_indices
 from lora_llava.data.prompts import add_brief_instruction
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
@@ -196,31 +189,12 @@ def prepare_data(
     report = DataReport(max_length=d.max_length, overlength=d.overlength, seed=seed)
     train_parts = _read("train", d.train, encoder, recipe, report)
     eval_parts = _read("eval", d.eval, encoder, recipe, report)
-    pools = [good for _, _, good in train_parts]
-    k = eval_split_size(d.eval_split, sum(len(p) for p in pools))
-    if k and k >= sum(len(p) for p in pools):
-        raise UserError(
-            f"data.eval_split={d.eval_split} would take all {sum(len(p) for p in pools)} usable training samples",
-            hint="lower data.eval_split",
-        )
     report.warnings.extend(leakage_warnings(d, train_parts, eval_parts))
-    pools, carved = carve_eval_split(pools, k, seed)
-    report.eval_split = len(carved)
-    report.eval = [s for _, _, good in eval_parts for s in good] + carved
-    for (src, st, _), pool in zip(train_parts, pools):
-        report.train.extend(pool * src.repeats)
-        report.mixture.append(
-            MixtureRow(
-                src.path,
-                st.format,
-                st.records,
-                st.used,
-                src.repeats,
-                len(pool) * src.repeats,
-                sum(report.supervised[id(s)] for s in pool) * src.repeats,
-            )
-        )
-    finish_rows(report.mixture)
+    parts = [Part(src, st.format, st.records, st.used, good) for src, st, good in train_parts]
+    mixed = mix(parts, d.eval_split, seed, supervised=lambda s: report.supervised[id(s)])
+    report.eval_split = len(mixed.carved)
+    report.eval = [s for _, _, good in eval_parts for s in good] + mixed.carved
+    report.train, report.mixture = mixed.train, mixed.rows
     if enforce:
         enforce_policy(report, d, run_dir)
     return report

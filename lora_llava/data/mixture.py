@@ -3,9 +3,9 @@
 Usage::
 
     indices = select_indices(len(reader), src, seed=42)    # all, or a seeded draw (fraction / max_samples)
-    k = eval_split_size(0.05, sum(len(p) for p in pools))                # pools: per source, good samples
-    train, carved = carve_eval_split(pools, k, seed=42)
-    print(format_mixture(finish_rows(rows), seed=42))                   # the table ``check`` prints
+    mixed = mix(parts, eval_split=0.05, seed=42, supervised=answer_tokens)   # parts: per source, good samples
+    mixed.train, mixed.carved                                  # repeats applied; the eval split carved out
+    print(format_mixture(mixed.rows, seed=42))                 # the table ``check`` prints
 
 Every draw is seeded: the same recipe (and data) gives the same samples on every machine. A
 source's draw depends on the seed and its path only, so adding a source leaves the others' draws
@@ -16,10 +16,12 @@ training sample (or repeat of one) is in the split.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from lora_llava.config.schema import DataSource
 from lora_llava.data.formats import Sample
+from lora_llava.errors import UserError
 
 
 def select_indices(n: int, src: DataSource, seed: int) -> list[int]:
@@ -65,6 +67,48 @@ class MixtureRow:
     supervised: int  # answer tokens of those samples, repeats included
     sample_share: float = 0.0
     token_share: float = 0.0
+
+
+@dataclass
+class Part:
+    """One training source as read: its good unique samples, and how many records it has and were drawn."""
+
+    source: DataSource
+    format: str
+    records: int
+    used: int
+    samples: list[Sample]
+
+
+@dataclass
+class Mix:
+    train: list[Sample] = field(default_factory=list)  # repeats applied, the eval split taken out
+    carved: list[Sample] = field(default_factory=list)  # the eval split (data.eval_split)
+    rows: list[MixtureRow] = field(default_factory=list)  # the mixture table, shares filled in
+
+
+def mix(parts: list[Part], eval_split: int | float | None, seed: int, supervised: Callable[[Sample], int]) -> Mix:
+    """The training mixture of ``parts``: the eval split carved from their unique samples, then each source's
+    rest repeated ``repeats`` times; ``supervised(sample)``: its answer tokens, for the token shares."""
+    pools = [p.samples for p in parts]
+    total = sum(len(p) for p in pools)
+    k = eval_split_size(eval_split, total)
+    if k and k >= total:
+        raise UserError(
+            f"data.eval_split={eval_split} would take all {total} usable training samples",
+            hint="lower data.eval_split",
+        )
+    pools, carved = carve_eval_split(pools, k, seed)
+    out = Mix(carved=carved)
+    for part, pool in zip(parts, pools):
+        src = part.source
+        out.train.extend(pool * src.repeats)
+        tokens = sum(supervised(s) for s in pool) * src.repeats
+        out.rows.append(
+            MixtureRow(src.path, part.format, part.records, part.used, src.repeats, len(pool) * src.repeats, tokens)
+        )
+    finish_rows(out.rows)
+    return out
 
 
 def finish_rows(rows: list[MixtureRow]) -> list[MixtureRow]:

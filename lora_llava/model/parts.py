@@ -105,8 +105,6 @@ def format_part_table(rows: list[PartRow]) -> str:
 
 def check_policy(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[PartRow]:
     """Raise UserError listing every way the loaded model breaks the recipe's part policies."""
-    from lora_llava.config.load import lm_policy
-
     rows = {r.role: r for r in part_table(model, spec)}
     vt, proj, lm, head = rows["vision_tower"], rows["projector"], rows["language_model"], rows["lm_head"]
     problems = []
@@ -131,7 +129,7 @@ def check_policy(model: Model, spec: BackboneSpec, recipe: Recipe) -> list[PartR
         problems.append("lm_head has trainable parameters; it stays frozen")
     if recipe.quantization.load_in_4bit and not lm.linear_4bit:
         problems.append("quantization.load_in_4bit is true but the language model has no 4-bit layer")
-    lpol = lm_policy(recipe)
+    lpol = recipe.lm_policy
     if lpol == "lora" and not lm.lora_layers:
         problems.append("the language model has no LoRA layer (language_model.policy lora)")
     if lpol == "frozen" and (lm.trainable or lm.lora_layers):

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 from lora_llava.backbones.registry import BackboneSpec
-from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 from lora_llava.fsutil import cache_root
@@ -32,7 +31,7 @@ from lora_llava.versions import package_versions
 def check_lora_targets(spec: BackboneSpec, recipe: Recipe) -> None:
     """A UserError naming each LoRA target that matches no linear layer of its part, with the names there are."""
     wanted = []
-    if lm_policy(recipe) == "lora":
+    if recipe.lm_policy == "lora":
         wanted.append(("lora.target_modules", spec.language_model, recipe.lora.target_modules, "language model"))
     if recipe.vision_tower.policy == "lora":
         wanted.append(

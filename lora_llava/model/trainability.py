@@ -19,7 +19,6 @@ import torch
 
 from lora_llava.annotations import Model
 from lora_llava.backbones.registry import BackboneSpec
-from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 
@@ -85,7 +84,7 @@ def prepare_projector(model: Model, spec: BackboneSpec, trainable: bool) -> None
 def lora_targets(spec: BackboneSpec, recipe: Recipe) -> str | None:
     """One regex for every LoRA target: the LM's layers (policy lora) and the vision tower's (policy lora)."""
     parts = []
-    if lm_policy(recipe) == "lora":
+    if recipe.lm_policy == "lora":
         parts.append(spec.lora_target_regex(recipe.lora.target_modules))
     if recipe.vision_tower.policy == "lora":
         parts.append(spec.vision_lora_regex(recipe.vision_tower.target_modules))

@@ -27,7 +27,6 @@ import torch
 from lora_llava.annotations import Model, Processor
 from lora_llava.artifacts import resolve_backbone
 from lora_llava.backbones.registry import BackboneSpec
-from lora_llava.config.load import lm_policy
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 from lora_llava.layout import (
@@ -219,7 +218,7 @@ def require_trained_files(folder: Path, recipe: Recipe, meta: AdapterMeta | None
     trained = meta.projector_trained if meta is not None else recipe.projector.policy == "full"
     needed = [PROJECTOR_FILE] if trained else []
     needed += [VISION_FILE] if recipe.vision_tower.policy == "full" else []
-    if "lora" in (lm_policy(recipe), recipe.vision_tower.policy):
+    if "lora" in (recipe.lm_policy, recipe.vision_tower.policy):
         needed += [LORA_CONFIG_FILE, LORA_WEIGHTS_FILE]
     absent = [name for name in needed if not (folder / name).is_file()]
     if absent:

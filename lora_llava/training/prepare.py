@@ -18,7 +18,6 @@ from typing import Any
 from lora_llava.annotations import Log
 from lora_llava.artifacts import resolve_backbone
 from lora_llava.backbones.registry import BackboneSpec
-from lora_llava.config.load import chat_format_name
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import ChatFormat, format_for
 from lora_llava.data.check import DataReport, prepare_data
@@ -82,7 +81,7 @@ def prepare_run(
     check_lora_targets(spec, recipe)
     grids = list(getattr(processor.image_processor, "image_grid_pinpoints", None) or [])
     apply_max_tiles(None, processor, recipe.images.max_tiles)
-    fmt = format_for(chat_format_name(recipe, spec.chat_format), processor.tokenizer, recipe.chat.system_prompt)
+    fmt = format_for(recipe.chat_format_for(spec.chat_format), processor.tokenizer, recipe.chat.system_prompt)
     encoder = Encoder(processor, fmt, recipe.data.max_length, pad_to_square=recipe.images.pad_to_square)
     report = prepare_data(recipe, encoder, run_dir, enforce=enforce)
     if recipe.images.max_tiles and grids and len(processor.image_processor.image_grid_pinpoints) == len(grids):
