@@ -27,7 +27,7 @@ from lora_llava.config.schema import DataConfig, DataSource, Recipe
 from lora_llava.data.budget import fit_sample, histogram
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample, open_source
-from lora_llava.data.mixture import MixtureRow, Part, format_mixture, mix, select_indices
+from lora_llava.data.mixture import MixtureRow, Part, content_key, format_mixture, mix, select_indices
 from lora_llava.data.prompts import add_brief_instruction
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
@@ -195,6 +195,11 @@ def prepare_data(
     report.eval_split = len(mixed.carved)
     report.eval = [s for _, _, good in eval_parts for s in good] + mixed.carved
     report.train, report.mixture = mixed.train, mixed.rows
+    if mixed.twins:
+        report.warnings.append(
+            f"data.eval_split: {mixed.twins} training sample(s) are copies (same conversation and images, another "
+            "id or source) of carved eval samples; they left training with them"
+        )
     if enforce:
         enforce_policy(report, d, run_dir)
     return report
@@ -221,11 +226,8 @@ def leakage_warnings(d: DataConfig, train_parts: list, eval_parts: list) -> list
             out.append(f"data.eval.{j} is the same file as {seen[key(src)]} ({src.path}): evaluation would score "
                        "training samples (data.eval_split carves a held-out share instead)")  # fmt: skip
 
-    def content(s: Sample) -> tuple:
-        return (tuple(s.messages), tuple(str(getattr(i, "name", i)) for i in s.images))
-
-    trained = {content(s) for _, _, good in train_parts for s in good}
-    overlap = [s for _, _, good in eval_parts for s in good if content(s) in trained]
+    trained = {content_key(s) for _, _, good in train_parts for s in good}
+    overlap = [s for _, _, good in eval_parts for s in good if content_key(s) in trained]
     if overlap and not any("is the same file as" in w for w in out):
         out.append(f"{len(overlap)} eval sample(s) also appear in the training data (same conversation and images), "
                    f"e.g. {overlap[0].where()}")  # fmt: skip

@@ -9,8 +9,8 @@ Usage::
 
 Every draw is seeded: the same recipe (and data) gives the same samples on every machine. A
 source's draw depends on the seed and its path only, so adding a source leaves the others' draws
-unchanged. The eval split is drawn from the unique training samples before ``repeats``, so no
-training sample (or repeat of one) is in the split.
+unchanged. The eval split is drawn from the unique training samples before ``repeats``: a carved sample
+leaves training with its repeats and with every copy of it under another id or in another source.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lora_llava.config.schema import DataSource
 from lora_llava.data.formats import Sample
@@ -43,17 +44,6 @@ def eval_split_size(eval_split: int | float | None, pool: int) -> int:
     if isinstance(eval_split, float):
         return max(1, round(eval_split * pool))
     return eval_split
-
-
-def carve_eval_split(pools: list[list[Sample]], k: int, seed: int) -> tuple[list[list[Sample]], list[Sample]]:
-    """Take ``k`` samples (seeded) out of the pooled sources; return (remaining per source, carved)."""
-    flat = [(i, j) for i, pool in enumerate(pools) for j in range(len(pool))]
-    chosen = set(random.Random(f"{seed}:eval_split").sample(range(len(flat)), k)) if k else set()
-    keep: list[list[Sample]] = [[] for _ in pools]
-    carved: list[Sample] = []
-    for n, (i, j) in enumerate(flat):
-        (carved if n in chosen else keep[i]).append(pools[i][j])
-    return keep, carved
 
 
 @dataclass
@@ -85,27 +75,48 @@ class Mix:
     train: list[Sample] = field(default_factory=list)  # repeats applied, the eval split taken out
     carved: list[Sample] = field(default_factory=list)  # the eval split (data.eval_split)
     rows: list[MixtureRow] = field(default_factory=list)  # the mixture table, shares filled in
+    twins: int = 0  # training copies of carved samples, left out of training with them
+
+
+def content_key(sample: Sample) -> tuple:
+    """What makes two samples the same training example, whatever their ids: the same conversation and the same
+    images (a file by its resolved path, an image embedded in a dataset by its name)."""
+    images = tuple(str(i.resolve()) if isinstance(i, Path) else f"embedded:{i.name}" for i in sample.images)
+    return (tuple(sample.messages), images)
 
 
 def mix(parts: list[Part], eval_split: int | float | None, seed: int, supervised: Callable[[Sample], int]) -> Mix:
     """The training mixture of ``parts``: the eval split carved from their unique samples, then each source's
-    rest repeated ``repeats`` times; ``supervised(sample)``: its answer tokens, for the token shares."""
+    rest repeated ``repeats`` times; ``supervised(sample)``: its answer tokens, for the token shares.
+
+    Samples with the same content (``content_key``: a record copied under another id, or the same record in
+    two sources) are carved together: one of them is the eval sample, none stays in training, so the split
+    never scores a sample the model trained on. ``Mix.twins`` counts the training copies that left with them.
+    """
     pools = [p.samples for p in parts]
-    total = sum(len(p) for p in pools)
-    k = eval_split_size(eval_split, total)
-    if k and k >= total:
+    groups: dict[tuple, list[tuple[int, int]]] = {}  # content -> (source, position) of each copy, in order
+    for i, pool in enumerate(pools):
+        for j, s in enumerate(pool):
+            groups.setdefault(content_key(s), []).append((i, j))
+    unique = list(groups.values())
+    k = eval_split_size(eval_split, len(unique))
+    if k and k >= len(unique):
         raise UserError(
-            f"data.eval_split={eval_split} would take all {total} usable training samples",
+            f"data.eval_split={eval_split} would take all {len(unique)} usable training samples"
+            + (f" ({sum(map(len, unique))} with copies)" if sum(map(len, unique)) > len(unique) else ""),
             hint="lower data.eval_split",
         )
-    pools, carved = carve_eval_split(pools, k, seed)
-    out = Mix(carved=carved)
-    for part, pool in zip(parts, pools):
+    chosen = sorted(random.Random(f"{seed}:eval_split").sample(range(len(unique)), k)) if k else []
+    leaving = {at for g in chosen for at in unique[g]}
+    out = Mix(carved=[pools[unique[g][0][0]][unique[g][0][1]] for g in chosen])
+    out.twins = len(leaving) - len(chosen)
+    for i, (part, pool) in enumerate(zip(parts, pools)):
         src = part.source
-        out.train.extend(pool * src.repeats)
-        tokens = sum(supervised(s) for s in pool) * src.repeats
+        kept = [s for j, s in enumerate(pool) if (i, j) not in leaving]
+        out.train.extend(kept * src.repeats)
+        tokens = sum(supervised(s) for s in kept) * src.repeats
         out.rows.append(
-            MixtureRow(src.path, part.format, part.records, part.used, src.repeats, len(pool) * src.repeats, tokens)
+            MixtureRow(src.path, part.format, part.records, part.used, src.repeats, len(kept) * src.repeats, tokens)
         )
     finish_rows(out.rows)
     return out

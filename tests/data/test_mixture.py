@@ -343,3 +343,40 @@ def test_train_with_skip_completes_and_rejects_exactly_the_bad(capsys, three_for
         (str(root / "chat.jsonl"), 5, None, 6),
     ]
     assert (root / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_split_carves_every_copy_of_a_sample_out_of_training(root, encoder):
+    from lora_llava.data.mixture import content_key
+
+    # each sample twice under another id, one more copy in a second source, and some unique ones
+    twice = [dict(qa(i), id=f"{tag}{i}") for i in range(20) for tag in ("a", "b")]
+    a = write(root, "a.json", twice)
+    b = write(root, "b.json", [dict(qa(i), id=f"c{i}") for i in range(5)] + [qa(500 + i) for i in range(5)])
+    rep = prepare_data(recipe(root, [{"path": a}, {"path": b}], seed=3, eval_split=8), encoder)
+    carved = {content_key(s) for s in rep.eval}
+    assert rep.eval_split == 8 and len(carved) == 8  # eight different samples, no copy scored twice
+    assert not carved & {content_key(s) for s in rep.train}  # no carved sample left in training, by any id
+    copies = {}
+    for s in [*twice, *(dict(qa(i), id=f"c{i}") for i in range(5))]:
+        copies[s["id"][1:]] = copies.get(s["id"][1:], 0) + 1
+    expected = sum(copies.get(s.messages[0][1].split("sample ")[1].rstrip("?"), 1) - 1 for s in rep.eval)
+    assert len(rep.train) == 50 - 8 - expected
+    assert (
+        f"data.eval_split: {expected} training sample(s) are copies (same conversation and images, another id or "
+        "source) of carved eval samples; they left training with them"
+    ) in rep.warnings
+    assert expected > 0
+
+
+def test_copies_are_the_same_conversation_and_the_same_image_file(root, encoder):
+    (root / "other").mkdir()
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(root / "other" / "red.png")  # same name, another file
+    a = write(root, "a.json", [qa(i) for i in range(6)])
+    b = write(root, "b.json", [dict(qa(0), id="x")])  # the same text, red.png of another folder
+    sources = [{"path": a}, {"path": b, "image_folder": str(root / "other")}]
+    rep = prepare_data(recipe(root, sources, seed=1, eval_split=6), encoder)
+    assert rep.eval_split == 6 and len(rep.train) == 1 and not rep.bad  # the two red.png files: two samples
+    assert not any(w.startswith("data.eval_split:") for w in rep.warnings)
+    b2 = write(root, "b2.json", [dict(qa(0), id="y")])  # the same text and the same file: a copy
+    rep = prepare_data(recipe(root, [{"path": a}, {"path": b2}], seed=1, eval_split=5), encoder)
+    assert len(rep.train) + len(rep.eval) + (1 if any(s.id in ("s0", "y") for s in rep.eval) else 0) == 7
