@@ -232,3 +232,20 @@ def test_train_on_cuda_warns_before_loading_weights_when_the_plan_exceeds_the_ca
     monkeypatch.setattr("lora_llava.training.trainable.load_base", load)
     train(recipe, log=events.append)
     assert events.index("warning: the memory plan (stand-in)") < events.index("load")
+
+
+def test_the_same_plan_every_time(make_recipe):
+    """The tracker keys storages by the address of their StorageImpl, which the allocator reuses: a plan must not
+    depend on which storages happened to reuse an address (run after run, between other allocations)."""
+    from lora_llava.config.load import load_recipe
+    from lora_llava.plan import estimate
+    from lora_llava.recipes import recipe_path
+
+    for recipe, seq in ((load_recipe(recipe_path("llava-1.5-7b/qlora")), 1024), (make_recipe(), 96)):
+        plans = []
+        for churn in range(4):
+            estimate._PASSES.clear()
+            kept = [torch.empty(n, device="meta") for n in range(1, 50 * churn + 2)]  # other storages come and go
+            plans.append(planner.plan_memory(recipe, gpu_memory="24GB", seq_len=seq).categories)
+            del kept
+        assert all(p == plans[0] for p in plans), plans
