@@ -211,8 +211,11 @@ _FORMATS: dict[str, dict] = {
         stop="<|im_end|>",
         markers=("<|im_start|>", "<|im_end|>"),
     ),
-    # ChatML LMs (Qwen2, ...): "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    # ChatML LMs (Qwen2, ...) and LLaVA-NeXT's Qwen template (upstream conv_qwen), with its default system prompt,
+    # the one Qwen2's own chat template adds when a conversation has none:
+    # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     "chatml": dict(
+        system="You are a helpful assistant.",
         system_prefix="<|im_start|>system\n",
         system_suffix="<|im_end|>\n",
         user_prefix="<|im_start|>user\n",
@@ -223,8 +226,14 @@ _FORMATS: dict[str, dict] = {
         assistant_suffix="\n",
         markers=("<|im_start|>", "<|im_end|>"),
     ),
-    # Llama-3: "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant..."
+    # Llama-3, as LLaVA-NeXT's Llama-3 template (upstream conv_llava_llama_3) with its default system prompt:
+    # "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. ...<|eot_id|>
+    #  <|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant..."
     "llama3": dict(
+        system=(
+            "You are a helpful language and vision assistant. You are able to understand the visual content that "
+            "the user provides, and assist the user with a variety of tasks using natural language."
+        ),
         system_prefix="<|start_header_id|>system<|end_header_id|>\n\n",
         system_suffix="<|eot_id|>",
         user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",

@@ -10,6 +10,7 @@ from lora_llava.data.chat import (
     CHAT_FORMATS,
     VICUNA_SYSTEM,
     chat_format,
+    default_system,
     format_for,
     stop_token_id,
     tokenize_with_labels,
@@ -469,3 +470,49 @@ def test_a_token_joining_prompt_and_answer_is_refused():
         ValueError, match="token ': ' at characters 17-19 joins the generation prompt and the answer at character 18"
     ):
         tokenize_with_labels(tok, text, spans, 1)
+
+
+def test_an_image_in_a_later_turn_trains_where_the_saved_template_serves_it(tiny_processor, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from lora_llava.config.schema import DataSource
+    from lora_llava.data.formats import open_source
+
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    turns = [("human", "Hello there."), ("gpt", "Hi."), ("human", "What color is this? <image>"), ("gpt", "Red")]
+    record = {"id": "later", "image": "red.png", "conversations": [{"from": f, "value": v} for f, v in turns]}
+    (tmp_path / "d.json").write_text(json.dumps([record]))
+    (sample,) = open_source(DataSource(path=str(tmp_path / "d.json"), image_folder=str(tmp_path))).read().samples
+    fmt = chat_format("vicuna_v1", stop=tiny_processor.tokenizer.eos_token)
+    served = [  # as a client sends it: the image with the question that asks about it
+        {"role": "user", "content": [{"type": "text", "text": "Hello there."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red"}]},
+    ]
+    trained, _ = fmt.render(sample.messages)
+    assert tiny_processor.apply_chat_template(served, tokenize=False) == trained
+    assert "USER: <image>\nWhat color is this? ASSISTANT: Red" in trained
+
+
+@pytest.mark.parametrize(
+    "name, system",
+    [
+        ("chatml", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),
+        ("llama3", "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. "
+                   "You are able to understand the visual content that the user provides, and assist the user with a "
+                   "variety of tasks using natural language.<|eot_id|>"),
+        ("chatml_direct", "<|im_start|>system\nAnswer the questions.<|im_end|>"),
+    ],
+)  # fmt: skip
+def test_llava_next_formats_render_their_default_system_prompt(name, system):
+    messages = [("user", "<image>\nWhat is it?"), ("assistant", "A cat.")]
+    text, _ = chat_format(name).render(messages)
+    assert text.startswith(system)
+    assert default_system(name) in system
+    bare, _ = chat_format(name, system="").render(messages)  # chat.system_prompt: "" turns it off
+    assert bare == text[len(system) :]
+    own, _ = chat_format(name).render([("system", "Be brief."), *messages])  # a sample's own system turn wins
+    assert "Be brief." in own and default_system(name) not in own

@@ -14,8 +14,9 @@ how the chat template saved with every adapter renders such content.
 
 The ``<image>`` rule: a sample with N images needs N placeholders in its human turns, or none at
 all, in which case they are put at the start of the first human turn. A single image's placeholder
-is moved to the start of the first human turn (LLaVA-1.5's "image first"). A placeholder without
-an image, or in an answer, is an error.
+is moved to the start of the turn that holds it (LLaVA-1.5's "image first", as its own preprocessing
+does; the chat template saved with every adapter renders an image at the start of its turn too, so
+training and serving see the same text). A placeholder without an image, or in an answer, is an error.
 """
 
 from __future__ import annotations
@@ -250,11 +251,10 @@ def parse_record(
             except ImageError as e:
                 raise ValueError(f"image {quoted(v if isinstance(v, str) else v.name)}: {e}") from None
         images.append(ref)
-    if images:
-        if len(images) == 1:  # image first: move the single placeholder to the start
-            messages = [(r, v.replace(IMAGE, "").strip()) if IMAGE in v else (r, v) for r, v in messages]
-        if len(images) == 1 or placeholders == 0:
-            first = next(i for i, (r, _) in enumerate(messages) if r == "user")
-            role, text = messages[first]
-            messages[first] = (role, (IMAGE + "\n") * len(images) + text)
+    if images and placeholders == 0:  # no placeholder: every image opens the first human turn
+        first = next(i for i, (r, _) in enumerate(messages) if r == "user")
+        role, text = messages[first]
+        messages[first] = (role, (IMAGE + "\n") * len(images) + text)
+    elif len(images) == 1:  # image first: the single placeholder opens the turn that holds it
+        messages = [(r, IMAGE + "\n" + v.replace(IMAGE, "").strip()) if IMAGE in v else (r, v) for r, v in messages]
     return sid, messages, images

@@ -154,14 +154,15 @@ def test_single_placeholder_moves_to_the_start(folder, first_turn):
     assert sample.messages == [("user", "<image>\nWhat color?"), ("assistant", "Red")]
 
 
-def test_placeholder_in_a_later_turn_moves_to_the_first(folder):
+@pytest.mark.parametrize("later", ["<image>\nColor?", "Color? <image>", "Color?\n<image>"])
+def test_placeholder_in_a_later_turn_opens_that_turn(folder, later):
     record = {
         "id": "a",
         "image": "ok.png",
-        "conversations": conv("human: Hi", "gpt: Hello", "human: <image>\nColor?", "gpt: Red"),
+        "conversations": conv("human: Hi", "gpt: Hello", f"human: {later}", "gpt: Red"),
     }
     (sample,), _ = read_one(folder, record)
-    assert sample.messages[0] == ("user", "<image>\nHi") and sample.messages[2] == ("user", "Color?")
+    assert sample.messages[0] == ("user", "Hi") and sample.messages[2] == ("user", "<image>\nColor?")
 
 
 def test_text_only_and_system_samples(folder):
