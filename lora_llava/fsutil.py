@@ -12,6 +12,7 @@ complete; otherwise the target must be absent or an empty folder.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -32,10 +33,16 @@ def cache_root() -> Path:
 
 def _remove_abandoned(target: Path) -> None:
     """Delete temporary siblings of ``target`` left by a process that no longer runs (a killed merge)."""
-    for tmp in target.parent.glob(f".{target.name}-*"):
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}-*"):  # a name like '*' matches only itself
         pid = tmp.name[len(target.name) + 2 :].split("-", 1)[0]
         if tmp.is_dir() and (tmp.name.endswith("-old") or (pid.isdigit() and not _alive(int(pid)))):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:
@@ -59,6 +66,7 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename: others could not read a model
     except OSError as e:
         raise UserError(
             f"cannot write {target}: {e.strerror or e}", hint="choose a directory you can write to"

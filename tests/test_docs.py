@@ -1,7 +1,7 @@
 """The documentation's command lines are ones the CLI accepts, and README's contents list matches docs/.
 
 Every ``lora-llava ...`` command line in README.md, docs/*.md and examples/**/README.md is parsed with the
-CLI's own argparse parser (``build_parser`` and ``_flags_first``, as ``lora-llava`` itself does); nothing runs.
+CLI's own argparse parser (``build_parser`` and ``_options_first``, as ``lora-llava`` itself does); nothing runs.
 
 What counts as a command line:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_llava.cli.main import _flags_first, build_parser
+from lora_llava.cli.main import _options_first, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -140,7 +140,8 @@ def parse_error(argv: list[str]) -> str | None:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            args = build_parser().parse_args(_flags_first(argv))
+            parser = build_parser()
+            args = parser.parse_args(_options_first(parser, argv))
     except SystemExit as e:
         return stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else f"exit {e.code}"
     if getattr(args, "verb", None) is None:

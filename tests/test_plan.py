@@ -249,3 +249,17 @@ def test_the_same_plan_every_time(make_recipe):
             plans.append(planner.plan_memory(recipe, gpu_memory="24GB", seq_len=seq).categories)
             del kept
         assert all(p == plans[0] for p in plans), plans
+
+
+def test_next_image_newline_counts_as_projector_and_advice_skips_what_is_on(make_recipe):
+    recipe = make_recipe(backbone="tiny-next")
+    plan = planner.plan_memory(recipe, device="cpu", seq_len=96)
+    assert "vision tower (trained)" not in plan.categories  # the frozen tower trains nothing
+    hidden = 64  # tiny-next's text hidden size: one float32 newline vector beside the projector
+    no_newline = planner.plan_memory(make_recipe(), device="cpu", seq_len=96).categories["projector"]
+    assert plan.categories["projector"] == no_newline + 4 * hidden
+    on = planner.plan_memory(
+        make_recipe(overrides=["train.gradient_checkpointing=true"]), gpu_memory=1024, device="cpu", seq_len=96
+    ).table()
+    off = planner.plan_memory(make_recipe(), gpu_memory=1024, device="cpu", seq_len=96).table()
+    assert "turn on train.gradient_checkpointing" in off and "gradient_checkpointing" not in on.split("needs")[-1]

@@ -10,6 +10,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from importlib import import_module
 from typing import NoReturn
@@ -88,16 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# flags of the recipe verbs that may come anywhere among the key=value overrides
-_RECIPE_FLAGS = {"train": {"--overwrite"}, "quickstart": {"--overwrite"}}
-
-
-def _flags_first(argv: list[str]) -> list[str]:
-    """``train R k=v --overwrite k2=v2`` as ``train --overwrite R k=v k2=v2`` (overrides are positional)."""
-    if not argv or argv[0] not in _RECIPE_FLAGS:
+def _options_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``plan R k=v --gpu-memory 24GB k2=v2`` as ``plan --gpu-memory 24GB R k=v k2=v2``: a verb that takes
+    key=value overrides (a positional list) accepts its options anywhere among them, with their values."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    verb = sub.choices.get(argv[0]) if sub is not None and argv else None
+    if verb is None or not any(a.dest == "overrides" for a in verb._actions):
         return argv
-    flags = [a for a in argv[1:] if a in _RECIPE_FLAGS[argv[0]]]
-    return [argv[0], *flags, *(a for a in argv[1:] if a not in _RECIPE_FLAGS[argv[0]])]
+    takes_value = {o: a.nargs != 0 for a in verb._actions for o in a.option_strings}
+    options, rest, i = [], [], 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        if a.startswith("-") and a.split("=", 1)[0] in takes_value:
+            options.append(a)
+            if takes_value[a.split("=", 1)[0]] and "=" not in a and i + 1 < len(argv):
+                options.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return [argv[0], *options, *rest]
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, as an OSError (ENOSPC) or as a library's error around one (safetensors: "StorageFull")."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "StorageFull" in str(e):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     global _ARGV
     _ARGV = argv
-    args = parser.parse_args(_flags_first(argv))
+    args = parser.parse_args(_options_first(parser, argv))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe is found here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # the reader stopped (lora-llava recipes --keys | head): no traceback, no more output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,12 +153,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(stopped_message(e), file=sys.stderr)
         return e.exit_code
-    except OSError as e:
-        if e.filename is None:  # not a file a user named or can fix: a real failure, shown as one
-            raise
-        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
-        print("hint: check that the path exists and that you may read or write it (and that the disk has room)",
-              file=sys.stderr)  # fmt: skip
+    except Exception as e:
+        if not _disk_full(e):
+            if not isinstance(e, OSError) or e.filename is None:  # not a file a user named or can fix: shown as is
+                raise
+            print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+            print("hint: check that the path exists and that you may read or write it (and that the disk has room)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        print(f"error: no space left on the device{where}", file=sys.stderr)
+        print("hint: free space (or write elsewhere: output_dir=..., another merge target) and run the command "
+              "again; a training run continues from its last whole checkpoint with train.resume=true", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         from lora_llava.cli.common import interrupted_message

@@ -102,10 +102,15 @@ class MemoryPlan:
                 )
             elif s is not None:
                 lines.append(
-                    f"even train.batch_size=1 needs {format_bytes(s.total)}: lower data.max_length, turn on "
-                    "train.gradient_checkpointing, lower lora.r, or use a bigger card"
+                    f"even train.batch_size=1 needs {format_bytes(s.total)}: {_other_levers(self.gradient_checkpointing)}"
                 )
         return "\n".join(lines)
+
+
+def _other_levers(checkpointing: bool) -> str:
+    """What else lowers the peak when no micro-batch fits (gradient checkpointing only when it is off)."""
+    turn_on = "" if checkpointing else "turn on train.gradient_checkpointing, "
+    return f"lower data.max_length, {turn_on}lower lora.r, or use a bigger card"
 
 
 def format_bytes(n: float) -> str:
@@ -275,7 +280,7 @@ def preload_warning(recipe: Recipe, log: Log | None = None) -> str | None:
     fix = (
         f"; try train.batch_size={s.micro_batch} train.grad_accum={s.grad_accum} (same global batch)"
         if s is not None and s.fits
-        else "; lower data.max_length or lora.r, or turn on train.gradient_checkpointing"
+        else "; " + _other_levers(recipe.train.gradient_checkpointing)
     )
     return (
         f"warning: the memory plan of this run ({format_bytes(plan.total)} at batch {plan.micro_batch} x "

@@ -169,9 +169,12 @@ def meta_model(config: Any, spec: Any, recipe: Recipe, layers: int | None) -> An
 
 def categorize(model: torch.nn.Module, spec: Any, recipe: Recipe) -> dict[str, int]:
     """Parameter (and buffer) bytes by category, 4-bit layers counted as NF4 with their absmax constants."""
-    from lora_llava.model.trainability import get_module
+    from lora_llava.model.trainability import get_module, image_newline
 
     proj = {id(p) for p in get_module(model, spec.projector).parameters()}
+    newline = image_newline(model, spec)  # LLaVA-NeXT's row separator: trained and saved with the projector
+    if newline is not None:
+        proj.add(id(newline))
     out = {"4-bit weights": 0, "16-bit weights (frozen)": 0, "LoRA": 0, "projector": 0, "vision tower (trained)": 0}
     four_bit = {id(m.weight) for m in model.modules() if isinstance(m, Quantized4bit)}
     seen: set[int] = set()

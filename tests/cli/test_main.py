@@ -147,14 +147,26 @@ def test_an_interrupt_names_the_checkpoint_and_the_resume_command(capsys, tmp_pa
     )
 
 
-def test_overwrite_may_come_between_overrides():
-    from lora_llava.cli.main import _flags_first, build_parser
+def test_options_may_come_between_overrides():
+    from lora_llava.cli.main import _options_first, build_parser
 
+    parser = build_parser()
     argv = ["train", "r.yaml", "a=1", "--overwrite", "b=2"]
-    assert _flags_first(argv) == ["train", "--overwrite", "r.yaml", "a=1", "b=2"]
-    args = build_parser().parse_args(_flags_first(argv))
+    assert _options_first(parser, argv) == ["train", "--overwrite", "r.yaml", "a=1", "b=2"]
+    args = parser.parse_args(_options_first(parser, argv))
     assert args.overwrite and args.overrides == ["a=1", "b=2"]
-    assert _flags_first(["merge", "run", "--overwrite"]) == ["merge", "run", "--overwrite"]
+    assert _options_first(parser, ["merge", "run", "--overwrite"]) == ["merge", "run", "--overwrite"]
+    # an option with a value, in both spellings, anywhere among the overrides
+    for argv in (
+        ["plan", "r.yaml", "--gpu-memory", "24GB", "a=1", "b=2"],
+        ["plan", "r.yaml", "a=1", "--gpu-memory=24GB", "b=2"],
+    ):
+        args = parser.parse_args(_options_first(parser, argv))
+        assert args.gpu_memory == "24GB" and args.overrides == ["a=1", "b=2"] and args.recipe == "r.yaml"
+    args = parser.parse_args(
+        _options_first(parser, ["plan", "r.yaml", "a=1", "--seq-len", "512", "--gpu-memory", "8GB"])
+    )
+    assert (args.seq_len, args.gpu_memory, args.overrides) == (512, "8GB", ["a=1"])
 
 
 @pytest.mark.parametrize(
@@ -179,3 +191,40 @@ def test_argument_mistakes_are_one_error_line_and_a_hint(capsys, argv, lines):
         main(argv)
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and err.splitlines() == lines
+
+
+def test_a_closed_pipe_ends_the_output_without_a_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_llava.cli.main", "recipes", "--keys"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line (as `| head` after its lines)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # a write() with no file name
+        OSError(28, "No space left on device", "/runs/x/checkpoints/checkpoint-4/optimizer.pt"),
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: ... })"),
+    ],
+)
+def test_a_full_disk_is_one_error_line_with_what_to_do(monkeypatch, capsys, error):
+    import lora_llava.cli.recipes as verb
+    from lora_llava.cli.main import main
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(verb, "run", fail)
+    assert main(["recipes"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device") and "train.resume=true" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
