@@ -7,7 +7,8 @@ Usage::
     result = evaluate(loaded, samples)              # EvalResult(accuracy, n, correct, predictions)
 
 Answers are greedy. Exact match compares answers with case, surrounding whitespace, quotes and
-trailing punctuation normalized.
+trailing punctuation normalized; an answer that is only punctuation (``?``, ``...``) is compared whole, and an
+empty prediction is never correct for a non-empty reference.
 """
 
 from __future__ import annotations
@@ -150,10 +151,25 @@ def generate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, ba
     return out
 
 
+# trailing punctuation and quotes an answer may end with ("Red." is "red"), ASCII and full-width / CJK
+_TRAILING = re.compile(r"[\s.!?,;:\"'`。．！？，、；：…‘’“”「」『』]+$")
+_LEADING = re.compile(r"^[\s\"'`‘’“”「」『』]+")
+
+
 def normalize(answer: str) -> str:
+    """``answer`` as exact match compares it: lower case, without surrounding whitespace, leading quotes and
+    trailing punctuation or quotes. An answer that is only punctuation (``?``, ``...``, ``。``) is kept whole
+    (stripped of whitespace), so it never equals another answer, or an empty one, by losing all its characters.
+    """
     a = answer.strip().lower()
-    a = re.sub(r"[\s\.\!\?\,\;\:\"'`]+$", "", a)
-    return re.sub(r"^[\s\"'`]+", "", a)
+    core = _LEADING.sub("", _TRAILING.sub("", a))
+    return core or a
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` answers ``reference`` exactly, up to case, surrounding whitespace, quotes and
+    trailing punctuation; an empty prediction matches only an empty reference."""
+    return normalize(prediction) == normalize(reference)
 
 
 @dataclass
@@ -174,7 +190,7 @@ def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, ba
     rows: list[dict[str, Any]] = []
     for s, p in zip(samples, preds):
         ref = s.messages[-1][1]
-        rows.append({"id": s.id, "prediction": p, "reference": ref, "correct": normalize(p) == normalize(ref)})
+        rows.append({"id": s.id, "prediction": p, "reference": ref, "correct": exact_match(p, ref)})
     correct = sum(bool(r["correct"]) for r in rows)
     return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows)
 

@@ -17,7 +17,8 @@ EPILOG = """examples:
       --roles '{user: [customer], assistant: [agent]}' --prompt-style short_answer
   lora-llava eval runs/x --data vqa_folder --split test                 (a DatasetDict folder's test split)
 
-each sample's last answer is the reference; case, quotes and trailing punctuation are ignored.
+each sample's last answer is the reference; case, quotes and trailing punctuation are ignored, but an
+answer that is only punctuation (?, ...) must match as written and an empty answer never scores.
 --max-new-tokens and --batch-size default to the run's recipe (eval section), else 16 and 8"""
 
 
