@@ -19,6 +19,7 @@ import yaml
 from lora_llava.annotations import Log
 from lora_llava.artifacts import Lineage, MergeCheck
 from lora_llava.card import CardFacts, render_card, scrub
+from lora_llava.config.yamlsafe import load_yaml
 from lora_llava.layout import (
     LORA_CONFIG_FILE,
     LORA_WEIGHTS_FILE,
@@ -128,7 +129,8 @@ def plan_push(
         generated[META_FILE] = json.dumps(scrub(meta.to_json()), indent=2).encode()
     recipe_text = ""
     if lineage.recipe is not None:
-        recipe_text = yaml.safe_dump(scrub(yaml.safe_load(lineage.recipe.read_text())), sort_keys=False)
+        recipe = load_yaml(lineage.recipe.read_text(encoding="utf-8"), f"recipe {lineage.recipe}")
+        recipe_text = yaml.safe_dump(scrub(recipe), sort_keys=False)
         generated[RECIPE_FILE] = recipe_text.encode()
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None and run.metrics.is_file() and kind == "adapter":

@@ -237,6 +237,7 @@ def data_source(
     import yaml
 
     from lora_llava.config.load import load_source
+    from lora_llava.config.yamlsafe import DuplicateKeyError, strict_load
 
     raw: dict[str, Any] = {
         "path": str(path),
@@ -247,7 +248,9 @@ def data_source(
     for key, value in (("columns", columns), ("roles", roles)):
         if isinstance(value, str):
             try:
-                raw[key] = yaml.safe_load(value)
+                raw[key] = strict_load(value)
+            except DuplicateKeyError as e:
+                raise UserError(f"--{key} {value!r}: {e.describe()}") from None
             except yaml.YAMLError as e:
                 raise UserError(
                     f"--{key} {value!r}: not YAML ({e})", hint="e.g. --columns '{conversations: dialog}'"

@@ -26,6 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lora_llava.config.schema import DataSource, Recipe
+from lora_llava.config.yamlsafe import DuplicateKeyError, load_yaml, strict_load
 from lora_llava.errors import UserError
 
 _INVALID = object()  # marks a value that failed validation (a problem was recorded)
@@ -132,13 +133,7 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"recipe {path}: is a directory, expected a YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"recipe {path}: cannot read: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(e, "problem", None) or str(e)
-        raise UserError(f"recipe {path}: YAML syntax error{where}: {what}") from None
+    data = load_yaml(text, f"recipe {path}")  # a syntax error, or a key given twice in one mapping
     if data is None:
         raise UserError(f"recipe {path}: file is empty; expected a mapping of keys such as 'backbone:'")
     if not isinstance(data, dict):
@@ -165,7 +160,9 @@ def apply_override(data: dict, override: str) -> None:
     if any(not p for p in parts):
         fail("empty key segment")
     try:
-        value = yaml.safe_load(raw)
+        value = strict_load(raw)
+    except DuplicateKeyError as e:
+        fail(f"in the value, {e.describe()}")
     except yaml.YAMLError as e:
         fail(f"value is not valid YAML: {getattr(e, 'problem', None) or e}")
 

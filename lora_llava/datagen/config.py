@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-import yaml
-
 from lora_llava.config.load import apply_override, convert_checked
 from lora_llava.config.schema import option, required
+from lora_llava.config.yamlsafe import load_yaml
 from lora_llava.errors import UserError
 
 Kind = Literal["conversation", "detail", "complex_reasoning", "brief"]
@@ -184,15 +183,10 @@ def config_path(ref: str) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"datagen config {path}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(
-            f"datagen config {path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}"
-        ) from None
+    data = load_yaml(text, f"datagen config {path}")  # a syntax error, or a key given twice in one mapping
     if not isinstance(data, dict):
         raise UserError(f"datagen config {path}: the top level must be a mapping of keys such as 'annotations:'")
     return data
