@@ -26,7 +26,8 @@ from lora_llava.annotations import Log
 
 @dataclass
 class TokenCounts:
-    """Tokens the run has trained on so far (this process): every position, the padding, the supervised."""
+    """Tokens the run has trained on so far, those before a resume included (saved in each checkpoint): every
+    position, the padding, the supervised."""
 
     tokens: int = 0
     pad: int = 0

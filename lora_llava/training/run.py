@@ -86,9 +86,14 @@ def train(
         write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
     _draw_curves(run, log)
     seconds = time.time() - t0
+    here = (
+        f"trained {outcome.steps} steps in {seconds:.0f}s,"
+        if outcome.resumed_at is None
+        else f"trained steps {outcome.resumed_at + 1}-{outcome.steps} in {seconds:.0f}s (resumed at step "
+        f"{outcome.resumed_at}); the run's {outcome.steps} steps:"
+    )
     log(
-        f"trained {outcome.steps} steps in {seconds:.0f}s, mean loss {outcome.loss:.4f}, "
-        f"padding {outcome.counts.fraction:.1%}"
+        f"{here} mean loss {outcome.loss:.4f}, padding {outcome.counts.fraction:.1%}"
         + (f", {outcome.skipped} NaN/inf step(s) skipped" if outcome.skipped else "")
         + f"; adapter: {run.adapter}"
     )

@@ -44,8 +44,9 @@ class Outcome:
 
     steps: int
     loss: float
-    counts: TokenCounts
+    counts: TokenCounts  # the whole run's, those before a resume included
     skipped: int
+    resumed_at: int | None = None  # the checkpoint step this session continued from
 
 
 class TrainingSession:
@@ -140,7 +141,8 @@ class TrainingSession:
         loss = trainer.mean_loss()  # over every good step of the run, also when it was resumed
         if not math.isfinite(loss):
             raise UserError("training loss became NaN/inf; no adapter was written", hint="lower train.learning_rate")
-        return Outcome(steps, loss, trainer.sync_counts(), trainer.bad_before + trainer.bad_steps)
+        resumed_at = checkpoint_global_step(self.resume) if self.resume is not None else None
+        return Outcome(steps, loss, trainer.sync_counts(), trainer.bad_before + trainer.bad_steps, resumed_at)
 
     def _dataset(self) -> Any:
         """The training samples one per row, or with ``train.packing`` packed into rows of data.max_length."""

@@ -284,7 +284,13 @@ class LlavaTrainer(CompatTrainer):
         faults = self.faults
         between = (lambda: faults.in_save(step)) if faults is not None else None
         write_adapter_files(out, self.model, self.processor, self.spec, self.recipe, self.fmt, extra, between=between)
-        run = {"run_id": self.run_id, "loss_sum": self.loss_sum(), "bad_steps": self.bad_before + self.bad_steps}
+        c = self.sync_counts()  # the run's token counts so far: a resumed run reports its whole padding share
+        run = {
+            "run_id": self.run_id,
+            "loss_sum": self.loss_sum(),
+            "bad_steps": self.bad_before + self.bad_steps,
+            "tokens": {"all": c.tokens, "padding": c.pad, "supervised": c.supervised},
+        }
         (out / RUN_FILE).write_text(json.dumps(run))
 
     def load_checkpoint_weights(self, checkpoint: str, model: Model) -> None:
@@ -316,6 +322,10 @@ class LlavaTrainer(CompatTrainer):
             saved = json.loads((ckpt / RUN_FILE).read_text())
             self.loss_before = float(saved.get("loss_sum") or 0.0)
             self.bad_before = int(saved.get("bad_steps") or 0)
+            tokens = saved.get("tokens") or {}  # absent in checkpoints written before token counts were kept
+            self.counts = TokenCounts(
+                int(tokens.get("all", 0)), int(tokens.get("padding", 0)), int(tokens.get("supervised", 0))
+            )
         for p in model.parameters():  # restoring must not change what trains
             p.requires_grad_(id(p) in trainable)
 

@@ -153,14 +153,19 @@ def test_a_resumed_run_reports_the_whole_runs_mean_loss(make_recipe, tmp_path):
     )
     rows = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "part" / "metrics.jsonl").write_text("\n".join(rows[:2] + rows[-1:]) + "\n")  # + a stale summary row
-    resumed = train(make_recipe(output_dir=str(tmp_path / "part"), train={**steps, "resume": True}), **QUIET)
+    said: list[str] = []
+    resumed = train(make_recipe(output_dir=str(tmp_path / "part"), train={**steps, "resume": True}), log=said.append)
     assert resumed.train_loss == pytest.approx(full.train_loss, abs=1e-6)
+    assert resumed.padding_fraction == full.padding_fraction > 0  # the whole run's tokens, not steps 3-4's
+    assert any(line.startswith("trained steps 3-4 in ") and "(resumed at step 2); the run's 4 steps:" in line
+               for line in said), said  # fmt: skip
     meta = json.loads((tmp_path / "part" / "adapter" / "lora_llava.json").read_text())
     assert meta["train_loss"] == pytest.approx(full.train_loss, abs=1e-6)
     rows = [json.loads(ln) for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     summaries = [r for r in rows if "train_loss" in r]
     assert len(summaries) == 1 and rows[-1] is summaries[0]  # the first run's summary row is gone
     assert summaries[0]["train_loss"] == pytest.approx(full.train_loss, abs=1e-6)
+    assert summaries[0]["padding_fraction"] == pytest.approx(full.padding_fraction, abs=1e-4)
 
 
 def test_keep_checkpoints_keeps_the_newest_and_the_best(make_recipe, tmp_path):
