@@ -35,6 +35,17 @@ def hub_reachable() -> bool:
     return True
 
 
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` says the Hub could not be reached: an OSError, or the HTTP client's transport error (the
+    httpx family huggingface_hub uses, whose errors are no OSError), found by class name in its hierarchy."""
+    if isinstance(e, OSError):
+        return True
+    return any(
+        c.__module__.split(".")[0].startswith("httpx") and c.__name__ in ("TransportError", "TimeoutException")
+        for c in type(e).__mro__
+    )
+
+
 def offline_reason() -> str:
     from huggingface_hub import constants
 

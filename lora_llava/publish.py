@@ -222,7 +222,13 @@ def push(plan: PushPlan, log: Log = print) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     from lora_llava.errors import UserError
+    from lora_llava.hub import hub_reachable, offline_reason, unreachable
 
+    if not hub_reachable():
+        raise UserError(
+            f"cannot reach the Hub to push {plan.repo_id} ({offline_reason()})",
+            hint="push when online (unset HF_HUB_OFFLINE); --dry-run shows what would be uploaded",
+        )
     api = HfApi(token=hub_token())
     try:
         url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
@@ -245,9 +251,11 @@ def push(plan: PushPlan, log: Log = print) -> str:
             f"the Hub refused the push to {plan.repo_id}: {_status(e)}",
             hint="check the repo id and that the token may write to it",
         ) from None
-    except OSError as e:
+    except Exception as e:
+        if not unreachable(e):
+            raise
         raise UserError(
-            f"cannot reach the Hub to push {plan.repo_id}: {e}",
+            f"cannot reach the Hub to push {plan.repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             hint="retry when online; a re-run uploads only what changed",
         ) from None
     if plan.run_dir is not None:
@@ -266,7 +274,9 @@ def push(plan: PushPlan, log: Log = print) -> str:
                 api.create_commit(other, operations=[CommitOperationAdd("README.md", card.content)],
                                   commit_message="lora_llava: link the card to " + plan.repo_id)  # fmt: skip
                 log(f"updated the card of {other} to link to {plan.repo_id}")
-            except (HfHubHTTPError, OSError) as e:
+            except Exception as e:
+                if not (isinstance(e, HfHubHTTPError) or unreachable(e)):
+                    raise
                 log(f"warning: could not update the card of {other} ({_status(e)}); push it again to link it")
     link = str(url).rstrip("/") + (f"/tree/{plan.revision}" if plan.revision else "")
     return link

@@ -114,8 +114,11 @@ class FakeHub:
 def fake_hub(monkeypatch):
     import huggingface_hub
 
+    from lora_llava import hub
+
     FakeHub.repos, FakeHub.calls = {}, []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # the fake Hub answers
     monkeypatch.setenv("HF_TOKEN", CANARY)
     return FakeHub
 
@@ -213,3 +216,24 @@ def test_push_mistakes_are_one_error_line(trained_run, tmp_path, capsys, fake_hu
     assert main(["push", str(run), "someone/y"]) == 2
     err = capsys.readouterr().err
     assert "no Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err
+
+
+def test_a_push_that_cannot_reach_the_hub_is_one_error_line(trained_run, tmp_path, capsys, fake_hub, monkeypatch):
+    import httpx2
+
+    from lora_llava import hub
+    from lora_llava.cli.main import main
+
+    def refused(self, repo_id, **kw):
+        raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(FakeHub, "create_repo", refused)  # the network goes away between the check and the push
+    assert main(["push", str(trained_run), "someone/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the Hub to push someone/x: ConnectError: [Errno 111] Connection refused")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)  # offline from the start: refused before any request
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", str(trained_run), "someone/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the Hub to push someone/x (") and "--dry-run" in err
