@@ -141,6 +141,11 @@ def plan_push(
         ).encode()
     facts = _card_facts(kind, repo_id, lineage, recipe_text)
     generated["README.md"] = render_card(facts).encode()
+    if (folder / LORA_CONFIG_FILE).is_file():  # PEFT's pointer to the base: the Hub id, never a local path
+        config = scrub(json.loads((folder / LORA_CONFIG_FILE).read_text()))
+        config["base_model_name_or_path"] = facts.base_model or config.get("base_model_name_or_path")
+        generated[LORA_CONFIG_FILE] = json.dumps(config, indent=2).encode()
+    files = [f for f in files if f.path_in_repo not in generated]
     files += [PushFile(name, data) for name, data in generated.items()]
     return PushPlan(repo_id, not public, revision, kind, files, Path(run_dir) if run_dir else None)
 

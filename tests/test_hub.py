@@ -180,6 +180,13 @@ def test_push_sends_the_plan_and_a_card_the_hub_parses(trained_run, tmp_path, ca
         for name, data in files.items():
             assert CANARY.encode() not in data, name
             assert str(tmp_path).encode() not in data, name
+    import json
+    import os
+
+    peft_config = json.loads(adapter["adapter_config.json"])  # the built-in base lives in lora_llava's cache here
+    assert peft_config["base_model_name_or_path"] == "<local>/tiny-v3"
+    assert os.environ["LORA_LLAVA_CACHE"].encode() not in adapter["adapter_config.json"]
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"].startswith("/")
     card = ModelCard(adapter["README.md"].decode())
     assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
     assert "## Data" in card.text and "data.max_length" in card.text  # the check report: the data mixture
