@@ -69,6 +69,12 @@ class DataSource:
         "TRL/OpenAI {messages: [{role, content}], images}; auto: messages if records have `messages`, else llava.",
     )
     image_folder: str | None = option(None, "Folder the samples' image paths are relative to.")
+    image_roots: list[str] = option(
+        list,
+        "More folders an image path's symlinks may point into (image paths stay relative to image_folder): "
+        "a Hugging Face Hub cache's repo folder for snapshots/<rev>/x.png -> ../../blobs/<hash>, a DVC or "
+        "git-annex cache. A link to anywhere else is refused.",
+    )
     split: str | None = option(None, "Split of a saved DatasetDict folder (default: train, or its only split).")
     columns: Columns = option(Columns, "Other field names, mapped without code: columns: {conversations: dialog, ...}.")
     roles: RoleNames = option(RoleNames, "Other speaker names, mapped without code: roles: {user: [customer]}.")

@@ -329,6 +329,7 @@ def test_save_and_load_round_trip(tmp_path):
         "path": "b.json",
         "format": "auto",
         "image_folder": None,
+        "image_roots": [],
         "split": None,
         "columns": {"id": None, "conversations": None, "image": None, "role": None, "text": None},
         "roles": {"user": [], "assistant": [], "system": []},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import warnings
 import zlib
@@ -119,3 +120,69 @@ def test_disallowed_format_and_animated_gif(tmp_path):
     out = load_image(tmp_path / "anim.gif")
     assert out.mode == "RGB" and out.size == (20, 10)
     assert out.getpixel((0, 0))[0] > 200 and out.getpixel((0, 0))[1] < 50  # first frame: red
+
+
+def _hub_cache(root: Path) -> tuple[Path, Path]:
+    """A Hugging Face Hub cache of one dataset repo, as the Hub client lays it out: the files live in
+    ``blobs/<sha>``; ``snapshots/<rev>/...`` holds relative symlinks to them. Returns (repo, photos folder)."""
+    repo = root / "hub" / "datasets--acme--herons"
+    (repo / "blobs").mkdir(parents=True)
+    photos = repo / "snapshots" / "4f0c2e9" / "photos"
+    photos.mkdir(parents=True)
+    for name, color in (("heron.webp", (90, 110, 140)), ("egret.webp", (250, 250, 245))):
+        blob = repo / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        Image.new("RGB", (33, 21), color).save(blob, format="WEBP", lossless=True)
+        (photos / name).symlink_to(Path("../../..") / "blobs" / blob.name)  # relative, as the Hub writes them
+    (root / "secret.txt").write_text("not for training")
+    (photos / "stolen.webp").symlink_to(Path("../../../../..") / "secret.txt")  # out of the repo: never allowed
+    return repo, photos
+
+
+def test_links_into_a_named_root_resolve_and_links_elsewhere_stay_refused(tmp_path):
+    from lora_llava.data.images import ImageError, resolve_image_path
+
+    repo, photos = _hub_cache(tmp_path)
+    # the image folder alone: the blob lies outside it, and the message names both ways through
+    with pytest.raises(ImageError) as refused:
+        resolve_image_path("heron.webp", photos)
+    blob = (photos / "heron.webp").resolve()
+    assert str(refused.value) == (
+        f"image 'heron.webp' is a link to {str(blob)!r}, outside the image folder; to use it, name a folder "
+        "holding its target in data.*.image_roots, or copy the images with their links followed "
+        "(cp -rL IMAGE_FOLDER NEW_FOLDER)"
+    )
+    # the repo named as a root: the snapshot's links resolve, the path stays the one under the image folder
+    path = resolve_image_path("heron.webp", photos, roots=[repo])
+    assert path == photos / "heron.webp"
+    assert load_image(path).getpixel((5, 5)) == (90, 110, 140)
+    assert image_size(resolve_image_path("egret.webp", str(photos), roots=[str(repo)])) == (33, 21)
+    # confinement holds: a link out of every named folder, `..`, and absolute paths are still refused
+    with pytest.raises(ImageError, match="is a link to .*secret.txt', outside the image folder and image_roots; "):
+        resolve_image_path("stolen.webp", photos, roots=[repo])
+    with pytest.raises(ImageError, match=r"leaves the image folder \('..'\)"):
+        resolve_image_path("../../../blobs/" + blob.name, photos, roots=[repo])
+    with pytest.raises(ImageError, match="is an absolute path"):
+        resolve_image_path(str(blob), photos, roots=[repo])
+    # a caller without the option suggests only the copy
+    with pytest.raises(ImageError, match=r"outside the image folder; to use it, copy the images with their links"):
+        resolve_image_path("heron.webp", photos, roots_key=None)
+
+
+class _Named:
+    """An embedded image as a dataset reader hands it over: a name and bytes read on demand."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self.data = name, data
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+
+@pytest.mark.parametrize("data", [b"%PDF-1.4 not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_a_broken_embedded_image_is_named_never_shown_as_a_repr(data):
+    cell = _Named("row 12 photo", data)
+    for read in (load_image, image_size):
+        with pytest.raises(images_mod.ImageError) as e:
+            read(cell)
+        text = str(e.value)
+        assert "row 12 photo" in text and "0x" not in text and "object at" not in text and "BytesIO" not in text, text

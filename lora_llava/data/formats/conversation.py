@@ -4,6 +4,7 @@ Usage::
 
     spec = RecordSpec.for_source(DataSource(path="x.json"), "llava")
     sid, messages, images = parse_record(record, spec, image_folder="images", check_images=True)
+    parse_record(record, spec, "hub/snapshots/abc", True, image_roots=["hub"])   # links may point into hub/
 
 A record holds a list of turns (``conversations``; ``messages`` in format messages). A turn names
 its speaker under ``from`` (else ``role``) and holds its text under ``value`` (else ``content``);
@@ -22,6 +23,7 @@ training and serving see the same text). A placeholder without an image, or in a
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +123,8 @@ def _inline_image(item: dict, kind: str, t: int, k: int) -> Any:
         if kind == "image_url":
             value = value.get("url")
         else:  # datasets' layout {bytes, path}: the bytes when stored, else the path
+            if value.get("bytes") is None and value.get("path") is None:
+                raise ValueError(f"turn {t}: content item {k}: its image has neither bytes nor a path (both null)")
             value = value["bytes"] if value.get("bytes") is not None else value.get("path")
     if value is None or isinstance(value, EmbeddedImage):
         return value
@@ -210,17 +214,36 @@ def _image_values(rec: dict, spec: RecordSpec) -> list:
         if found:
             raise ValueError(f"has {found[0]!r} but format sharegpt is text-only; use format llava or messages")
         return []
-    value = rec.get(spec.image_key)
-    values = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(v, (str, EmbeddedImage)) for v in values):
-        raise ValueError(f"{spec.image_key!r} must be a path or a list of paths")
-    return values
+    key = spec.image_key
+    value = rec.get(key)
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [_image_value(v, f"{key!r} item {i}", key) for i, v in enumerate(value)]
+    return [_image_value(value, repr(key), key)]
+
+
+def _image_value(v: Any, where: str, key: str) -> Any:
+    """A path or an embedded image; a `datasets` Image cell ``{"bytes", "path"}`` gives its bytes when it
+    holds them, else its path (resolved against the image folder like any path)."""
+    if isinstance(v, (str, EmbeddedImage)):
+        return v
+    if isinstance(v, dict) and v and set(v) <= {"bytes", "path"}:
+        data, path = v.get("bytes"), v.get("path")
+        if isinstance(data, (bytes, bytearray)):
+            return InlineImage(where.replace("'", ""), bytes(data))
+        if data is None and isinstance(path, str):
+            return path
+        if data is None and path is None:
+            raise ValueError(f"{where}: an image with neither bytes nor a path (both null)")
+    raise ValueError(f"{key!r} must be a path or a list of paths")
 
 
 def parse_record(
-    rec: object, spec: RecordSpec, image_folder: str | None, check_images: bool
+    rec: object, spec: RecordSpec, image_folder: str | None, check_images: bool, image_roots: Sequence[str] = ()
 ) -> tuple[str | None, list[tuple[str, str]], list[ImageRef]]:
-    """Validate one record; return (id, messages, images) or raise ValueError with the reason."""
+    """Validate one record; return (id, messages, images) or raise ValueError with the reason. Image paths
+    resolve in ``image_folder``; their links may point there or into ``image_roots``."""
     if isinstance(rec, ValueError):
         raise rec
     if not isinstance(rec, dict):
@@ -242,14 +265,14 @@ def parse_record(
     images: list[ImageRef] = []
     for v in values:
         try:
-            ref = v if isinstance(v, EmbeddedImage) else resolve_image_path(v, image_folder)
+            ref = v if isinstance(v, EmbeddedImage) else resolve_image_path(v, image_folder, image_roots)
         except ImageError as e:
             raise ValueError(str(e)) from None
         if check_images:
             try:
                 load_image(ref)
             except ImageError as e:
-                raise ValueError(f"image {quoted(v if isinstance(v, str) else v.name)}: {e}") from None
+                raise ValueError(f"image {quoted(v)}: {e}") from None
         images.append(ref)
     if images and placeholders == 0:  # no placeholder: every image opens the first human turn
         first = next(i for i, (r, _) in enumerate(messages) if r == "user")

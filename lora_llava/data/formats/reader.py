@@ -67,7 +67,9 @@ class SourceReader:
             sid = rec.get(self.spec.id_key) if isinstance(rec, dict) else None
             sid = None if sid is None else str(sid)
             try:
-                sid, messages, images = parse_record(rec, self.spec, self.src.image_folder, self.check_images)
+                sid, messages, images = parse_record(
+                    rec, self.spec, self.src.image_folder, self.check_images, self.src.image_roots
+                )
             except ValueError as e:
                 out.bad.append(BadSample(source, index, sid, str(e), line))
                 continue

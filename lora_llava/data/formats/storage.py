@@ -144,18 +144,22 @@ def _is_image_feature(feature: Any) -> bool:
     if isinstance(feature, (List, Sequence)):
         feature = feature.feature
     if isinstance(feature, dict):  # {bytes, path} structs: how pandas writes images, and datasets' own layout
+        if set(feature) == {"bytes", "path"}:  # also when every row gives a path only (bytes typed null)
+            return True
         feature = feature.get("bytes")
     return isinstance(feature, Image) or (isinstance(feature, Value) and feature.dtype in ("binary", "large_binary"))
 
 
 def _image_ref(value: Any, store: _ImageColumn, row: int, item: int | None) -> Any:
-    """Embedded bytes -> DatasetImage; a path-only Image -> the path string; anything else as is."""
+    """Embedded bytes -> DatasetImage; a path-only Image -> the path string; anything else (a cell with
+    neither bytes nor a path among them) as is, for the record's reader to name."""
     if isinstance(value, (bytes, bytearray)):
         return DatasetImage(store, row, item)
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes") is not None:
             return DatasetImage(store, row, item)
-        return value.get("path")
+        if value.get("path") is not None:
+            return value["path"]
     return value
 
 

@@ -603,3 +603,115 @@ def test_duplicate_ids_are_one_warning_line(root, capsys):
     read_source(DataSource(path=str(root / "dup.jsonl"), image_folder=str(root / "images")))
     err = capsys.readouterr().err
     assert err == f"warning: {root / 'dup.jsonl'}: 1 duplicate id(s) (2 samples), e.g. a\n"
+
+
+def test_a_dvc_style_folder_of_links_reads_with_image_roots_and_stays_confined(tmp_path):
+    """DVC keeps the files in its cache and the workspace holds relative links to them; the recipe names the
+    cache in image_roots. A link out of every named folder is still a bad sample."""
+    project = tmp_path / "project"
+    cache = project / ".dvc" / "cache" / "files" / "md5"
+    scans = project / "data" / "scans"
+    scans.mkdir(parents=True)
+    for name, digest, color in (("x1.jpg", "3fa9c1", (10, 200, 120)), ("x2.jpg", "b07e44", (200, 10, 90))):
+        blob = cache / digest[:2] / digest[2:]
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 36), color).save(blob, format="JPEG", quality=95)
+        (scans / name).symlink_to(os.path.relpath(blob, scans))
+    (tmp_path / "private.jpg").write_bytes((scans / "x1.jpg").read_bytes())
+    (scans / "x3.jpg").symlink_to(tmp_path / "private.jpg")  # absolute, and outside the project
+    turns = [{"from": "human", "value": "Finding?"}, {"from": "gpt", "value": "None."}]
+    data = write_jsonl(
+        tmp_path / "scans.jsonl", [{"id": n, "image": f"x{n}.jpg", "conversations": turns} for n in (1, 2, 3)]
+    )
+    src = {"path": str(data), "image_folder": str(scans), "image_roots": [str(project / ".dvc" / "cache")]}
+    recipe = load_recipe({"backbone": "tiny", "output_dir": "x", "data": {"train": [src]}})
+    assert recipe.data.train[0].image_roots == [str(project / ".dvc" / "cache")]
+    good, bad = read_source(recipe.data.train[0])
+    assert [(s.id, s.images) for s in good] == [("1", [scans / "x1.jpg"]), ("2", [scans / "x2.jpg"])]
+    assert load_image(good[1].images[0]).size == (24, 36)
+    assert [(b.id, b.reason) for b in bad] == [
+        (
+            "3",
+            f"image 'x3.jpg' is a link to {str(tmp_path / 'private.jpg')!r}, outside the image folder and image_roots; "
+            "to use it, name a folder holding its target in data.*.image_roots, or copy the images with their links "
+            "followed (cp -rL IMAGE_FOLDER NEW_FOLDER)",
+        )
+    ]
+    # without image_roots every link is refused, and the reason says which key lets it through
+    _, bad = read_source(DataSource(path=str(data), image_folder=str(scans)))
+    assert len(bad) == 3 and all("outside the image folder; to use it, name a folder" in b.reason for b in bad)
+
+
+def _struct_table(column: str, cells: list, ids: list[str], turns: list) -> object:
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{"id": i, column: c, "conversations": turns} for i, c in zip(ids, cells)])
+
+
+def test_image_cells_with_a_path_and_no_bytes_are_paths_in_the_image_folder(root):
+    """`datasets` Image cells stored as {"bytes": null, "path": ...} (pyarrow types the bytes null) are paths,
+    confined like any; a cell with neither is a bad sample that says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    (root / "images" / "gulls").mkdir()
+    Image.new("RGB", (30, 18), (128, 64, 0)).save(root / "images" / "gulls" / "herring.bmp")
+    turns = [{"from": "human", "value": "<image>\nWhich bird?"}, {"from": "gpt", "value": "A gull."}]
+    cells = [
+        {"bytes": None, "path": "gulls/herring.bmp"},
+        {"bytes": None, "path": "../../etc/passwd"},
+        {"bytes": None, "path": None},
+        {"bytes": None, "path": "gulls/missing.bmp"},
+    ]
+    table = _struct_table("image", cells, ["g", "esc", "empty", "gone"], turns)
+    assert table.schema.field("image").type == pa.struct([("bytes", pa.null()), ("path", pa.string())])
+    pq.write_table(table, root / "gulls.parquet")
+    Dataset(table).save_to_disk(str(root / "gulls_ds"))  # the same rows as a datasets folder
+    folder = str(root / "images")
+    for path in (root / "gulls.parquet", root / "gulls_ds"):
+        good, bad = read_source(DataSource(path=str(path), image_folder=folder))
+        assert [(s.id, s.images) for s in good] == [("g", [root / "images" / "gulls" / "herring.bmp"])]
+        assert good[0].messages[0] == ("user", "<image>\nWhich bird?")
+        assert {b.id: b.reason for b in bad} == {
+            "esc": "image '../../etc/passwd' leaves the image folder ('..')",
+            "empty": "'image': an image with neither bytes nor a path (both null)",
+            "gone": f"image 'gulls/missing.bmp' not found in {folder!r}",
+        }
+    # format messages: a list of such cells
+    rows = [
+        {"messages": [{"role": "user", "content": "<image><image>Same bird?"}, {"role": "assistant", "content": "Yes"}],
+         "images": [{"bytes": None, "path": "gulls/herring.bmp"}, {"bytes": None, "path": "red.png"}]},
+        {"messages": [{"role": "user", "content": "<image>Bird?"}, {"role": "assistant", "content": "No"}],
+         "images": [{"bytes": None, "path": None}]},
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), root / "pairs.parquet")
+    good, bad = read_source(DataSource(path=str(root / "pairs.parquet"), image_folder=folder))
+    assert [p.name for p in good[0].images] == ["herring.bmp", "red.png"]
+    assert [b.reason for b in bad] == ["'images' item 0: an image with neither bytes nor a path (both null)"]
+    # the same cells inside TRL content items
+    records = [
+        {"id": i, "messages": [{"role": "user", "content": [{"type": "image", "image": {"bytes": None, "path": p}}]},
+                               {"role": "assistant", "content": "A gull."}]}
+        for i, p in (("in", "gulls/herring.bmp"), ("none", None))
+    ]  # fmt: skip
+    good, bad = read_source(DataSource(path=str(write_jsonl(root / "items.jsonl", records)), image_folder=folder))
+    assert [(s.id, [p.name for p in s.images]) for s in good] == [("in", ["herring.bmp"])]
+    assert [b.reason for b in bad] == ["turn 0: content item 0: its image has neither bytes nor a path (both null)"]
+
+
+def test_a_corrupt_embedded_image_is_named_by_row_and_column_not_by_a_repr(root):
+    import pyarrow.parquet as pq
+
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A chart."}]
+    good_png = (root / "images" / "blue.png").read_bytes()
+    svg = b"<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'/>"  # not a format PIL reads
+    cells = [{"bytes": good_png, "path": None}, {"bytes": svg, "path": "chart.svg"}]
+    pq.write_table(_struct_table("scan", cells, ["ok", "broken"], turns), root / "scans.parquet")
+    good, (bad,) = read_source(DataSource(path=str(root / "scans.parquet"), columns=Columns(image="scan")))
+    assert [s.id for s in good] == ["ok"]
+    assert bad.id == "broken"
+    assert bad.reason == (
+        "image 'row 1 scan': not a readable image (UnidentifiedImageError: cannot identify image file 'row 1 scan')"
+    )
+    assert "0x" not in bad.reason and "object at" not in bad.reason and "BytesIO" not in bad.reason
