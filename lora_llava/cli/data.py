@@ -22,12 +22,14 @@ generation; a re-run skips what is done) and + .report.txt (the quality report, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lora_llava.datagen.keys import keys_epilog  # the schema alone: nothing heavy is imported
+
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     g = sub.add_parser(
         "generate",
         help="generate instruction data from annotations",
         description="Generate LLaVA instruction data from annotations (captions, boxes) with a generator LLM.",
-        epilog=EPILOG,
+        epilog=f"{EPILOG}\n\n{keys_epilog()}",  # every config key, read from the schema: it cannot drift
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g.add_argument(

@@ -12,14 +12,17 @@ Formats (``annotations.format``, ``auto`` picks one from the file):
   [{"image_id", "caption"} or {"image_id", "bbox": [x, y, w, h], "category_id"}], "categories": [{"id", "name"}]}``;
   captions and instances may be two files (``path`` and ``boxes``), merged by image id;
 - ``csv``: a header with ``image`` and ``caption`` (and optionally ``boxes``, ``width``, ``height``);
-  several rows of one image add captions; ``boxes`` is JSON: ``[{"label": "dog", "box": [x1, y1, x2, y2]}]``
-  (or ``[["dog", x1, y1, x2, y2]]``), in pixels (the image's size is read from the file unless given)
-  or all within 0..1 when already normalized;
+  several rows of one image add captions and boxes (one row per caption, one row per box, or every row
+  repeating the image's boxes: a caption or box given again is kept once); ``boxes`` is JSON:
+  ``[{"label": "dog", "box": [x1, y1, x2, y2]}]`` (or ``[["dog", x1, y1, x2, y2]]``), in pixels (the
+  image's size is read from the file unless given) or all within 0..1 when already normalized;
 - ``llava``: a LLaVA JSON list or JSONL of caption pairs (as LLaVA's stage-1 data): each record's ``image``
   and the text of its answers (``gpt`` turns) as captions.
 
 Boxes are normalized to 0..1 (``x1, y1, x2, y2``, origin top left) and clipped to the image. An image
-whose file is missing or outside ``image_folder``, or that has no caption, is skipped with its reason.
+whose file is missing or outside ``image_folder``, that has no caption, or whose boxes are malformed (a CSV
+``boxes`` cell that is not such JSON, a COCO ``bbox`` that is not 4 numbers) is skipped with its reason;
+the other images are used.
 """
 
 from __future__ import annotations
@@ -57,6 +60,21 @@ class ImageAnnotation:
     width: int | None = None
     height: int | None = None
     raw_boxes: list[tuple[str, list[float]]] = field(default_factory=list)  # as read, before normalizing
+    problem: str | None = None  # the first malformed annotation of this image: it is skipped with this reason
+
+    def add_caption(self, text: str) -> None:
+        """Add a caption unless the image has it already (rows of one image may repeat it)."""
+        if text not in self.captions:
+            self.captions.append(text)
+
+    def add_box(self, label: str, box: list[float]) -> None:
+        """Add a box unless the image has the same label and coordinates already (rows may repeat them)."""
+        if (label, box) not in self.raw_boxes:
+            self.raw_boxes.append((label, box))
+
+    def refuse(self, why: str) -> None:
+        """Mark the image unusable (its first problem is the reason it is skipped with)."""
+        self.problem = self.problem or why
 
 
 def read_annotations(cfg: AnnotationsConfig) -> tuple[list[ImageAnnotation], list[str]]:
@@ -136,13 +154,14 @@ def _read_coco(paths: list[Path]) -> list[ImageAnnotation]:
                 raise UserError(f"annotations {str(path)!r}: annotations[{i}] names no image of `images` (image_id)")
             im = by_id[str(ann["image_id"])]
             if isinstance(ann.get("caption"), str):
-                im.captions.append(ann["caption"])
+                im.add_caption(ann["caption"])
             if "bbox" in ann:
                 label = cats.get(ann.get("category_id"), str(ann.get("category_id")))
                 box = ann["bbox"]
-                if not _is_box(box):
-                    raise UserError(f"annotations {str(path)!r}: annotations[{i}].bbox must be 4 numbers [x, y, w, h]")
-                im.raw_boxes.append((label, [float(v) for v in box]))
+                if _is_box(box):
+                    im.add_box(label, [float(v) for v in box])
+                else:  # this image's problem, not the whole file's
+                    im.refuse(f"{path.name} annotations[{i}]: bbox must be 4 numbers [x, y, w, h]")
     return list(by_id.values())
 
 
@@ -163,11 +182,17 @@ def _read_csv(path: Path) -> list[ImageAnnotation]:
                     raise UserError(f"annotations {str(path)!r} line {line}: empty image")
                 im = by_image.setdefault(name, ImageAnnotation(id=name, image=name))
                 if (row.get("caption") or "").strip():
-                    im.captions.append(row["caption"].strip())
+                    im.add_caption(row["caption"].strip())
                 im.width = _int_or_none(row.get("width")) or im.width
                 im.height = _int_or_none(row.get("height")) or im.height
                 if (row.get("boxes") or "").strip():
-                    im.raw_boxes.extend(_csv_boxes(row["boxes"], f"annotations {str(path)!r} line {line}"))
+                    try:
+                        boxes = _csv_boxes(row["boxes"])
+                    except ValueError as e:  # this image's problem, not the whole file's
+                        im.refuse(f"line {line}: {e}")
+                    else:
+                        for label, box in boxes:
+                            im.add_box(label, box)
     except UnicodeDecodeError:
         raise UserError(f"annotations {str(path)!r}: not UTF-8 text") from None
     except csv.Error as e:
@@ -175,7 +200,8 @@ def _read_csv(path: Path) -> list[ImageAnnotation]:
     return list(by_image.values())
 
 
-def _csv_boxes(text: str, where: str) -> list[tuple[str, list[float]]]:
+def _csv_boxes(text: str) -> list[tuple[str, list[float]]]:
+    """The boxes of one CSV cell, or ValueError saying what they must look like."""
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
@@ -187,9 +213,8 @@ def _csv_boxes(text: str, where: str) -> list[tuple[str, list[float]]]:
         elif isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and _is_box(item[1:]):
             out.append((item[0], [float(v) for v in item[1:]]))
         else:
-            raise UserError(
-                f"{where}: boxes must be JSON like "
-                '[{"label": "dog", "box": [x1, y1, x2, y2]}] or [["dog", x1, y1, x2, y2]]'
+            raise ValueError(
+                'boxes must be JSON like [{"label": "dog", "box": [x1, y1, x2, y2]}] or [["dog", x1, y1, x2, y2]]'
             )
     return out
 
@@ -217,17 +242,20 @@ def _read_llava(path: Path) -> list[ImageAnnotation]:
             if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ("gpt", "assistant"):
                 text = turn.get("value", turn.get("content"))
                 if isinstance(text, str) and text.strip():
-                    im.captions.append(text.strip())
+                    im.add_caption(text.strip())
     return list(by_image.values())
 
 
 def _finish(im: ImageAnnotation, folder: Path, box_format: str, cfg: AnnotationsConfig) -> str | None:
     """Resolve the file, normalize the boxes, cap the lists; the reason when the image cannot be used."""
+    if im.problem is not None:
+        return im.problem
     try:
-        path = resolve_image_path(im.image, folder)
+        path = resolve_image_path(im.image, folder, roots_key=None)  # no image_roots option here: copying is the way
     except ImageError as e:
         return str(e)
-    im.captions = [" ".join(c.split()) for c in im.captions if c.strip()][: cfg.max_captions]
+    captions = (" ".join(c.split()) for c in im.captions if c.strip())
+    im.captions = list(dict.fromkeys(captions))[: cfg.max_captions]  # a caption differing only in spaces: once
     if not im.captions:
         return "no caption"
     if im.raw_boxes:

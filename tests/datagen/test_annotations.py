@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -64,8 +65,8 @@ def test_csv_pixel_boxes_use_the_image_size_and_normalized_ones_stay(tmp_path, m
 def test_csv_mistakes_name_the_line(tmp_path, make_images):
     make_images(1)
     (tmp_path / "a.csv").write_text('image,caption,boxes\nimg0.png,x,"[{""box"": [1, 2]}]"\n')
-    with pytest.raises(UserError, match="line 2: boxes must be JSON like"):
-        read_annotations(cfg(tmp_path / "a.csv", tmp_path / "images"))
+    with pytest.raises(UserError, match="no usable image .*line 2: boxes must be JSON like"):
+        read_annotations(cfg(tmp_path / "a.csv", tmp_path / "images"))  # its only image is skipped
     (tmp_path / "b.csv").write_text("file,text\na.png,x\n")
     with pytest.raises(UserError, match="needs the columns image,caption"):
         read_annotations(cfg(tmp_path / "b.csv", tmp_path / "images"))
@@ -100,3 +101,72 @@ def test_context_lists_captions_then_normalized_boxes(coco):
         "Objects (label: [x1, y1, x2, y2], normalized to 0-1, origin at the top left):\n"
         "- circle: [0.109, 0.167, 0.359, 0.500]"
     )
+
+
+BOXES_HELP = 'boxes must be JSON like [{"label": "dog", "box": [x1, y1, x2, y2]}] or [["dog", x1, y1, x2, y2]]'
+
+
+def test_a_malformed_boxes_cell_skips_its_image_only(tmp_path, make_images):
+    make_images(4)  # 64 x 48 pixels each
+    (tmp_path / "kites.csv").write_text(
+        "image,caption,boxes\n"
+        'img0.png,Kites over a beach.,"[[""kite"", 8, 6, 24, 18]]"\n'
+        'img1.png,A tree.,"{""tree"": [1, 2, 3, 4]}"\n'  # an object, not a list
+        "img2.png,A boat.,[[boat 1 2 3 4]]\n"  # not JSON
+        "img1.png,A tall tree.,\n"  # a later row of a skipped image: still skipped
+        'img3.png,Two gulls.,"[[""gull"", 0.1, 0.1, 0.2, 0.3], [""gull"", 0.5, 0.5, ""x"", 0.6]]"\n'
+    )
+    good, skipped = read_annotations(cfg(tmp_path / "kites.csv", tmp_path / "images"))
+    assert [(g.id, g.captions, g.boxes) for g in good] == [
+        ("img0.png", ["Kites over a beach."], [Box("kite", 0.125, 0.125, 0.375, 0.375)])
+    ]
+    assert skipped == [
+        f"image 'img1.png' (id img1.png): line 3: {BOXES_HELP}",
+        f"image 'img2.png' (id img2.png): line 4: {BOXES_HELP}",
+        f"image 'img3.png' (id img3.png): line 6: {BOXES_HELP}",
+    ]
+
+
+def test_a_malformed_coco_bbox_skips_its_image_only(tmp_path, make_images):
+    images = make_images(3)
+    data = {
+        "images": [{"id": 10 + im["id"], "file_name": im["file_name"]} for im in images],
+        "annotations": [{"image_id": 10 + im["id"], "caption": f"Shape {im['id']}."} for im in images]
+        + [
+            {"image_id": 10, "bbox": [4, 4, 8, 8], "category_id": 1},
+            {"image_id": 11, "bbox": [4, 4, "8", 8], "category_id": 1},
+            {"image_id": 12, "bbox": None, "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "shape"}],
+    }
+    (tmp_path / "inst.json").write_text(json.dumps(data))
+    good, skipped = read_annotations(cfg(tmp_path / "inst.json", tmp_path / "images"))
+    assert [(g.id, len(g.boxes)) for g in good] == [("10", 1)]
+    assert skipped == [
+        "image 'img1.png' (id 11): inst.json annotations[4]: bbox must be 4 numbers [x, y, w, h]",
+        "image 'img2.png' (id 12): inst.json annotations[5]: bbox must be 4 numbers [x, y, w, h]",
+    ]
+
+
+def test_rows_repeating_an_images_boxes_give_each_box_once(tmp_path, make_images):
+    make_images(2)
+    per_caption = json.dumps([["heron", 0.1, 0.2, 0.4, 0.9], {"label": "reed", "box": [0.6, 0.0, 0.7, 1.0]}])
+    per_box = [json.dumps([["egret", 32, 0, 64, 24]]), json.dumps([["egret", 0, 24, 16, 48]])]
+    rows = [
+        ["img0.png", "A heron in the reeds.", per_caption],  # one row per caption, each repeating every box
+        ["img0.png", "A grey heron standing.", per_caption],
+        ["img0.png", "A heron in the reeds.", per_caption],
+        ["img1.png", "Two egrets.", per_box[0]],  # one row per box, the caption repeated
+        ["img1.png", "Two egrets.", per_box[1]],
+        ["img1.png", "Two  egrets.", per_box[1]],
+    ]
+    with open(tmp_path / "birds.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption", "boxes"], *rows])
+    good, skipped = read_annotations(cfg(tmp_path / "birds.csv", tmp_path / "images"))
+    assert not skipped
+    heron, egrets = good
+    assert heron.captions == ["A heron in the reeds.", "A grey heron standing."]
+    assert heron.boxes == [Box("heron", 0.1, 0.2, 0.4, 0.9), Box("reed", 0.6, 0.0, 0.7, 1.0)]
+    assert egrets.captions == ["Two egrets."]
+    assert egrets.boxes == [Box("egret", 0.5, 0.0, 1.0, 0.5), Box("egret", 0.0, 0.5, 0.25, 1.0)]
+    assert render_context(egrets).count("- egret:") == 2

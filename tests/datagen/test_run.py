@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import assert_user_error, run_cli
 
@@ -206,3 +207,56 @@ def test_a_refused_key_stops_the_run_with_one_line_and_no_key(openai_config, ser
     code, out, err = run_cli(capsys, "data", "generate", cfg, "--no-progress")
     assert_user_error(code, out, err, "refused the request (HTTP 401) with the key in $DATAGEN_KEY", "invalid key ***")
     assert CANARY not in out + err + every_file(tmp_path)
+
+
+def test_a_malformed_boxes_cell_is_one_skipped_image_and_the_run_goes_on(make_images, tmp_path, capsys):
+    make_images(3)
+    (tmp_path / "marks.csv").write_text(
+        "image,caption,boxes\n"
+        'img0.png,A red square.,"[[""square"", 4, 6, 20, 22]]"\n'
+        'img1.png,A green circle.,"[[""circle"", 7, 8, 23]]"\n'  # four values: malformed
+        "img2.png,A blue square.,\n"
+    )
+    raw = {"annotations": {"path": str(tmp_path / "marks.csv"), "image_folder": str(tmp_path / "images")},
+           "output": str(tmp_path / "marks.json"), "kinds": ["brief"]}  # fmt: skip
+    code, out, err = run_cli(capsys, "data", "generate", write(tmp_path / "marks.yaml", raw), "--no-progress")
+    assert code == 0, err
+    assert "annotations: 2 usable images in " in out and ", 1 skipped" in out
+    assert "  skipped image 'img1.png' (id img1.png): line 3: boxes must be JSON like " in out
+    data = json.loads((tmp_path / "marks.json").read_text())
+    assert [d["image"] for d in data] == ["img0.png", "img2.png"]
+
+
+def _config_keys(cls, prefix=""):
+    """(dotted key, help text) of every key of a datagen config class, sections first, by walking it."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f.metadata["help"]
+        inner = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)]
+        if inner:
+            yield from _config_keys(inner[0], f"{prefix}{f.name}.")
+
+
+def test_generate_help_lists_every_config_key_with_its_help(capsys):
+    from lora_llava.cli.main import main
+    from lora_llava.datagen.config import DatagenConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["data", "generate", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    lines = help_text.split("config keys (in the YAML, or as key=value overrides):\n", 1)[1].splitlines()
+    keys = list(_config_keys(DatagenConfig))
+    assert [ln.split()[0] for ln in lines] == [k for k, _ in keys]  # every key, once, in schema order
+    for line, (_, help_) in zip(lines, keys):
+        words = line.split(None, 1)[1]
+        assert words.startswith(" ".join(help_.split()[:4])), line  # its own help text, on one line
+    by_key = {ln.split()[0]: ln for ln in lines}
+    assert by_key["generator.concurrency"].endswith(
+        "openai: requests in flight at once (local: one at a time). [default: 4]"
+    )
+    assert by_key["annotations.path"].endswith("[required]")
+    assert by_key["generator.api_key_env"].endswith("printed or written. [default: null]")
