@@ -13,9 +13,13 @@ EPILOG = """examples:
   lora-llava predict runs/my-run --data test.json --image-folder images --out preds.jsonl --reference
   lora-llava predict merged/my-llava --data support.jsonl --columns '{conversations: dialog}' --out p.jsonl
 
-one line per sample: {"id", "prompt", "prediction", "image"} (+ "reference", "correct" with --reference);
-an unreadable sample is a line {"id", "error"} with the reason. Run it again after an interruption: ids
-already in --out are skipped, so every sample is written exactly once."""
+the first line records what wrote the file: {"lora_llava_predictions": {model, data or images and prompt,
+max_new_tokens, ...}}; then one line per sample: {"id", "prompt", "prediction", "image"} (+ "reference",
+"correct" with --reference); an unreadable sample is a line {"id", "error"} with the reason. Run it again
+after an interruption: with the same settings, ids already in --out are skipped, so every sample is written
+exactly once; with other settings (another model, --prompt, --data, --max-new-tokens, ...) it is refused,
+naming what differs, unless --overwrite starts the file again. A file with no such first line (written by
+an earlier lora-llava) is resumed with a warning. A file that is not a predictions file is never changed."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,13 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's eval setting)")
     p.add_argument("--batch-size", type=int, default=None, help="samples generated together (default: the run's)")
     p.add_argument("--load-in-4bit", action="store_true", help="a merged model's language model in 4-bit NF4")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start --out again (its answers dropped) instead of resuming it"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from lora_llava.cli.common import cpu_threads_for
     from lora_llava.errors import UserError
     from lora_llava.infer import load_model
-    from lora_llava.predict import predict
+    from lora_llava.predict import open_predictions, predict, predict_settings
     from lora_llava.workflows import eval_plan
 
     if (args.data is None) == (args.images is None):
@@ -48,14 +55,24 @@ def run(args: argparse.Namespace) -> int:
         columns=args.columns, roles=args.roles, prompt_style=args.prompt_style, images=args.images,
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, bad="keep",
     )  # fmt: skip
+    assert plan.artifact is not None
+    settings = predict_settings(
+        plan.artifact, data=args.data, image_folder=args.image_folder, data_format=args.format, split=args.split,
+        columns=args.columns, roles=args.roles, prompt_style=args.prompt_style, images=args.images,
+        prompt=args.prompt, max_new_tokens=plan.max_new_tokens, reference=args.reference,
+        load_in_4bit=args.load_in_4bit,
+    )  # fmt: skip
+    found = open_predictions(args.out, settings, overwrite=args.overwrite)  # refused here, before the model loads
+    if found.warning:
+        print(found.warning, file=sys.stderr)
     for b in plan.bad:
         print(f"bad sample: {b.describe()}", file=sys.stderr)
-    backbone = getattr(plan.artifact.meta, "backbone", None) if plan.artifact is not None else None
+    backbone = getattr(plan.artifact.meta, "backbone", None)
     cpu_threads_for(backbone or args.model)
     loaded = load_model(args.model, quantize=args.load_in_4bit)
     summary = predict(
-        loaded, plan.samples, plan.bad, args.out, reference=args.reference,
-        batch_size=plan.batch_size, max_new_tokens=plan.max_new_tokens,
+        loaded, plan.samples, plan.bad, args.out, reference=args.reference, batch_size=plan.batch_size,
+        max_new_tokens=plan.max_new_tokens, settings=settings, overwrite=args.overwrite,
     )  # fmt: skip
     line = f"wrote {summary.written} answer(s) to {args.out}"
     if summary.skipped:
