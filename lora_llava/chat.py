@@ -17,9 +17,12 @@ model exactly as ``eval`` and training do. Greedy unless a temperature is set.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,12 +138,13 @@ class ChatSession:
             raise errors[0]
         self.messages = [*turns, ("assistant", "".join(pieces).strip())]
 
-    def record(self, image_name: str | None = None) -> dict:
-        """The conversation as a LLaVA-Instruct record (``image_name``: its image, relative to the image folder)."""
+    def record(self, image_name: str | None = None, taken: Collection[str] = ()) -> dict:
+        """The conversation as a LLaVA-Instruct record (``image_name``: its image, relative to the image folder),
+        its id new: none of ``taken`` (the ids of the file it joins), see ``new_id``."""
         if not self.messages:
             raise UserError("nothing to save yet: ask something first")
         names = {"user": "human", "assistant": "gpt"}
-        rec: dict = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}"}
+        rec: dict = {"id": new_id(taken)}
         if self.image is not None:
             rec["image"] = image_name or self.image.name
         rec["conversations"] = [{"from": names[r], "value": t} for r, t in self.messages]
@@ -150,39 +154,83 @@ class ChatSession:
         """Append the conversation to the JSON list in ``path`` (created if missing), written whole.
 
         The file is training data as it stands: its image folder is the file's own folder, so an image
-        from elsewhere is copied into ``images/`` beside it (``data.train.N.image_folder`` = that folder).
+        from elsewhere is copied into ``images/`` beside it (``data.train.N.image_folder`` = that folder), under
+        a name of its own (``x-2.png`` when another ``x.png`` is there). Saves never overwrite each other:
+        each record gets an id of its own, and a save holds a lock on the folder (where the platform has
+        ``flock``) from reading the file to replacing it, so two chats saving to one file both land in it.
         """
-        import shutil
-
         p = Path(path).expanduser()
-        records = []
-        if p.exists():
-            try:
-                records = json.loads(p.read_text())
-            except (OSError, ValueError) as e:
-                raise UserError(
-                    f"{p} exists and is not a JSON list of records ({e})", hint="save to a new file"
-                ) from None
-            if not isinstance(records, list):
-                raise UserError(f"{p} exists and is not a JSON list of records", hint="save to a new file")
+        if not self.messages:
+            raise UserError("nothing to save yet: ask something first")
         try:
-            image_name = None
-            if self.image is not None:
-                folder = p.resolve().parent
-                image = self.image.resolve()
-                if image.is_relative_to(folder):
-                    image_name = str(image.relative_to(folder))
-                else:
-                    (folder / "images").mkdir(parents=True, exist_ok=True)
-                    target = folder / "images" / image.name
-                    if target.exists() and target.read_bytes() != image.read_bytes():
-                        target = folder / "images" / f"{image.stem}-{int(time.time())}{image.suffix}"
-                    shutil.copyfile(image, target)
-                    image_name = str(target.relative_to(folder))
-            records.append(self.record(image_name))
-            tmp = p.with_name(f".{p.name}.tmp")
-            tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False))
-            tmp.replace(p)
+            folder = p.resolve().parent
+            with _locked(folder):
+                records = _saved_records(p)
+                image_name = _copied_image(self.image, folder) if self.image is not None else None
+                taken = {str(r["id"]) for r in records if isinstance(r, dict) and "id" in r}
+                records.append(self.record(image_name, taken))
+                tmp = p.with_name(f".{p.name}.tmp")
+                tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+                tmp.replace(p)
         except OSError as e:
             raise UserError(f"cannot write {p}: {e.strerror or e}") from None
         return p
+
+
+def new_id(taken: Collection[str] = ()) -> str:
+    """``chat-20250101-120000-3fa9c2``: when it was saved, and 6 random hex digits, so that two saves in the
+    same second never share an id (none of ``taken``, and across files and sessions but by a 1 in 16.7
+    million chance; the data layer warns when two training sources share an id)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    while True:
+        candidate = f"chat-{stamp}-{secrets.token_hex(3)}"
+        if candidate not in taken:
+            return candidate
+
+
+def _saved_records(p: Path) -> list:
+    """The JSON list of records in ``p`` (none when it is missing); anything else is refused, never replaced."""
+    if not p.exists():
+        return []
+    try:
+        records = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} exists and is not a JSON list of records ({e})", hint="save to a new file") from None
+    if not isinstance(records, list):
+        raise UserError(f"{p} exists and is not a JSON list of records", hint="save to a new file")
+    return records
+
+
+def _copied_image(image: Path, folder: Path) -> str:
+    """``image`` as the saved file's folder names it: its path under ``folder``, or else a copy in
+    ``folder/images`` under its own name, or ``<stem>-2<suffix>``, ``-3``, ... when another image has it
+    (a copy with the same bytes is reused)."""
+    image = image.resolve()
+    if image.is_relative_to(folder):
+        return str(image.relative_to(folder))
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    data = image.read_bytes()
+    target, n = folder / "images" / image.name, 1
+    while target.exists() and target.read_bytes() != data:
+        n += 1
+        target = folder / "images" / f"{image.stem}-{n}{image.suffix}"
+    if not target.exists():
+        target.write_bytes(data)
+    return str(target.relative_to(folder))
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on ``folder`` while the block runs (saves into it one at a time, across processes);
+    a no-op where there is no fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -116,3 +116,45 @@ def test_in_a_terminal_ctrl_c_at_the_prompt_and_ctrl_d_exits(tiny_path):
     os.write(fd, b"\x04")  # Ctrl-D: exits cleanly
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_saves_in_the_same_second_never_share_an_id_or_overwrite_each_other(shapes, tmp_path, monkeypatch):
+    """/save three times within one second, each about another image named x.png: three records with ids of
+    their own, each pointing at its own image's copy; and chats saving to one file at once all land in it."""
+    import threading
+
+    import lora_llava.chat as chat
+    from lora_llava.chat import ChatSession
+
+    monkeypatch.setattr(chat.time, "strftime", lambda fmt, *a: "20250101-120000")
+    monkeypatch.setattr(chat.time, "time", lambda: 1735732800.0)
+    pictures = sorted((shapes / "images").glob("eval_*.png"))[:3]
+    sessions = []
+    for i, picture in enumerate(pictures):
+        (tmp_path / str(i)).mkdir()
+        same_name = tmp_path / str(i) / "x.png"
+        same_name.write_bytes(picture.read_bytes())
+        session = ChatSession(loaded=None, image=same_name)  # no model: saving needs the conversation only
+        session.messages = [("user", f"<image>\n{IMAGE_Q}"), ("assistant", f"answer {i}")]
+        sessions.append(session)
+    out = tmp_path / "saved" / "c.json"
+    out.parent.mkdir()
+    for session in sessions:
+        session.save(out)
+    saved = json.loads(out.read_text())
+    assert len({r["id"] for r in saved}) == 3 and all(r["id"].startswith("chat-20250101-120000-") for r in saved)
+    assert [r["image"] for r in saved] == ["images/x.png", "images/x-2.png", "images/x-3.png"]
+    for r, picture in zip(saved, pictures):
+        assert (out.parent / r["image"]).read_bytes() == picture.read_bytes(), r
+    sessions[0].save(out)  # the same image again: its copy is reused, the record is new
+    saved = json.loads(out.read_text())
+    assert saved[-1]["image"] == "images/x.png" and len({r["id"] for r in saved}) == 4
+
+    together = tmp_path / "together.json"
+    threads = [threading.Thread(target=sessions[i % 3].save, args=(together,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    saved = json.loads(together.read_text())
+    assert len(saved) == 12 and len({r["id"] for r in saved}) == 12
