@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lora_llava.errors import UserError
 
@@ -85,3 +86,41 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HELD: dict[str, Any] = {}  # lock files this process holds, by resolved path (an open file each)
+
+
+def hold_lock(lock_file: Path, what: str) -> None:
+    """Hold an exclusive lock on ``lock_file`` until ``release_lock`` (or the process ends): a second process asking
+    for it gets a UserError naming ``what`` and the holder's pid. Reentrant within one process. Where the
+    platform has no ``fcntl`` (Windows), nothing is locked."""
+    key = str(lock_file.resolve())
+    if key in _HELD:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    f = open(lock_file, "a+")  # noqa: SIM115 - held open until released
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(
+            f"{what} is in use by another lora_llava process (pid {holder})",
+            hint="wait for it to finish, or choose another output",
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
+
+
+def release_lock(lock_file: Path) -> None:
+    f = _HELD.pop(str(lock_file.resolve()), None)
+    if f is not None:
+        f.close()  # closing the file releases the lock

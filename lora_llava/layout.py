@@ -38,11 +38,13 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_llava.errors import UserError
+from lora_llava.fsutil import hold_lock, release_lock
 
 META_FILE = "lora_llava.json"
 RECIPE_FILE = "recipe.yaml"
@@ -59,6 +61,9 @@ MODEL_CONFIG_FILE = "config.json"  # a transformers model directory's config
 PROCESSOR_CONFIG_FILE = "processor_config.json"  # its processor's settings (image processor included)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its tokenizer's settings (the tokenizer class)
 CHECKPOINT_EVAL_FILE = "eval.json"  # the eval result at a checkpoint's step (with train.eval_steps)
+
+
+LOCK_FILE = ".lora_llava.lock"  # a run directory's lock (the holder's pid): one run writes into it at a time
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -235,28 +240,62 @@ class RunDir:
         if not os.access(self.path, os.W_OK):
             raise UserError(f"output_dir {str(self.path)!r} is not writable", hint="choose another output_dir")
 
-    def start(self, overwrite: bool = False, resume: bool = False) -> str:
+    def start(self, overwrite: bool = False, resume: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> str:
         """Claim the directory for a run; returns the run's id (the same id when resuming).
 
-        A directory holding an earlier run's outputs is refused unless ``overwrite`` (which deletes
-        those outputs, nothing else) or ``resume``. Each run gets a new id, recorded in ``run.json``
-        and in each of its checkpoints, so resuming never continues another run's checkpoint.
+        The directory is locked for this process (``release`` or the process's end frees it): a second run into
+        it is refused, naming the holder. A directory holding an earlier run's outputs is refused unless
+        ``overwrite`` (which deletes those outputs, nothing else) or ``resume``; one that holds anything
+        lora_llava did not write is refused outright (``check_free``). Each run gets a new id, recorded in
+        ``run.json`` and in each of its checkpoints, so resuming never continues another run's checkpoint.
         """
+        self.check_free(overwrite, resume, inputs)  # before anything is written: a foreign folder stays untouched
         self.create()
+        hold_lock(self.path / LOCK_FILE, f"output_dir {str(self.path)!r}")
         if resume:
+            self.check_free(resume=True, inputs=inputs)
             latest = self.latest_checkpoint()
             adopted = checkpoint_run_id(latest) if latest is not None else None
             return self.run_id() or self._new_id(adopted)
-        self.check_free(overwrite)
-        for p in (self.adapter, self.aligned, self.merged, self.checkpoints, self.eval_dir):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in (self.summary, self.eval_predictions, self.metrics, self.rejected, self.curves, self.third_party_log):
-            p.unlink(missing_ok=True)
+        self.check_free(overwrite, inputs=inputs)
+        for p in self._outputs():
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
         return self._new_id()
 
-    def check_free(self, overwrite: bool = False, resume: bool = False) -> None:
-        """A UserError when the directory holds an earlier run's outputs and neither ``overwrite`` nor ``resume``
-        is asked (cheap: a command calls it before loading anything)."""
+    def release(self) -> None:
+        """Free the directory's lock (``start``) for another process."""
+        release_lock(self.path / LOCK_FILE)
+
+    def check_free(
+        self, overwrite: bool = False, resume: bool = False, inputs: Sequence[str | os.PathLike] = ()
+    ) -> None:
+        """A UserError, before anything is written, when the directory is not this run's to write in: it holds
+        something lora_llava did not write (a directory that is not a run, with anything but the run's own
+        ``inputs`` and lora_llava's leftovers; an output name taken by a user's folder; a link at an output
+        name), or an earlier run's outputs and neither ``overwrite`` nor ``resume`` is asked. Cheap: a command
+        calls it before loading anything."""
+        links = [p for p in self._names() if p.is_symlink()]
+        if links:
+            raise UserError(
+                f"output_dir {str(self.path)!r} holds {_few([f'{p.name} -> {os.readlink(p)}' for p in links])}: "
+                "lora_llava writes its outputs as plain files and folders, never through a link",
+                hint="remove the link(s), or choose another output_dir",
+            )
+        foreign = self._foreign(inputs)
+        if foreign:
+            what = (
+                "holds"
+                if self.run_file.is_file() or self.checkpoints.is_dir()
+                else "is not a lora_llava run directory and holds"
+            )
+            raise UserError(
+                f"output_dir {str(self.path)!r} {what} {_few(foreign)}, which lora_llava did not write",
+                hint="choose a new or empty output_dir (lora_llava replaces only what it wrote itself), or move "
+                "those out of it",
+            )
         found = [] if overwrite or resume else self.finished_outputs()
         if found:
             raise UserError(
@@ -264,6 +303,47 @@ class RunDir:
                 hint="choose another output_dir, add --overwrite to replace that run, or set train.resume=true to "
                 "continue it",
             )
+
+    def _names(self) -> list[Path]:
+        """Every path a run writes directly in the directory (its outputs and its lock)."""
+        return [
+            self.recipe, self.metrics, self.rejected, self.adapter, self.checkpoints, self.aligned, self.merged,
+            self.summary, self.bad_samples, self.data_report, self.pushed, self.eval_predictions, self.eval_dir,
+            self.curves, self.third_party_log, self.run_file, self.assembled, self.path / LOCK_FILE,
+        ]  # fmt: skip
+
+    def _outputs(self) -> list[Path]:
+        """What ``start`` clears for a new run: the outputs of an earlier run (its assembled backbone, its record
+        of pushes and its run.json stay: the first is reused, the others are rewritten)."""
+        keep = {self.assembled, self.pushed, self.run_file, self.path / LOCK_FILE}
+        return [p for p in self._names() if p not in keep]
+
+    def _foreign(self, inputs: Sequence[str | os.PathLike]) -> list[str]:
+        """What makes the directory not this run's to write in: in a directory that is no run yet, anything but the
+        run's ``inputs`` and what lora_llava writes before a run (an assembled backbone, the lock); in a run
+        directory, an output name taken by a folder lora_llava did not write (other files of the user's are left
+        alone there)."""
+        if not self.path.is_dir():
+            return []
+        held = [Path(p).resolve() for p in inputs]
+        # a run's: its run.json, or (that file lost) checkpoints lora_llava wrote
+        is_run = self.run_file.is_file() or (
+            self.checkpoints.is_dir() and bool(self.checkpoint_dirs()) and _written_by_us(self, self.checkpoints)
+        )
+        ours = {p.name for p in self._names()}
+        out = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name.startswith(".") and entry.name[1:].split("-", 1)[0] in ours:
+                continue  # a writer's temporary sibling (fsutil.atomic_dir): cleaned up by the next write
+            resolved = entry.resolve()
+            if any(h == resolved or resolved in h.parents for h in held):
+                continue  # the run's own data (the quickstart's synthetic set lives in its output_dir)
+            if not is_run:  # not a run: only what a run-less command of lora_llava leaves
+                if entry.name not in (self.assembled.name, LOCK_FILE) or not _written_by_us(self, entry):
+                    out.append(entry.name + ("/" if entry.is_dir() else ""))
+            elif entry.name in ours and entry.is_dir() and not _written_by_us(self, entry):
+                out.append(entry.name + "/")  # a run's output name taken by a folder lora_llava did not write
+        return out
 
     def run_id(self) -> str | None:
         return _read_run_id(self.path)
@@ -296,6 +376,27 @@ class RunDir:
             if skipped is not None:
                 skipped.append(f"{path.name}: {problem}")
         return None
+
+
+def _written_by_us(run: RunDir, folder: Path) -> bool:
+    """Whether a folder at one of a run's output names is lora_llava's: a model folder carries lora_llava.json,
+    eval/ holds only step-N.jsonl files, checkpoints/ only checkpoint folders (and their staging), assembled/ its
+    metadata."""
+    if folder == run.path / LOCK_FILE:
+        return folder.is_file()
+    if folder in (run.adapter, run.aligned, run.merged, run.assembled):
+        return (folder / META_FILE).is_file()
+    if folder == run.eval_dir:
+        return all(p.is_file() and p.name.startswith("step-") and p.suffix == ".jsonl" for p in folder.iterdir())
+    if folder == run.checkpoints:
+        return all(
+            p.is_dir() and (p.name.startswith(CHECKPOINT_PREFIX) or p.name.startswith(".")) for p in folder.iterdir()
+        )
+    return False
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def checkpoint_step(path: Path) -> int:

@@ -14,6 +14,7 @@ import json
 import time
 
 from lora_llava.annotations import Log
+from lora_llava.config.load import input_paths
 from lora_llava.config.schema import Recipe
 from lora_llava.data.check import DataReport
 from lora_llava.errors import UserError
@@ -29,16 +30,24 @@ def _eval_plan(recipe: Recipe, report: DataReport) -> EvalPlan:
 
 
 def run_pipeline(recipe: Recipe, log: Log = print, overwrite: bool = False) -> dict:
+    t0 = time.time()
+    run = RunDir(recipe.output_dir)
+    # before any work: refuse or clear, and hold the directory until the summary is written
+    run_id = run.start(overwrite=overwrite, resume=recipe.train.resume, inputs=input_paths(recipe))
+    try:
+        return _run(recipe, run, run_id, log, t0)
+    finally:
+        run.release()
+
+
+def _run(recipe: Recipe, run: RunDir, run_id: str, log: Log, t0: float) -> dict:
     from lora_llava.data.encode import Encoder
     from lora_llava.infer import evaluate, format_predictions, load_model
     from lora_llava.merging import merge
     from lora_llava.training.prepare import prepare_run
     from lora_llava.workflows import train
 
-    t0 = time.time()
-    run = RunDir(recipe.output_dir)
     run_dir, merged_dir = run.path, run.merged
-    run_id = run.start(overwrite=overwrite, resume=recipe.train.resume)  # before any work: refuse or clear
     prepared = prepare_run(recipe, run_dir)  # the data is read and checked once, for eval and training
     spec, encoder, report = prepared.spec, prepared.encoder, prepared.report
     plan = _eval_plan(recipe, report)

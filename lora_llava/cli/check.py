@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args
-from lora_llava.layout import RunDir
+from lora_llava.fsutil import cache_root
 
 HELP = "validate a recipe and every data sample (no model weights are loaded)"
 EPILOG = """examples:
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     spec, report = prepared.spec, prepared.report
     print(f"backbone: {spec.name} ({spec.source}), {describe_format(prepared.fmt)}")
     print(report.summary())
-    full_list = RunDir(recipe.output_dir).bad_samples  # where a list too long to print goes
+    # where a list too long to print goes: lora_llava's log folder, not output_dir (no run has claimed it yet)
+    full_list = cache_root() / "logs" / "check-bad_samples.jsonl"
     if report.dropped:
         print(f"{len(report.dropped)} sample(s) over data.max_length would be left out (data.overlength):")
         _print_capped(report.dropped)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_llava.cli.common import SYNTHETIC_FOLDER, cpu_threads_for, ensure_synthetic_data
+from lora_llava.config.load import input_paths
 from lora_llava.layout import RunDir
 
 if TYPE_CHECKING:
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     name = rest.pop(0) if rest and "=" not in rest[0] else "quickstart"
     recipe = load_recipe(recipe_path(name), rest)
     ensure_synthetic_data(recipe)
-    RunDir(recipe.output_dir).check_free(args.overwrite)  # before anything heavy is imported
+    RunDir(recipe.output_dir).check_free(
+        args.overwrite, inputs=input_paths(recipe)
+    )  # before anything heavy is imported
     warning = synthetic_eval_warning(recipe)
     if warning:
         print(warning, file=sys.stderr)

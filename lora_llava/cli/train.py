@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, training
+from lora_llava.config.load import input_paths
 from lora_llava.layout import RunDir
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
-    RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume)
+    RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume, inputs=input_paths(recipe))
     from lora_llava.workflows import train
 
     kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]

@@ -407,3 +407,10 @@ def _yaml_text(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
     return str(value)
+
+
+def input_paths(recipe: Recipe) -> list[str]:
+    """The files and folders a recipe reads its data from (sources and image folders): a run leaves them alone,
+    also where they lie inside its output_dir."""
+    sources = [*recipe.data.train, *recipe.data.eval]
+    return [p for s in sources for p in (s.path, s.image_folder) if p]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_llava import thirdparty
 from lora_llava.annotations import Log
-from lora_llava.config.load import save_recipe
+from lora_llava.config.load import input_paths, save_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
@@ -62,7 +62,23 @@ def train(
     when ``train.max_bad_steps`` NaN/inf steps in a row stopped it; neither writes an adapter."""
 
     run = RunDir(recipe.output_dir)
-    run_id = run_id or run.start(overwrite=overwrite, resume=recipe.train.resume)
+    if run_id is None:  # this call claims (and locks) the directory; a caller that did holds it
+        run_id = run.start(overwrite=overwrite, resume=recipe.train.resume, inputs=input_paths(recipe))
+        try:
+            return _train(recipe, run, run_id, log, prepared, before_load)
+        finally:
+            run.release()
+    return _train(recipe, run, run_id, log, prepared, before_load)
+
+
+def _train(
+    recipe: Recipe,
+    run: RunDir,
+    run_id: str,
+    log: Log,
+    prepared: PreparedRun | None,
+    before_load: Callable[[], str | None] | None,
+) -> TrainResult:
     thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
     save_recipe(recipe, run.recipe)
     t0 = time.time()
