@@ -8,7 +8,9 @@ Usage::
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,6 @@ def plan_push(
     ref: str, repo_id: str, merged: bool = False, public: bool = False, revision: str | None = None
 ) -> PushPlan:
     """The push of a run's adapter (or, ``merged``, its merged model), or of a merged directory."""
-    import fnmatch
 
     from lora_llava.artifacts import open_artifact
     from lora_llava.errors import UserError
@@ -117,12 +118,7 @@ def plan_push(
         raise UserError(f"{ref!r} is {art.description}; push takes a run directory, an adapter or a merged model")
     assert folder is not None
     run_dir = lineage.run_dir
-    allowed = (*(ADAPTER_FILES if kind == "adapter" else MERGED_FILES), *PROCESSOR_FILES)
-    files = [
-        PushFile(p.name, p)
-        for p in sorted(folder.iterdir())
-        if p.is_file() and (p.name in allowed or (kind == "merged" and fnmatch.fnmatch(p.name, MERGED_SHARD)))
-    ]
+    files = [PushFile(p.name, p) for p in _uploadable(folder, kind)]
     meta = read_meta(folder)
     generated: dict[str, bytes] = {}
     if meta is not None:
@@ -148,6 +144,68 @@ def plan_push(
     files = [f for f in files if f.path_in_repo not in generated]
     files += [PushFile(name, data) for name, data in generated.items()]
     return PushPlan(repo_id, not public, revision, kind, files, Path(run_dir) if run_dir else None)
+
+
+def _uploadable(folder: Path, kind: str) -> list[Path]:
+    """The files of ``folder`` a push of ``kind`` may upload: allow-listed names, each a regular file of the folder
+    itself (a link, whatever it points at, is refused by name), merged shards exactly as the index lists them,
+    every ``.safetensors`` a readable safetensors file and every ``.json`` JSON (a file that only carries the
+    name is not uploaded as one)."""
+    from lora_llava.errors import UserError
+
+    names = [*(ADAPTER_FILES if kind == "adapter" else MERGED_FILES), *PROCESSOR_FILES]
+    index = folder / "model.safetensors.index.json"
+    shards: list[str] = []
+    if kind == "merged" and index.is_file() and not index.is_symlink():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a weight index (no weight_map)", hint="merge again") from None
+        bad = [n for n in shards if not isinstance(n, str) or "/" in n or not fnmatch.fnmatch(n, MERGED_SHARD)]
+        if bad:
+            raise UserError(f"{index} names files that are not shards of this folder: {', '.join(map(str, bad[:4]))}")
+        names += shards
+    present = [folder / n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
+    links = [p for p in present if p.is_symlink() or p.resolve().parent != folder.resolve()]
+    if links:
+        shown = ", ".join(f"{p.name} -> {os.readlink(p)}" if p.is_symlink() else p.name for p in links[:4])
+        raise UserError(
+            f"{folder} holds {shown}: a push uploads only regular files of the folder itself, never through a link",
+            hint="replace the link(s) with the files themselves (cp -L), or remove them",
+        )
+    out = [p for p in present if p.is_file()]
+    if kind == "merged" and index.is_file() and not index.is_symlink():
+        absent = [n for n in shards if not (folder / n).is_file()]
+        if absent:
+            raise UserError(f"{folder} lacks shard(s) its index lists: {', '.join(absent[:4])}", hint="merge again")
+    for p in out:
+        problem = _not_what_it_is_named(p)
+        if problem:
+            raise UserError(
+                f"{p} is {problem}; a push uploads it only as what its name says", hint="merge or train again"
+            )
+    return sorted(out)
+
+
+def _not_what_it_is_named(path: Path) -> str | None:
+    """Why ``path`` is not the kind of file its name says (a safetensors header, JSON), or None."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 1 or n > min(path.stat().st_size - 8, 100 * 1024 * 1024):
+                return "not a safetensors file (no header)"
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                return "not a safetensors file (its header is not JSON)"
+        return None if isinstance(header, dict) else "not a safetensors file"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "not JSON"
+    return None
 
 
 def _card_facts(kind: str, repo_id: str, lineage: Lineage, recipe_text: str) -> CardFacts:

@@ -244,3 +244,42 @@ def test_a_push_that_cannot_reach_the_hub_is_one_error_line(trained_run, tmp_pat
     assert main(["push", str(trained_run), "someone/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the Hub to push someone/x (") and "--dry-run" in err
+
+
+def test_push_uploads_no_link_and_nothing_but_what_the_names_say(trained_run, tmp_path, capsys, fake_hub):
+    import json
+    import shutil
+
+    from lora_llava.cli.main import main
+    from lora_llava.merging import merge
+
+    secret = tmp_path / "secret"
+    secret.write_text("hf_token_value\nssh-rsa AAAA")
+    for name in ("vocab.json", "tokenizer.model", "vision_tower.safetensors"):  # links named like allowed files
+        run = tmp_path / f"run-{name}"
+        shutil.copytree(trained_run, run)
+        (run / "adapter" / name).symlink_to(secret)
+        for dry in (["--dry-run"], []):
+            assert main(["push", str(run), "someone/x", *dry]) == 2
+            err = capsys.readouterr().err
+            assert f"{name} -> {secret}" in err and "never through a link" in err, err
+    assert fake_hub.repos == {}
+    run = tmp_path / "run-fake"
+    shutil.copytree(trained_run, run)
+    (run / "adapter" / "projector.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert main(["push", str(run), "someone/x", "--dry-run"]) == 2
+    assert "projector.safetensors is not a safetensors file" in capsys.readouterr().err
+    # merged shards come from the index: a stray file named like a shard is not uploaded
+    run = tmp_path / "run-shards"
+    shutil.copytree(trained_run, run)
+    merge(str(run), str(run / "merged"), log=lambda *_: None)
+    model = run / "merged" / "model.safetensors"
+    (run / "merged" / "model-00001-of-00001.safetensors").write_bytes(model.read_bytes())
+    (run / "merged" / "model-00009-of-00009.safetensors").write_bytes(model.read_bytes())  # stray
+    model.unlink()
+    weights = json.loads((run / "merged" / "merge_report.json").read_text()) and ["x"]
+    index = {"metadata": {}, "weight_map": {w: "model-00001-of-00001.safetensors" for w in weights}}
+    (run / "merged" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["push", str(run), "someone/m", "--merged"]) == 0
+    sent = set(fake_hub.repos["someone/m"]["files"])
+    assert "model-00001-of-00001.safetensors" in sent and "model-00009-of-00009.safetensors" not in sent
