@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ from lora_llava.data.chat import default_system, format_for
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
-from lora_llava.fsutil import atomic_dir
+from lora_llava.fsutil import atomic_dir, hold_lock, release_lock
 from lora_llava.layout import (
     MERGE_REPORT_FILE,
     RECIPE_FILE,
@@ -76,7 +77,7 @@ class MergeReport:
     out_dir: Path
     dtype: str
     base: str
-    parity: Parity
+    parity: Parity = dataclasses.field(default_factory=lambda: Parity())
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
@@ -202,20 +203,30 @@ def merge(
         info = AlignedMeta(**fields, align_format=meta.chat_format)
         processor = load_processor(spec.local_path())
         processor.chat_template = format_for(name, processor.tokenizer).jinja
-    with atomic_dir(out, replace=replace) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=recipe.merge.max_shard_size)
-        processor.save_pretrained(tmp)
-        write_meta(tmp, info)
-    del merged
-    log(f"merged {adapter_dir} into {out} ({dtype_name}, base: {base_mode}) in {time.time() - t0:.1f}s")
-    parity = verify(adapter_dir, out, spec, recipe, verify_samples)
-    parity.no_op = not changed
+    lock = out.parent / f".{out.name}.lock"  # one merge into a target at a time
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hold_lock(lock, f"merge target {str(out)!r}")
+    try:
+        folded = [merged]  # handed over: freed once saved, before the verification loads two models
+        del merged
+        parity, report = _write_verified(
+            folded,
+            processor,
+            info,
+            out,
+            replace,
+            adapter_dir,
+            spec,
+            recipe,
+            verify_samples,
+            changed,
+            log,
+            f"({dtype_name}, base: {base_mode}) in {time.time() - t0:.1f}s",
+            MergeReport(out, dtype_name, base_mode),
+        )
+    finally:
+        release_lock(lock)
     floor = recipe.merge.min_agreement
-    if floor is not None and parity.samples:
-        parity.passed = parity.answers_equal >= floor * parity.answers_total
-        write_meta(out, dataclasses.replace(info, verified=parity.passed))
-    report = MergeReport(out, dtype_name, base_mode, parity)
-    (out / MERGE_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
     note = ""
     if base_mode == "original" and recipe.quantization.load_in_4bit:
         note = " (expected gap: the adapter runs on the NF4 base, the merged model on the original weights)"
@@ -231,6 +242,49 @@ def merge(
             hint="look at merge_report.json; merge.dtype float32 or merge.base dequantized close the gap",
         )
     return report
+
+
+def _write_verified(
+    folded: list[Any],
+    processor: Any,
+    info: MergedMeta,
+    out: Path,
+    replace: bool,
+    adapter_dir: Path,
+    spec: BackboneSpec,
+    recipe: Recipe,
+    verify_samples: list[Sample] | None,
+    changed: bool,
+    log: Log,
+    how: str,
+    report: MergeReport,
+) -> tuple[Parity, MergeReport]:
+    """Save the merged model to a temporary folder, verify it there against the adapter, write its report, and
+    only then rename it into place: a merged/ folder is whole and verified, or absent."""
+    floor = recipe.merge.min_agreement
+    with atomic_dir(out, replace=replace) as tmp:  # verified before the rename: merged/ never stands unchecked
+        merged = folded.pop()
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=recipe.merge.max_shard_size)
+        del merged
+        processor.save_pretrained(tmp)
+        write_meta(tmp, info)
+        log(f"merged {adapter_dir} into {out} {how}")
+        parity = verify(adapter_dir, tmp, spec, recipe, verify_samples)
+        parity.no_op = not changed
+        if floor is not None and not parity.samples:
+            where = ", ".join(s.path for s in [*recipe.data.eval, *recipe.data.train][:3]) or "none"
+            raise UserError(
+                f"merge.min_agreement={floor} needs samples to compare the merged model with the adapter, and none "
+                f"could be read (the recipe's data: {where}, from {Path.cwd()}); nothing was written to {out}",
+                hint="run merge from the folder the run trained in (its data paths are relative to it), or unset "
+                "merge.min_agreement to merge without that check",
+            )
+        if floor is not None:
+            parity.passed = parity.answers_equal >= floor * parity.answers_total
+            write_meta(tmp, dataclasses.replace(info, verified=parity.passed))
+        report.parity = parity
+        (tmp / MERGE_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
+    return parity, report
 
 
 def _verify_samples(recipe: Recipe, n: int) -> list[Sample]:

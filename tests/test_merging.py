@@ -64,7 +64,7 @@ def test_merge_output_is_plain_16bit_checkpoint(merged):
 
     out, report = merged
     assert {p.name for p in out.iterdir()} == MERGED_FILES
-    assert [p.name for p in out.parent.iterdir()] == ["merged"]  # no temp dir left beside it
+    assert sorted(p.name for p in out.parent.iterdir()) == [".merged.lock", "merged"]  # no temp dir; its lock
     assert json.loads((out / "merge_report.json").read_text()) == json.loads(json.dumps(report.to_json()))
     assert report.dtype == "bfloat16" and report.base == "dequantized"
 
@@ -204,3 +204,31 @@ def test_large_merges_are_sharded(trained_run, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     pushed = {f.path_in_repo for f in plan_push(str(run), "me/x", merged=True).files}
     assert set(shards) | {"model.safetensors.index.json"} <= pushed
+
+
+def test_a_merge_is_verified_before_it_stands_and_min_agreement_needs_samples(trained_run, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    import lora_llava.merging as merging
+    from lora_llava.config.load import load_recipe, save_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+
+    def killed(*args, **kwargs):  # the process dies while verifying (here: an error in the middle of it)
+        raise RuntimeError("killed during verification")
+
+    with monkeypatch.context() as m:
+        m.setattr(merging, "verify", killed)
+        with pytest.raises(RuntimeError, match="killed during verification"):
+            merging.merge(str(run), str(tmp_path / "m1"), log=quiet)
+    assert not (tmp_path / "m1").exists()  # no unverified merged model left for push or demo to pick up
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m1-")]
+    recipe = load_recipe(run / "adapter" / "recipe.yaml")
+    strict = dataclasses.replace(recipe, merge=dataclasses.replace(recipe.merge, min_agreement=1.0))
+    save_recipe(strict, run / "adapter" / "recipe.yaml")
+    monkeypatch.chdir(tmp_path)  # the recipe's data paths do not resolve from here
+    with pytest.raises(UserError, match=r"merge.min_agreement=1.0 needs samples .* nothing was written to"):
+        merging.merge(str(run), str(tmp_path / "m2"), log=quiet, verify_samples=[])
+    assert not (tmp_path / "m2").exists()
