@@ -20,7 +20,26 @@ from typing import Any
 
 import yaml
 
-_ABSOLUTE = re.compile(r"(?<![\w:/.~-])(/[^\s'\"(),:;]+)")
+# local paths a card or a pushed file must not carry, each replaced by <local>/<its last part>: file:// URLs,
+# Windows paths (C:\x, C:/x, \\server\share), home paths (~/x, ~user/x), absolute POSIX paths, and relative
+# paths (./x, ../x, a/b/c with two or more slashes, a/b.json with a data file's extension); never a URL's path,
+# a Hub id (owner/name), a date (2026/12/04) or an already scrubbed <local>/x
+_END = r"[^\s'\"(),;<>|*?\[\]]+"
+_LOCAL_PATHS = [
+    re.compile(r"file://" + _END),
+    re.compile(r"(?<![\w/\\])(?:[A-Za-z]:[\\/]|\\\\)" + _END),
+    re.compile(r"(?<![\w:/.~>-])~[\w.-]*/" + _END),
+    re.compile(r"(?<![\w:/.~>\\-])/(?!/)" + r"[^\s'\"(),:;<>|*?\[\]]+"),
+    re.compile(r"(?<![\w:/.~>\\-])\.{1,2}/" + _END),
+    re.compile(r"(?<![\w:/.~>\\-])(?=[^\s/]*[A-Za-z._])[\w.-]+(?:/[\w.-]+){2,}/?"),
+    re.compile(r"(?<![\w:/.~>\\-])[\w.-]+/[\w.-]+\.(?:json|jsonl|yaml|yml|parquet|csv|tsv|txt|png|jpe?g|webp|arrow)\b"),
+]
+
+
+def _last_part(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", path.rstrip("/\\")) if p]
+    return "<local>/" + (parts[-1] if parts else "")
+
 
 # licenses of registered bases, as their model cards state them (others: not claimed)
 KNOWN_LICENSES = {
@@ -33,9 +52,12 @@ KNOWN_LICENSES = {
 
 
 def scrub(value: Any) -> Any:
-    """``value`` with every absolute local path replaced by ``<local>/<its last part>`` (recursively)."""
+    """``value`` with every local path (``_LOCAL_PATHS``) replaced by ``<local>/<its last part>`` (recursively);
+    scrubbing twice changes nothing more."""
     if isinstance(value, str):
-        return _ABSOLUTE.sub(lambda m: "<local>/" + m.group(1).rstrip("/").rsplit("/", 1)[-1], value)
+        for pattern in _LOCAL_PATHS:
+            value = pattern.sub(lambda m: _last_part(m.group(0)), value)
+        return value
     if isinstance(value, dict):
         return {k: scrub(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -283,3 +283,38 @@ def test_push_uploads_no_link_and_nothing_but_what_the_names_say(trained_run, tm
     assert main(["push", str(run), "someone/m", "--merged"]) == 0
     sent = set(fake_hub.repos["someone/m"]["files"])
     assert "model-00001-of-00001.safetensors" in sent and "model-00009-of-00009.safetensors" not in sent
+
+
+@pytest.mark.parametrize(
+    "text, scrubbed",
+    [
+        ("/home/me/data/train.json", "<local>/train.json"),
+        ("image_folder: ~/datasets/shapes/images", "image_folder: <local>/images"),
+        ("~alice/d/x.json", "<local>/x.json"),
+        ("file:///home/me/x.png", "<local>/x.png"),
+        (r"path: C:\Users\me\data\train.json", "path: <local>/train.json"),
+        ("C:/Users/me/x.json", "<local>/x.json"),
+        (r"\\server\share\x.json", "<local>/x.json"),
+        ("./data/train.json and ../data/eval.jsonl", "<local>/train.json and <local>/eval.jsonl"),
+        ("runs/quickstart/data/train.json", "<local>/train.json"),
+        ("data/train.json", "<local>/train.json"),
+        ("base: /root/.cache/lora_llava/tiny-v3", "base: <local>/tiny-v3"),
+    ],
+)
+def test_the_scrubber_removes_every_kind_of_local_path(text, scrubbed):
+    from lora_llava.card import scrub
+
+    assert scrub(text) == scrubbed
+    assert scrub(scrubbed) == scrubbed  # twice changes nothing more
+    assert scrub({"a": [text]}) == {"a": [scrubbed]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["llava-hf/llava-1.5-7b-hf", "https://huggingface.co/someone/x", "[someone/x](https://huggingface.co/someone/x)",
+     "2026/12/04", "What is 3/4 of 8?", "model.language_model.layers.0", "lr 2e-4/step", "USER: <image>\nWhat?"],
+)  # fmt: skip
+def test_the_scrubber_leaves_what_is_no_local_path(text):
+    from lora_llava.card import scrub
+
+    assert scrub(text) == text
