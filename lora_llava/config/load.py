@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_llava.config.schema import DataSource, Recipe
+from lora_llava.config.schema import FLOAT_MAX, INT_MAX, DataSource, Recipe
 from lora_llava.config.yamlsafe import DuplicateKeyError, load_yaml, strict_load
 from lora_llava.errors import UserError
 
@@ -278,11 +278,15 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping[str, Any], pro
         problems.append(f"{path}: expected {expected}, got {_show(value)}")
         return _INVALID
     if isinstance(out, (int, float)) and not isinstance(out, bool):
+        if isinstance(out, float) and not math.isfinite(out):
+            problems.append(f"{path}: must be a finite number, got {out}")
+            return _INVALID
+        cap = meta.get("max", INT_MAX if isinstance(out, int) else FLOAT_MAX)  # every number is bounded
         if "min" in meta and out < meta["min"]:
             problems.append(f"{path}: must be >= {meta['min']}, got {out}")
             return _INVALID
-        if "max" in meta and out > meta["max"]:
-            problems.append(f"{path}: must be <= {meta['max']}, got {out}")
+        if out > cap:
+            problems.append(f"{path}: must be <= {cap}, got {out}")
             return _INVALID
     return out
 

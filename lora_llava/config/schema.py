@@ -28,6 +28,12 @@ MergeBase = Literal["dequantized", "original"]
 MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+MAX_LENGTH_MAX = 262_144  # tokens of one sample (or one packed row): far past any LLaVA context, short of a memory bomb
+INT_MAX = 2**31 - 1  # any other count: what a signed 32-bit index holds
+FLOAT_MAX = 1e9  # any other number: finite, and far past every rate, ratio and norm a recipe means
+
+
 def option(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field carrying its help text and bounds."""
     if callable(default):
@@ -84,7 +90,9 @@ class DataSource:
     fraction: float | None = option(
         None, "Use this share of the source's samples, drawn at random (seeded by data.seed).", min=0.0, max=1.0
     )
-    repeats: int = option(1, "Each used sample appears this many times per epoch (upsampling a small source).", min=1)
+    repeats: int = option(
+        1, "Each used sample appears this many times per epoch (upsampling a small source).", min=1, max=1000
+    )
     prompt_style: Literal["plain", "short_answer", "multiple_choice"] = option(
         "plain",
         "plain: questions as written; short_answer: LLaVA-1.5's VQA prompt, every human turn gets "
@@ -103,9 +111,14 @@ class DataConfig:
         "seeded, no sample in both.",
     )
     seed: int | None = option(
-        None, "Seed of source sampling (fraction, max_samples) and eval_split (default: train.seed)."
+        None,
+        "Seed of source sampling (fraction, max_samples) and eval_split (default: train.seed).",
+        min=0,
+        max=SEED_MAX,
     )
-    max_length: int = option(2048, "Longest sample in tokens, counted after image-token expansion.", min=8)
+    max_length: int = option(
+        2048, "Longest sample in tokens, counted after image-token expansion.", min=8, max=MAX_LENGTH_MAX
+    )
     overlength: Literal["bad_sample", "drop", "truncate_turns"] = option(
         "bad_sample",
         "A sample over max_length: bad_sample (on_bad_sample decides), drop (leave it out, listed in "
@@ -132,8 +145,8 @@ class QuantizationConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = option(16, "LoRA rank.", min=1)
-    alpha: int = option(32, "LoRA scaling numerator (scale = alpha / r).", min=1)
+    r: int = option(16, "LoRA rank.", min=1, max=4096)
+    alpha: int = option(32, "LoRA scaling numerator (scale = alpha / r).", min=1, max=65536)
     dropout: float = option(0.05, "Dropout on the LoRA input.", min=0.0, max=1.0)
     target_modules: list[str] = option(
         lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -191,7 +204,9 @@ class AssembleConfig:
     projector: Literal["mlp2x_gelu", "linear"] = option(
         "mlp2x_gelu", "LLaVA-1.5's 2-layer GELU MLP, or LLaVA's linear map."
     )
-    vision_feature_layer: int = option(-2, "Hidden layer of the vision encoder whose features are projected.")
+    vision_feature_layer: int = option(
+        -2, "Hidden layer of the vision encoder whose features are projected.", min=-256, max=256
+    )
     vision_feature_select: Literal["default", "full"] = option(
         "default", "default: drop the CLS token (CLIP); full: keep every token (SigLIP has no CLS)."
     )
@@ -200,7 +215,7 @@ class AssembleConfig:
         "Chat format recorded with the assembled model (stage 2 trains in it); default: inferred from the "
         "language model's tokenizer.",
     )
-    seed: int = option(0, "Seed of the projector's initialization.")
+    seed: int = option(0, "Seed of the projector's initialization.", min=0, max=SEED_MAX)
 
 
 @dataclass
@@ -225,14 +240,14 @@ class ChatConfig:
 class TrainConfig:
     epochs: float = option(1.0, "Passes over the training mixture (ignored when max_steps is set).", min=0.0)
     max_steps: int | None = option(None, "Stop after this many optimizer steps.", min=1)
-    batch_size: int = option(4, "Samples per device step.", min=1)
-    grad_accum: int = option(4, "Device steps per optimizer step.", min=1)
+    batch_size: int = option(4, "Samples per device step.", min=1, max=65536)
+    grad_accum: int = option(4, "Device steps per optimizer step.", min=1, max=65536)
     learning_rate: float = option(2e-4, "Learning rate of the LoRA weights.", min=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", "Schedule.")
     warmup_ratio: float = option(0.03, "Share of steps spent warming up.", min=0.0, max=1.0)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm.", min=0.0)
-    seed: int = option(42, "Seed for initialization, shuffling and dropout.")
+    seed: int = option(42, "Seed for initialization, shuffling and dropout.", min=0, max=SEED_MAX)
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass to save memory.")
     logging_steps: int = option(10, "Log loss every N optimizer steps.", min=1)
     save_steps: int | None = option(
@@ -276,7 +291,7 @@ class TrainConfig:
         "Compute the LM head and the loss only at positions whose next token is labelled (answers), not over the "
         "image tokens and prompts: the same loss, a fraction of the logits' memory. false: the model's own forward.",
     )
-    dataloader_workers: int = option(0, "Worker processes preparing batches.", min=0)
+    dataloader_workers: int = option(0, "Worker processes preparing batches.", min=0, max=256)
     group_by_length: bool = option(
         True,
         "Batch samples of similar length together, image and text-only samples apart (LLaVA's modality-length "
@@ -290,7 +305,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = option(16, "Longest generated answer.", min=1)
+    max_new_tokens: int = option(16, "Longest generated answer.", min=1, max=MAX_LENGTH_MAX)
     batch_size: int = option(8, "Samples generated together.", min=1)
     max_samples: int | None = option(None, "Score at most this many samples.", min=1)
 

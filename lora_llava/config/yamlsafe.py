@@ -62,6 +62,7 @@ class StrictLoader(yaml.SafeLoader):
     """
 
     def construct_document(self, node: Node) -> Any:
+        _check_expansion(node)
         self._check_keys(node)
         return super().construct_document(node)
 
@@ -99,9 +100,55 @@ class StrictLoader(yaml.SafeLoader):
             first[key] = key_node
 
 
+EXPANDED_MAX = 100_000  # nodes of a document with its aliases expanded; a recipe has a few hundred
+
+
+class ShapeError(yaml.MarkedYAMLError):
+    """A document that parses but cannot be read safely: an alias bomb, an alias inside itself, deep nesting."""
+
+
+def _check_expansion(root: Node) -> None:
+    """A YAMLError when expanding the document's aliases (``*a``) would make it bigger than ``EXPANDED_MAX``
+    nodes (an alias bomb: a few lines that expand a billion times) or endless (an alias inside its own anchor).
+    Each node's expanded size is counted once (aliases share nodes), without recursion."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = (
+            [c for kv in node.value for c in kv]
+            if isinstance(node, MappingNode)
+            else (list(node.value) if isinstance(node, SequenceNode) else [])
+        )
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > EXPANDED_MAX:
+                raise ShapeError(
+                    problem=f"its aliases (*name) expand it past {EXPANDED_MAX} values; write the values out, "
+                    "or use fewer nested aliases",
+                    problem_mark=node.start_mark,
+                )
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise ShapeError(problem="an alias (*name) refers to the value that holds it", problem_mark=node.start_mark)
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
 def strict_load(text: str) -> Any:
-    """``yaml.safe_load(text)``, except that a mapping repeating a key raises DuplicateKeyError."""
-    return yaml.load(text, Loader=StrictLoader)  # StrictLoader is a SafeLoader: safe tags only
+    """``yaml.safe_load(text)``, except that a mapping repeating a key raises DuplicateKeyError, and a document
+    too deep or too big through its aliases a ShapeError (both YAMLErrors)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # StrictLoader is a SafeLoader: safe tags only
+    except RecursionError:
+        raise ShapeError(
+            problem="it is nested deeper than it can be read (lists or mappings inside each other)"
+        ) from None
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -110,7 +157,8 @@ def yaml_problem(e: yaml.YAMLError) -> str:
         return e.describe()
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"YAML syntax error{where}: {getattr(e, 'problem', None) or e}"
+    what = "YAML" if isinstance(e, ShapeError) else "YAML syntax error"
+    return f"{what}{where}: {getattr(e, 'problem', None) or e}"
 
 
 def load_yaml(text: str, what: str) -> Any:

@@ -3,6 +3,7 @@ drop of the first value; merge keys (``<<: *base``) may still be overridden."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -171,3 +172,70 @@ def test_push_refuses_a_run_recipe_repeating_a_key(trained_run, tmp_path):
     text = error_of(plan_push, str(run), "someone/x")
     assert f"key 'train' appears twice (lines {first} and {len(lines) + 1}); keep one" in text
     assert str(recipe) in text
+
+
+def test_an_alias_bomb_a_self_reference_and_deep_nesting_are_one_error_each(tmp_path):
+    import time
+
+    from lora_llava.config import load_recipe
+
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):  # 9 ** 9 values once expanded
+        prev, name = chr(96 + i), chr(97 + i)
+        levels.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    cases = {
+        "bomb.yaml": ("\n".join(levels) + "\n", "expand it past 100000 values"),
+        "loop.yaml": ("backbone: tiny\ntrain: &t {extra: [*t]}\n", "refers to the value that holds it"),
+        "deep.yaml": ("backbone: " + "[" * 4000 + "]" * 4000 + "\n", "nested deeper than it can be read"),
+    }
+    for name, (text, expected) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        t0 = time.time()
+        with pytest.raises(UserError, match=expected) as e:
+            load_recipe(path)
+        assert str(e.value).startswith(f"recipe {path}: YAML") and time.time() - t0 < 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=.inf", "train.learning_rate: must be a finite number, got inf"),
+        ("train.max_grad_norm=-.inf", "train.max_grad_norm: must be a finite number, got -inf"),
+        ("train.seed=-1", "train.seed: must be >= 0, got -1"),
+        ("train.seed=4294967296", "train.seed: must be <= 4294967295, got 4294967296"),
+        ("data.train.0.repeats=1000000000", "data.train.0.repeats: must be <= 1000, got 1000000000"),
+        ("data.max_length=1000000000", "data.max_length: must be <= 262144, got 1000000000"),
+        ("train.epochs=1e12", "train.epochs: must be <= 1000000000.0, got 1000000000000.0"),
+        ("train.logging_steps=99999999999", "train.logging_steps: must be <= 2147483647, got 99999999999"),
+    ],
+)
+def test_every_number_of_a_recipe_is_finite_and_bounded(override, message):
+    from lora_llava.config import load_recipe
+    from lora_llava.recipes import recipe_path
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(recipe_path("quickstart"), [override])
+
+
+def test_every_numeric_key_has_bounds_that_its_default_meets():
+    import dataclasses
+    import typing
+
+    from lora_llava.config import schema
+
+    def walk(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            inner = typing.get_args(args[0])[0] if typing.get_origin(args[0]) is list else args[0]
+            if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+                yield from walk(inner)
+            elif any(a in (int, float) for a in args):
+                yield f
+
+    numeric = list(walk(schema.Recipe))
+    assert len(numeric) > 30
+    for f in numeric:
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            assert f.metadata.get("min", -float("inf")) <= f.default <= f.metadata.get("max", schema.INT_MAX), f.name
