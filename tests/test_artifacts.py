@@ -214,7 +214,9 @@ def test_every_checkpoint_is_an_adapter_for_eval_predict_chat_and_merge(make_rec
         "--out", tmp_path / "p.jsonl",
     )  # fmt: skip
     assert code == 0, err
-    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 16
+    from lora_llava.predict import read_predictions
+
+    assert len(read_predictions(tmp_path / "p.jsonl")) == 16  # the answers (after the header naming their settings)
     code, out, err = run_cli(capsys, "merge", ckpt, tmp_path / "merged-2", "--dtype", "float32")
     assert code == 0, err
     assert open_artifact(tmp_path / "merged-2").kind == "merged"

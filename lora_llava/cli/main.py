@@ -95,7 +95,7 @@ def _options_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     key=value overrides (a positional list) accepts its options anywhere among them, with their values."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     verb = sub.choices.get(argv[0]) if sub is not None and argv else None
-    if verb is None or not any(a.dest == "overrides" for a in verb._actions):
+    if verb is None or not any(not a.option_strings and a.nargs in ("*", "+") for a in verb._actions):
         return argv
     takes_value = {o: a.nargs != 0 for a in verb._actions for o in a.option_strings}
     options, rest, i = [], [], 1

@@ -228,3 +228,12 @@ def test_a_full_disk_is_one_error_line_with_what_to_do(monkeypatch, capsys, erro
     err = capsys.readouterr().err
     assert err.startswith("error: no space left on the device") and "train.resume=true" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_quickstart_options_may_come_after_the_recipe_and_among_overrides():
+    from lora_llava.cli.main import _options_first, build_parser
+
+    parser = build_parser()
+    argv = ["quickstart", "tiny-assembled/instruct", "--overwrite", "backbone=x", "output_dir=y"]
+    args = parser.parse_args(_options_first(parser, argv))
+    assert args.overwrite and args.args == ["tiny-assembled/instruct", "backbone=x", "output_dir=y"]
