@@ -9,10 +9,19 @@ Usage::
 
 Rejection reasons (``REASONS``): ``empty`` (nothing generated), ``truncated`` (cut off by
 max_new_tokens), ``turn_structure`` (not Question:/Answer: lines alternating from a question to an
-answer, text outside them, or not exactly one pair for complex_reasoning), ``empty_answer``,
-``too_short`` (a detailed description under 8 words), ``mentions_annotations`` (the text talks about
-captions, boxes, coordinates or annotations instead of the image, or copies a box) and
-``control_text`` (a chat format's role marker or special token, which ``lora-llava check`` refuses).
+answer, text outside them, or not exactly one pair for complex_reasoning), ``framing`` (words to
+the requester around the data: a preamble such as "Sure! Here is a detailed description:" before a
+description or the first question, a sign-off such as "Let me know if you need anything else!" at the
+end of a description or an answer), ``empty_answer``, ``too_short`` (a detailed description under 8
+words), ``mentions_annotations`` (the text talks about captions, boxes, coordinates or annotations
+instead of the image, or copies a box) and ``control_text`` (a chat format's role marker or special
+token, which ``lora-llava check`` refuses).
+
+Framing is rejected, not cut away, as text around the turns of a conversation is: a generation that
+talks to its requester did not follow the prompt, and a rejection is counted and shown in the quality
+report, where a cut would change the data unseen. Paragraph breaks (a blank line) inside a description
+or an answer are kept, as LLaVA-Instruct's own data has them; line endings become ``\n`` and longer
+runs of blank lines one blank line.
 """
 
 from __future__ import annotations
@@ -27,12 +36,39 @@ REASONS = (
     "empty",
     "truncated",
     "turn_structure",
+    "framing",
     "empty_answer",
     "too_short",
     "mentions_annotations",
     "control_text",
 )
 
+# A preamble: the generation answers its requester before the data starts ("Sure! Here is ...:").
+_PREAMBLE = re.compile(
+    r"^\W*(?:"
+    r"(?:sure|certainly|of\s+course|absolutely|okay|ok|alright|gladly)\b\s*[!,.:]"
+    r"|here(?:'s|\s+is|\s+are)\s+(?:a|an|the|my|your|some)\s+(?:[\w-]+\s+){0,3}?"
+    r"(?:description|account|overview|summary|breakdown|conversation|questions?|answers?|dialogue)s?\b"
+    r"|below\s+is\b"
+    r"|(?:i'd|i\s+would|i'll|i\s+will|i\s+am|i'm)\s+(?:be\s+)?(?:happy|glad|delighted)\s+to\b"
+    r"|as\s+an\s+ai\b"
+    r")",
+    re.IGNORECASE,
+)
+# A sign-off: a sentence to the requester after the data ("Let me know if you need anything else!").
+_SIGNOFF = re.compile(
+    r"(?:^|[.!?]\s+)\W*(?:"
+    r"let\s+me\s+know\b"
+    r"|feel\s+free\s+to\s+(?:ask|let\s+me|reach\s+out)"
+    r"|(?:i\s+)?hope\s+(?:this|that|the\s+above)\s+(?:helps|is\s+helpful|description|conversation|answer)"
+    r"|if\s+you\s+(?:have|need|would\s+like|want)\s+(?:any\s+)?(?:more|other|further|additional)?\s*"
+    r"(?:questions|details|information|help|changes)"
+    r"|is\s+there\s+anything\s+else"
+    r"|(?:please\s+)?(?:do\s+not|don't)\s+hesitate\s+to"
+    r"|happy\s+to\s+help"
+    r")",
+    re.IGNORECASE,
+)
 _LABEL = re.compile(r"^\s*(?:[-*]\s*)?(?:\*\*)?(question|answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.IGNORECASE)
 _NOUNS = r"(?:captions?|descriptions?|annotations?|bounding\s+box(?:es)?|boxes|coordinates|object\s+list|labels)"
 _MENTIONS = [
@@ -72,7 +108,7 @@ def control_strings() -> tuple[str, ...]:
 
 def parse_generation(kind: str, text: str, finished: bool, image_id: str, seed: int = 0) -> list[tuple[str, str]]:
     """The (human|gpt, text) turns of one generation of ``kind``; raises Rejected."""
-    text = (text or "").strip()
+    text = _paragraphs(text or "")
     if not text:
         raise Rejected("empty", "nothing was generated")
     if not finished:
@@ -83,6 +119,9 @@ def parse_generation(kind: str, text: str, finished: bool, image_id: str, seed: 
     if kind == "detail":
         if _LABEL.match(text):
             raise Rejected("turn_structure", "a description was asked for, a Question:/Answer: text came back")
+        first = text.split("\n", 1)[0]
+        if _PREAMBLE.match(first) or ("\n" in text and first.strip("*#_ ").endswith(":")):
+            raise Rejected("framing", f"a preamble before the description: {_clip(first)}")
         if len(text.split()) < 8:
             raise Rejected("too_short", f"{len(text.split())} words")
         turns = [("human", detail_question(image_id, seed)), ("gpt", text)]
@@ -90,6 +129,13 @@ def parse_generation(kind: str, text: str, finished: bool, image_id: str, seed: 
         turns = _qa_turns(text)
         if kind == "complex_reasoning" and len(turns) != 2:
             raise Rejected("turn_structure", f"expected one question and one answer, got {len(turns) // 2} pairs")
+    _, last = turns[-1]
+    last_line = last.rsplit("\n", 1)[-1]
+    signoff = _SIGNOFF.search(last_line)
+    if signoff:
+        what = "description" if kind == "detail" else "last answer"
+        said = last_line[signoff.start() :].lstrip(".!? ")
+        raise Rejected("framing", f"a sign-off at the end of the {what}: {_clip(said)}")
     for role, value in turns:
         for pattern in _MENTIONS:
             m = pattern.search(value)
@@ -100,16 +146,33 @@ def parse_generation(kind: str, text: str, finished: bool, image_id: str, seed: 
     return turns
 
 
+def _paragraphs(text: str) -> str:
+    """``text`` with ``\n`` line endings, no trailing spaces, and a paragraph break (one blank line) where the
+    generation left one or more blank lines; stripped."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _clip(line: str) -> str:
+    line = line.strip()
+    return repr(line if len(line) <= 60 else line[:57] + "...")
+
+
 def _qa_turns(text: str) -> list[tuple[str, str]]:
     turns: list[list[str]] = []  # [label, text]
-    for line in text.splitlines():
+    blank = False  # a blank line since the turn's last line: a paragraph break, if the turn goes on
+    for line in text.split("\n"):
         m = _LABEL.match(line)
         if m:
             turns.append([m.group(1).lower(), line[m.end() :].strip()])
         elif line.strip():
             if not turns:
+                if _PREAMBLE.match(line) or line.strip("*#_ ").endswith(":"):
+                    raise Rejected("framing", f"a preamble before the first question: {_clip(line)}")
                 raise Rejected("turn_structure", f"text before the first Question: {line.strip()[:40]!r}")
-            turns[-1][1] = f"{turns[-1][1]}\n{line.strip()}".strip()
+            sep = "\n\n" if blank else "\n"
+            turns[-1][1] = f"{turns[-1][1]}{sep}{line.strip()}".strip()
+        blank = not line.strip()
     if not turns:
         raise Rejected("turn_structure", "no Question:/Answer: lines")
     labels = [t[0] for t in turns]

@@ -18,7 +18,7 @@ import zlib
 
 from lora_llava.data.prompts import BRIEF_DESCRIPTION_PROMPTS
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"  # 2: conversations also ask complex questions with detailed answers
 
 _SHARED = (
     "You write training data for a vision-language assistant. Each request gives you a symbolic "
@@ -34,21 +34,29 @@ _SHARED = (
 SYSTEM_PROMPTS = {
     "conversation": _SHARED
     + "\n\nTask: write a conversation between a person asking about the image and an assistant who "
-    "answers. Ask 3 to 5 varied questions a curious person would ask about what is visible: what the "
+    "answers. Ask 3 to 6 varied questions a curious person would ask about what is visible: what the "
     "objects are, how many, what they are doing, where they are relative to each other, their colors. "
-    "Ask only questions the image answers with confidence. Answers are friendly, complete sentences.\n"
-    "Format: every question on a line that starts with 'Question:', every answer on a line that starts "
-    "with 'Answer:', alternating, beginning with a question and ending with an answer. Write nothing else.",
+    "Include at least one harder question too, one that needs more than a look: background knowledge "
+    "about the objects, the events going on in the scene, or the reasons behind what is seen. Ask only "
+    "questions the image answers with confidence, and do not ask about details that cannot be made out. "
+    "Answers are friendly, complete sentences; answer a harder question in depth, with concrete "
+    "examples or the steps of the reasoning, in more than one paragraph when that helps.\n"
+    "Format: every question on a line that starts with 'Question:', every answer starting on a line "
+    "that starts with 'Answer:' (an answer may run over several lines; separate its paragraphs with a "
+    "blank line), alternating, beginning with a question and ending with an answer. Write nothing else: "
+    "no introduction before the first question and no closing remark after the last answer.",
     "detail": _SHARED
     + "\n\nTask: write a detailed description of the image in one or two paragraphs: the setting, the "
     "main objects and what they are doing, where they are relative to each other, and notable details "
-    "such as colors. Write only the description, without a title or a list.",
+    "such as colors. Separate paragraphs with a blank line. Write only the description, without a "
+    "title or a list: start with the image itself, not with an introduction, and end without a "
+    "closing remark to the reader.",
     "complex_reasoning": _SHARED
     + "\n\nTask: write one question about the image that takes reasoning beyond describing it (the "
     "purpose of something, what is likely to happen next, why the scene looks the way it does, what "
     "someone there should watch out for) and a thorough answer that reasons from what is visible.\n"
     "Format: one line that starts with 'Question:', then the answer starting with 'Answer:' (it may run "
-    "over several lines). Write nothing else.",
+    "over several lines; separate its paragraphs with a blank line). Write nothing else.",
 }
 
 _KITCHEN = (
@@ -83,7 +91,15 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "Question: Where is the bowl compared to the cutting board?\n"
             "Answer: The bowl sits just to the right of the cutting board, near the edge of the counter.\n"
             "Question: Is there a plant in the room?\n"
-            "Answer: Yes, a potted plant stands in the upper right corner, by the window.",
+            "Answer: Yes, a potted plant stands in the upper right corner, by the window.\n"
+            "Question: What should she keep in mind to prepare the salad safely and keep it fresh?\n"
+            "Answer: The main risk is the knife. She should keep the fingers of her other hand curled "
+            "away from the blade, cut on the board rather than in her hand, and keep the board steady "
+            "on the counter so it does not slide while she cuts.\n"
+            "\n"
+            "Freshness is about timing. Vegetables that are cut too early dry out and lose their crunch, "
+            "so it is best to slice them shortly before eating, add any dressing at the last moment, and "
+            "keep the bowl somewhere cool if the salad has to wait.",
         ),
         (
             _STREET,
@@ -94,7 +110,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "Question: Is there a bicycle?\n"
             "Answer: Yes, a bicycle is parked on the far right of the scene, near the two people.\n"
             "Question: What is the weather like?\n"
-            "Answer: The sky is grey and overcast, so it seems to be a cloudy day.",
+            "Answer: The sky is grey and overcast, so it seems to be a cloudy day.\n"
+            "Question: Why do buses in some cities have two decks?\n"
+            "Answer: A second deck lets one bus carry many more passengers without taking up more room "
+            "on the road, which matters in crowded city centres where streets are narrow and stops are "
+            "busy. One driver moves more people per trip, so the service costs less per passenger.\n"
+            "\n"
+            "The extra height has its price: the bus needs routes free of low bridges and branches, and "
+            "it takes a little longer to board, as people climb the stairs to the upper deck.",
         ),
     ],
     "detail": [
@@ -103,7 +126,9 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "A woman stands at a wooden kitchen counter, slicing vegetables with a knife on a cutting board "
             "in front of her. She fills most of the left half of the picture, and the board runs across the "
             "counter towards the right, where a bowl waits to be filled, which suggests she is preparing a "
-            "salad. Daylight comes in through a window, and a potted plant sits in the upper right corner, "
+            "salad.\n"
+            "\n"
+            "Daylight comes in through a window, and a potted plant sits in the upper right corner, "
             "giving the bright kitchen a homely feel.",
         ),
         (
