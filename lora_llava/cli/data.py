@@ -18,7 +18,10 @@ EPILOG = """examples:
 for each image, each kind in `kinds` (conversation, detail, complex_reasoning; brief: stage-1 caption
 pairs without an LLM) is asked of the generator; malformed answers are rejected with a reason. Writes
 OUTPUT (LLaVA-Instruct JSON, ready for a recipe's data.train), OUTPUT's stem + .journal.jsonl (every
-generation; a re-run skips what is done) and + .report.txt (the quality report, also printed)"""
+generation; a re-run skips what is done) and + .report.txt (the quality report, also printed).
+An existing OUTPUT is replaced only when its journal records writing it (a re-run), or with --overwrite
+when it is an earlier output of data generate; an input (the annotations, the image folder) or a file
+data generate did not write is never replaced. One run at a time uses a journal (a lock beside it)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--limit", type=int, metavar="N", help="only the first N images (a dry sample; the output then holds those)"
     )
     g.add_argument("--output", metavar="FILE", help="the LLaVA JSON to write (default: the config's output)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of data generate at OUTPUT that its journal does not record "
+        "(a re-run needs no flag; the journal is kept: delete it to start over)",
+    )
     g.add_argument("--samples", type=int, default=2, metavar="K", help="samples shown in the report (default 2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     c = sub.add_parser("configs", help="list the example configs, show or copy one")
@@ -68,7 +77,14 @@ def _generate(args: argparse.Namespace) -> int:
     config = load_datagen_config(args.config, args.overrides)
     out = Path(args.output or config.output)
     try:
-        generate_data(config, limit=args.limit, output=out, progress=not args.no_progress, n_samples=args.samples)
+        generate_data(
+            config,
+            limit=args.limit,
+            output=out,
+            progress=not args.no_progress,
+            n_samples=args.samples,
+            overwrite=args.overwrite,
+        )
     except KeyboardInterrupt:
         print(
             f"interrupted: what was generated is in {companion(out, '.journal.jsonl')}; "

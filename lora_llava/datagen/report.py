@@ -15,10 +15,21 @@ import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 BINS = (10, 20, 40, 80, 160)  # words per answer: 1-10, 11-20, ..., >160
 COLUMN = 56
+TABLE_HEAD = f"{'kind':<18} {'generated':>9} {'rejected':>8} {'kept':>6} {'failed':>6}  rejected by reason"
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a quality report ``data generate`` wrote (it begins with the table's head)."""
+    try:
+        with open(path, "rb") as f:
+            return f.readline(len(TABLE_HEAD) + 2).rstrip(b"\r\n") == TABLE_HEAD.encode()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -59,7 +70,7 @@ class QualityReport:
         return report
 
     def table(self) -> str:
-        lines = [f"{'kind':<18} {'generated':>9} {'rejected':>8} {'kept':>6} {'failed':>6}  rejected by reason"]
+        lines = [TABLE_HEAD]
         for kind, st in self.kinds.items():
             reasons = ", ".join(f"{r} {n}" for r, n in st.rejected.most_common()) or "-"
             rej = sum(st.rejected.values())

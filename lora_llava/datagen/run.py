@@ -12,11 +12,18 @@ with a reason; every outcome is one journal line (resumable, crash-safe). At the
 of the images asked for are written atomically as LLaVA-Instruct JSON (``<image>`` first in the first
 human turn, provenance per sample), read back with the data layer's own reader, and the quality
 report is printed and saved beside them.
+
+Nothing of the user's is written over: the output and its companions (journal, report) may not be an
+input of the run; an existing output is replaced only when this output's journal records writing it,
+or with ``overwrite`` when it is an earlier output of ``data generate`` (a file that is not is never
+replaced); a file at the journal's or the report's name that is not one is refused untouched. One
+run at a time holds the journal's lock (``<journal>.lock``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +33,12 @@ from lora_llava.datagen.annotations import ImageAnnotation, read_annotations
 from lora_llava.datagen.config import LLM_KINDS, DatagenConfig
 from lora_llava.datagen.context import render_context
 from lora_llava.datagen.generators import Completion, GenerationFailed, Generator, build_generator
-from lora_llava.datagen.journal import Journal, write_llava_json, write_text_atomic
+from lora_llava.datagen.journal import Journal, is_llava_output, lock_path, write_llava_json, write_text_atomic
 from lora_llava.datagen.parse import Rejected, parse_generation
 from lora_llava.datagen.prompts import PROMPT_VERSION, brief_question, build_messages
-from lora_llava.datagen.report import QualityReport
+from lora_llava.datagen.report import QualityReport, is_report
 from lora_llava.errors import UserError
+from lora_llava.fsutil import hold_lock, release_lock
 
 BRIEF_GENERATOR = "captions"  # provenance of stage-1 pairs: the caption itself, no LLM
 RAW_KEPT = 2000  # characters of a rejected generation kept in the journal, to see why
@@ -63,10 +71,16 @@ def generate_data(
     progress: bool = True,
     generator: Generator | None = None,
     n_samples: int = 2,
+    overwrite: bool = False,
 ) -> GenerateResult:
+    """Generate ``config``'s data into ``output`` (default: the config's). An existing output is replaced only
+    when its journal records writing it, or with ``overwrite`` when it is an earlier output of data generate."""
     out = Path(output or config.output)
     if out.suffix != ".json":
         raise UserError(f"--output {str(out)!r}: must be a .json file (LLaVA-Instruct JSON)")
+    _check_not_an_input(out, config)
+    if out.is_dir():
+        raise UserError(f"--output {str(out)!r} is a folder: give a .json file", hint="choose another --output")
     images, skipped = read_annotations(config.annotations)
     total_images = len(images)
     if limit is not None:
@@ -80,11 +94,94 @@ def generate_data(
         log(f"  skipped {line}")
     if len(skipped) > 10:
         log(f"  ... and {len(skipped) - 10} more skipped")
-    journal = Journal(companion(out, ".journal.jsonl"))
+    journal_path = companion(out, ".journal.jsonl")
+    lock = lock_path(journal_path)
+    _claim_lock_file(lock, out)
+    hold_lock(lock, f"journal {str(journal_path)!r}")  # one run per journal: a second one is refused, naming the pid
     try:
-        return _generate(config, images, skipped, out, journal, log, progress, generator, n_samples)
+        journal = Journal(journal_path)  # checked before anything is written: a file that is not one stays as it is
+        _check_output_is_ours(out, journal, overwrite)
+        journal.start(out.name)
+        try:
+            return _generate(config, images, skipped, out, journal, log, progress, generator, n_samples)
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        release_lock(lock)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_not_an_input(out: Path, config: DatagenConfig) -> None:
+    """Refuse an output, journal or report that is one of the run's inputs (whatever the flags)."""
+    ann = config.annotations
+    inputs = [("annotations.path", ann.path), ("annotations.image_folder", ann.image_folder)]
+    inputs += [("annotations.boxes", ann.boxes)] if ann.boxes else []
+    ours = [
+        ("", out),
+        ("its journal ", companion(out, ".journal.jsonl")),
+        ("its report ", companion(out, ".report.txt")),
+    ]
+    for what, path in ours:
+        for key, given in inputs:
+            if _same_file(path, Path(given)):
+                where = f"--output {str(out)!r}: {what}{str(path)!r}" if what else f"--output {str(out)!r}"
+                raise UserError(
+                    f"{where} is {key}, an input of this run; data generate never writes over its inputs",
+                    hint="choose another --output",
+                )
+
+
+def _claim_lock_file(lock: Path, out: Path) -> None:
+    """Make the output's folder; the lock file there holds a pid (or nothing): refuse a file of the user's at its
+    name instead of emptying it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        held = lock.read_bytes().strip() if lock.is_file() else b""
+        foreign = lock.is_dir() or not (held == b"" or held.isdigit())
+    except OSError as e:
+        raise UserError(f"--output {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
+    if foreign:
+        raise UserError(
+            f"{str(lock)!r} is not a lock file of lora-llava data generate; it is left as it is",
+            hint="choose another --output, or move that file away",
+        )
+
+
+def _check_output_is_ours(out: Path, journal: Journal, overwrite: bool) -> None:
+    """Refuse to replace an existing output (or report) that this job did not write, before anything is written."""
+    report = companion(out, ".report.txt")
+    if report.is_dir() or (report.exists() and not is_report(report)):
+        raise UserError(
+            f"--output {str(out)!r}: {str(report)!r} exists and is not a report of lora-llava data generate; "
+            "it is left as it is",
+            hint="choose another --output, or move that file away",
+        )
+    if not out.exists():
+        return
+    if not is_llava_output(out):
+        raise UserError(
+            f"--output {str(out)!r} exists and is not an output of lora-llava data generate; it is left as it is",
+            hint="choose another --output, or move that file away",
+        )
+    if overwrite or (journal.found and journal.output in (None, out.name)):
+        return  # an earlier run of this job wrote it (re-runs resume and rewrite it), or replacing it was asked
+    why = (
+        f"its journal {str(journal.path)!r} belongs to {journal.output!r}"
+        if journal.found
+        else f"no journal at {str(journal.path)!r} records writing it"
+    )
+    raise UserError(
+        f"--output {str(out)!r} exists: an earlier output of lora-llava data generate, but {why}",
+        hint="pass --overwrite to replace it, or choose another --output",
+    )
 
 
 def _generate(
@@ -156,7 +253,8 @@ def _check_same_generator(journal: Journal, name: str | None, keys: list[tuple[s
         raise UserError(
             f"journal {str(journal.path)!r} holds {n} generation(s) by {gen} with prompt version {version}; "
             f"this run uses {name} with prompt version {PROMPT_VERSION}",
-            hint="give another --output (or delete the journal to start over); one output holds one generator's data",
+            hint="give another --output (or delete the journal and add --overwrite to start over); one output holds "
+            "one generator's data",
         )
 
 

@@ -13,6 +13,7 @@ from helpers import assert_user_error, run_cli
 from lora_llava.data.prompts import BRIEF_DESCRIPTION_PROMPTS
 from lora_llava.datagen.config import load_datagen_config
 from lora_llava.datagen.generators import OpenAIGenerator
+from lora_llava.datagen.prompts import PROMPT_VERSION
 from lora_llava.datagen.run import generate_data
 
 CANARY = "sk-canary-9c8b7a6f5e4d3c2b"
@@ -71,7 +72,7 @@ def test_generate_check_and_train_against_an_openai_compatible_server(
         assert d["provenance"] == {
             "kind": d["id"].split("-", 1)[1],
             "generator": "openai:canned",
-            "prompt_version": "1",
+            "prompt_version": PROMPT_VERSION,
             "annotation_id": d["id"].split("-")[0],
         }
     assert (tmp_path / "out" / "gen.report.txt").read_text().startswith("kind ")
@@ -143,8 +144,10 @@ def test_a_crash_loses_nothing_journaled_and_a_cut_line_is_asked_again(openai_co
         pass
     journal = tmp_path / "out" / "gen.journal.jsonl"
     lines = journal.read_text().splitlines()
+    header, lines = lines[0], lines[1:]
+    assert json.loads(header) == {"lora_llava_datagen_journal": 1, "output": "gen.json"}  # what wrote it, first
     assert len(lines) == 4 and not (tmp_path / "out" / "gen.json").exists()
-    journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # a kill in the middle of the 4th line
+    journal.write_text(header + "\n" + "\n".join(lines[:3]) + "\n" + lines[3][:25])  # a kill in the 4th line
     server.requests.clear()
     result = generate_data(config, progress=False, log=lambda s: None)
     assert result.resumed == 3 and len(server.requests) == 15 and result.samples == 18
@@ -155,7 +158,9 @@ def test_a_journal_of_another_generator_is_not_mixed_in(openai_config, server, t
     cfg = write(tmp_path / "gen.yaml", openai_config())
     assert run_cli(capsys, "data", "generate", cfg, "--limit", "1", "--no-progress")[0] == 0
     res = run_cli(capsys, "data", "generate", cfg, "generator.model=other", "--no-progress")
-    assert_user_error(*res, "holds 3 generation(s) by openai:canned with prompt version 1", "another --output")
+    assert_user_error(
+        *res, f"holds 3 generation(s) by openai:canned with prompt version {PROMPT_VERSION}", "another --output"
+    )
     other = tmp_path / "other.json"
     assert run_cli(capsys, "data", "generate", cfg, "generator.model=other", "--output", other, "--limit", "1")[0] == 0
     assert other.is_file() and (tmp_path / "other.journal.jsonl").is_file()
@@ -173,7 +178,7 @@ def test_offline_with_the_tiny_local_lm_and_stage1_pairs(coco, tmp_path, capsys,
     assert "generate: 100%" in err and "tok_in=" in err  # the progress bar, with its ETA and token counts
     rows = [ln.split() for ln in out.splitlines() if ln.startswith(("conversation", "brief"))]
     assert rows[0][:2] == ["conversation", "2"] and rows[1][:5] == ["brief", "2", "0", "2", "0"]
-    journal = [json.loads(ln) for ln in (tmp_path / "local.journal.jsonl").read_text().splitlines()]
+    journal = [json.loads(ln) for ln in (tmp_path / "local.journal.jsonl").read_text().splitlines()[1:]]
     asked = [e for e in journal if e["kind"] == "conversation"]
     assert len(asked) == 2 and all(e["generator"] == "local:tiny-qwen2" and e["completion_tokens"] > 0 for e in asked)
     data = json.loads((tmp_path / "local.json").read_text())
