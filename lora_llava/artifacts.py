@@ -15,6 +15,7 @@ on-disk layouts are ``lora_llava.layout``'s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -23,7 +24,9 @@ from pathlib import Path
 
 from lora_llava.backbones.registry import BackboneSpec, looks_like_hub_id
 from lora_llava.errors import UserError
+from lora_llava.fsutil import cache_root
 from lora_llava.layout import (
+    MANIFEST_FILE,
     MERGE_REPORT_FILE,
     META_FILE,
     MODEL_CONFIG_FILE,
@@ -36,11 +39,9 @@ from lora_llava.layout import (
     checkpoint_problem,
     drift_warning,
     is_checkpoint_dir,
+    manifest_problem,
     read_meta,
 )
-
-# names that belong in layout.py (not there yet): the merge report lora_llava.merging writes next to a merged
-# model, and a transformers checkpoint's config
 
 # ------------------------------------------------------------------------------------ what a user typed
 
@@ -127,6 +128,52 @@ def open_artifact(ref: str | Path) -> Artifact:
 _WARNED: set[str] = set()
 
 
+def _check_whole(folder: Path, meta: Meta, ref: str) -> None:
+    """An adapter or merged model whose files do not match its manifest (damaged, edited, swapped) is a
+    UserError; one written with a manifest that lost it too. Hashing a model's gigabytes once is enough: the
+    files' sizes and modification times when they last verified are kept in lora_llava's cache, and while
+    they stand the hashes are not recomputed. Written before manifests: one warning, nothing checked."""
+    if not (folder / MANIFEST_FILE).is_file():
+        if meta.sealed:
+            raise UserError(
+                f"{meta.KIND} {ref!r} is incomplete or altered: its {MANIFEST_FILE} is gone",
+                hint="train or merge it again (or restore the folder from a copy)",
+            )
+        if str(folder.resolve()) not in _WARNED:
+            _WARNED.add(str(folder.resolve()))
+            print(f"warning: {ref} was written before lora_llava kept manifests: its files are not checked",
+                  file=sys.stderr)  # fmt: skip
+        return
+    stamp = _stat_stamp(folder)
+    record = cache_root() / "verified" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        if json.loads(record.read_text()) == stamp:
+            return
+    except (OSError, ValueError):
+        pass
+    problem = manifest_problem(folder, hashes=True)
+    if problem is not None:
+        raise UserError(
+            f"{meta.KIND} {ref!r} is damaged or altered: {problem}",
+            hint="train or merge it again (or restore the folder from a copy)",
+        )
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(stamp))
+    except OSError:
+        pass  # the check ran; not remembering it only costs time
+
+
+def _stat_stamp(folder: Path) -> dict[str, list[int]]:
+    """Every file's size, modification time and inode: what changes when a file is written or replaced."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            out[p.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
 def _open_dir(path: Path, ref: str) -> Artifact:
     meta = read_meta(path)
     warning = drift_warning(meta, ref)
@@ -138,10 +185,13 @@ def _open_dir(path: Path, ref: str) -> Artifact:
             problem = checkpoint_problem(path, as_model=True)
             if problem is not None:
                 raise UserError(f"checkpoint {ref!r} is damaged: {problem}", hint="use another checkpoint of the run")
+        elif isinstance(meta, (AdapterMeta, MergedMeta)):
+            _check_whole(path, meta, ref)
         return Artifact(meta.KIND, ref, path, meta)
     run = RunDir(path)
     adapter_meta = read_meta(run.adapter)
     if isinstance(adapter_meta, AdapterMeta):
+        _check_whole(run.adapter, adapter_meta, f"{ref}/{run.adapter.name}")
         return Artifact("run", ref, path, adapter_meta)
     if is_checkpoint_dir(path):  # written before checkpoints held adapters: it only resumes
         return Artifact("checkpoint", ref, path)

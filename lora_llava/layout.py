@@ -76,6 +76,9 @@ class _Meta:
     # what it was made with (lora_llava.versions.stamp(): packages, device, CUDA, bitsandbytes backend),
     # filled in by write_meta; empty for artifacts written before version stamps
     versions: dict = field(default_factory=dict, kw_only=True)
+    # written with a manifest.json of its files (adapters, checkpoints and merged models from this version on):
+    # without one it is incomplete or altered; False for artifacts written before manifests
+    sealed: bool = field(default=False, kw_only=True)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, **dataclasses.asdict(self)}
@@ -461,14 +464,27 @@ def checkpoint_problem(path: Path, hashes: bool = False, as_model: bool = False)
     """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or unreadable,
     or a file it lists is missing, of another size, or (``hashes``) of other content; ``as_model`` hashes the
     files a model is loaded from (all but ``RESUME_ONLY``). A checkpoint written before manifests existed
-    counts as complete when it holds its trainer state."""
+    (its metadata carries no version stamp) counts as complete when it holds its trainer state."""
+    if not (path / MANIFEST_FILE).is_file():
+        meta = read_meta(path)
+        older = meta is None or not getattr(meta, "versions", None)
+        return (
+            None if older and (path / TRAINER_STATE_FILE).is_file() else f"incomplete or altered (no {MANIFEST_FILE})"
+        )
+    return manifest_problem(path, hashes=hashes, as_model=as_model)
+
+
+def manifest_problem(path: Path, hashes: bool = True, as_model: bool = False) -> str | None:
+    """Why the files of ``path`` do not match its ``manifest.json`` (None when they do): unreadable manifest,
+    a listed file missing, of another size or (``hashes``; ``as_model``: all but ``RESUME_ONLY``) of other
+    content, or a weights or config file the manifest does not list."""
     import fnmatch
 
     manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return None if (path / TRAINER_STATE_FILE).is_file() else f"incomplete (no {MANIFEST_FILE})"
     try:
         files = json.loads(manifest.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST_FILE} unreadable ({e})"
     for name, entry in files.items():
@@ -480,6 +496,10 @@ def checkpoint_problem(path: Path, hashes: bool = False, as_model: bool = False)
         resume_only = any(fnmatch.fnmatch(p.name, pattern) for pattern in RESUME_ONLY)
         if (hashes or (as_model and not resume_only)) and _sha256(p) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (damaged)"
+    extra = [p.name for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".pt")
+             and p.name != MANIFEST_FILE and p.name not in files]  # fmt: skip
+    if extra:
+        return f"{', '.join(sorted(extra)[:3])} not in its {MANIFEST_FILE} (added after it was written)"
     return None
 
 

@@ -45,6 +45,7 @@ from lora_llava.layout import (
     AdapterMeta,
     AlignedMeta,
     MergedMeta,
+    write_manifest,
     write_meta,
 )
 from lora_llava.model.loading import load_base, load_processor, torch_dtype
@@ -194,6 +195,7 @@ def merge(
         dtype=dtype_name,
         base=base_mode,
         pad_to_square=meta.pad_to_square,
+        sealed=True,  # written with a manifest (_write_verified)
     )
     if aligned:
         # stage 2's backbone: it speaks the backbone's chat format (stage 1 may have trained in plain)
@@ -204,8 +206,11 @@ def merge(
         processor = load_processor(spec.local_path())
         processor.chat_template = format_for(name, processor.tokenizer).jinja
     lock = out.parent / f".{out.name}.lock"  # one merge into a target at a time
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hold_lock(lock, f"merge target {str(out)!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        hold_lock(lock, f"merge target {str(out)!r}")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}", hint="choose a directory you can write to") from None
     try:
         folded = [merged]  # handed over: freed once saved, before the verification loads two models
         del merged
@@ -268,6 +273,7 @@ def _write_verified(
         del merged
         processor.save_pretrained(tmp)
         write_meta(tmp, info)
+        write_manifest(tmp)  # verification opens it as a model, which checks it (rewritten with the report below)
         log(f"merged {adapter_dir} into {out} {how}")
         parity = verify(adapter_dir, tmp, spec, recipe, verify_samples)
         parity.no_op = not changed
@@ -284,6 +290,7 @@ def _write_verified(
             write_meta(tmp, dataclasses.replace(info, verified=parity.passed))
         report.parity = parity
         (tmp / MERGE_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
+        write_manifest(tmp)  # last: every file's size and SHA-256, checked when it is opened as a model
     return parity, report
 
 

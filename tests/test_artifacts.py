@@ -261,12 +261,14 @@ def test_every_artifact_and_run_names_the_versions_it_was_made_with(make_recipe,
 
 def test_an_artifact_from_other_versions_says_so_in_one_warning(trained_run, tmp_path, capsys):
     from lora_llava.artifacts import open_artifact
+    from lora_llava.layout import write_manifest
 
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_run / "adapter", adapter)
     meta = json.loads((adapter / "lora_llava.json").read_text())
     meta["versions"] = {**meta["versions"], "transformers": "4.57.1", "peft": "0.17.0"}
     (adapter / "lora_llava.json").write_text(json.dumps(meta))
+    write_manifest(adapter)  # as that version wrote it
     open_artifact(adapter)
     open_artifact(adapter)  # once per artifact and process
     err = capsys.readouterr().err
@@ -277,6 +279,7 @@ def test_an_artifact_from_other_versions_says_so_in_one_warning(trained_run, tmp
     shutil.copytree(trained_run / "adapter", same)
     meta["versions"] = {**meta["versions"], "transformers": _installed("transformers") + ".post9", "peft": ""}
     (same / "lora_llava.json").write_text(json.dumps(meta))
+    write_manifest(same)
     open_artifact(same)  # a patch release, or no record: nothing to say
     assert capsys.readouterr().err == ""
 
@@ -331,3 +334,39 @@ def test_lineage_reads_what_a_run_and_its_merged_model_recorded(trained_run, tmp
 
     lin = open_artifact("tiny").lineage()  # a backbone: nothing recorded
     assert (lin.folder, lin.run_dir, lin.backbone, lin.steps, lin.accuracy, lin.merge) == (None,) * 6
+
+
+def test_an_adapter_or_merged_model_that_does_not_match_its_manifest_is_refused(trained_run, tmp_path, monkeypatch):
+    import lora_llava.artifacts as artifacts
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.errors import UserError
+    from lora_llava.merging import merge
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert (run / "adapter" / "manifest.json").is_file()
+    open_artifact(run)  # whole: opens (and remembers that it verified)
+    hashed = []
+    real = artifacts.manifest_problem
+    monkeypatch.setattr(artifacts, "manifest_problem", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    open_artifact(run)
+    assert hashed == []  # unchanged since it verified: not hashed again
+    weights = run / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="adapter_model.safetensors does not match its SHA-256 in manifest.json"):
+        open_artifact(run)
+    assert hashed == [1]
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    (run / "adapter" / "manifest.json").unlink()  # deleting the manifest does not switch the check off
+    with pytest.raises(UserError, match="is incomplete or altered: its manifest.json is gone"):
+        open_artifact(run / "adapter")
+    merged = tmp_path / "merged"
+    shutil.copytree(trained_run, tmp_path / "run2")
+    merge(str(tmp_path / "run2"), str(merged), log=lambda *_: None)
+    open_artifact(merged)
+    (merged / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="extra.safetensors not in its manifest.json"):
+        open_artifact(merged)

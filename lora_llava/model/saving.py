@@ -20,7 +20,7 @@ from lora_llava.config.load import recipe_to_dict, save_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import ChatFormat
 from lora_llava.fsutil import atomic_dir
-from lora_llava.layout import RECIPE_FILE, AdapterMeta, write_meta
+from lora_llava.layout import RECIPE_FILE, AdapterMeta, write_manifest, write_meta
 from lora_llava.model.trained_parts import save_trained_parts
 
 
@@ -56,6 +56,7 @@ def write_adapter(
     """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
     with atomic_dir(target, replace=True) as tmp:
         write_adapter_files(tmp, model, processor, spec, recipe, fmt, extra)
+        write_manifest(tmp)  # every file's size and SHA-256: opening it as a model checks them
     return target
 
 
@@ -87,6 +88,7 @@ def write_adapter_files(
         quantization=recipe_to_dict(recipe)["quantization"],
         projector_trained=recipe.projector.policy == "full",
         pad_to_square=recipe.images.pad_to_square,
+        sealed=True,  # every writer of adapter files (write_adapter, checkpoints) writes a manifest of them
         **extra,
     )
     write_meta(folder, meta)
