@@ -202,9 +202,9 @@ def test_every_key_renamed_names_the_keys_found_nowhere(adapter):
 
 
 def test_a_merged_model_loads_strictly(trained_run, tmp_path, capsys):
-    from lora_llava.merging import merge
-
     from helpers import unseal
+
+    from lora_llava.merging import merge
 
     merged = tmp_path / "merged"
     merge(trained_run, merged, dtype="float32", log=lambda *_: None)
