@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_llava.data.images import ImageError, resolve_image_path
+from lora_llava.data.images import ImageError, image_size, resolve_image_path
 from lora_llava.datagen.config import AnnotationsConfig
 from lora_llava.errors import UserError
 
@@ -262,12 +262,9 @@ def _finish(im: ImageAnnotation, folder: Path, box_format: str, cfg: Annotations
         # COCO boxes are pixels; elsewhere boxes all within 0..1 are taken as already normalized
         normalized = box_format != "xywh_pixels" and all(0.0 <= v <= 1.0 for _, b in im.raw_boxes for v in b)
         if not normalized and (im.width is None or im.height is None):
-            try:
-                from PIL import Image
-
-                with Image.open(path) as img:  # reads the header only
-                    im.width, im.height = img.size
-            except OSError as e:
+            try:  # the header only, as training reads it (EXIF orientation, the pixel limit)
+                im.width, im.height = image_size(path)
+            except ImageError as e:
                 return f"cannot read its size to normalize the boxes ({e})"
         w, h = (1.0, 1.0) if normalized else (float(im.width or 1), float(im.height or 1))
         boxes = []

@@ -73,6 +73,12 @@ class GeneratorConfig:
         "openai: the name of the environment variable holding the API key (e.g. OPENAI_API_KEY); the key "
         "itself is never read from a config, printed or written. Unset: no Authorization header.",
     )
+    allow_plain_http: bool = option(
+        False,
+        "openai: allow sending the API key over plain http:// to another machine (a server on a network you "
+        "trust); without it such a base_url is refused. Loopback (127.0.0.1, ::1, localhost) never needs it, "
+        "https:// is always allowed.",
+    )
     temperature: float = option(0.7, "Sampling temperature; 0 is greedy.", min=0.0, max=2.0)
     max_new_tokens: int = option(768, "Longest generation; a generation cut off there is rejected (truncated).", min=1)
     few_shot: int = option(2, "In-context examples per request (of the hand-written ones for each kind).", min=0, max=2)
@@ -82,7 +88,12 @@ class GeneratorConfig:
     max_backoff_s: float = option(
         60.0, "openai: longest wait between retries (a longer Retry-After is capped).", min=0.0
     )
-    timeout_s: float = option(120.0, "openai: seconds to wait for one response.", min=0.1)
+    timeout_s: float = option(
+        120.0,
+        "openai: seconds one attempt may take in all (connecting, waiting, reading the answer); then it is retried.",
+        min=0.1,
+        max=3600.0,
+    )
     seed: int = option(0, "Seed of sampling and of the question variants drawn per image.")
 
 

@@ -41,6 +41,7 @@ REASONS = (
     "too_short",
     "mentions_annotations",
     "control_text",
+    "echoes_key",  # the reply holds the API key (datagen.generators.KeyEchoed): its text is dropped
 )
 
 # A preamble: the generation answers its requester before the data starts ("Sure! Here is ...:").

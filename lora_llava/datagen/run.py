@@ -32,7 +32,7 @@ from typing import Any
 from lora_llava.datagen.annotations import ImageAnnotation, read_annotations
 from lora_llava.datagen.config import LLM_KINDS, DatagenConfig
 from lora_llava.datagen.context import render_context
-from lora_llava.datagen.generators import Completion, GenerationFailed, Generator, build_generator
+from lora_llava.datagen.generators import Completion, GenerationFailed, Generator, KeyEchoed, build_generator
 from lora_llava.datagen.journal import Journal, is_llava_output, lock_path, write_llava_json, write_text_atomic
 from lora_llava.datagen.parse import Rejected, parse_generation
 from lora_llava.datagen.prompts import PROMPT_VERSION, brief_question, build_messages
@@ -318,6 +318,8 @@ def _run_requests(
                                          "prompt_version": PROMPT_VERSION}  # fmt: skip
                 try:
                     c = fut.result()
+                except KeyEchoed as e:  # the reply holds the API key: rejected (its text dropped), not asked again
+                    entry.update(status="rejected", reason=e.reason, detail=e.detail)
                 except GenerationFailed as e:
                     entry.update(status="failed", reason="request_failed", detail=scrub(str(e)))
                 except BaseException as e:  # a UserError (401, 404, ...) or an interrupt: stop after this batch

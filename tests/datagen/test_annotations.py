@@ -170,3 +170,24 @@ def test_rows_repeating_an_images_boxes_give_each_box_once(tmp_path, make_images
     assert egrets.captions == ["Two egrets."]
     assert egrets.boxes == [Box("egret", 0.5, 0.0, 1.0, 0.5), Box("egret", 0.0, 0.5, 0.25, 1.0)]
     assert render_context(egrets).count("- egret:") == 2
+
+
+def test_a_decompression_bomb_is_one_skipped_image_not_a_traceback(tmp_path, make_images):
+    import struct
+    import zlib
+
+    make_images(1)
+    # a PNG whose header claims 20000 x 20000 pixels (the data itself is tiny): opened for its size only
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (tmp_path / "images" / "bomb.png").write_bytes(png)
+    (tmp_path / "boxes.csv").write_text(
+        "image,caption,boxes\n"
+        'img0.png,A shape.,"[[""shape"", 8, 6, 24, 18]]"\n'
+        'bomb.png,Nothing.,"[[""x"", 1, 2, 3, 4]]"\n'
+    )
+    good, skipped = read_annotations(cfg(tmp_path / "boxes.csv", tmp_path / "images"))
+    assert [g.id for g in good] == ["img0.png"]
+    assert len(skipped) == 1 and "bomb.png" in skipped[0] and "cannot read its size" in skipped[0]
+    assert "pixels" in skipped[0] and "Traceback" not in skipped[0]
