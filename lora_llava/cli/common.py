@@ -135,3 +135,26 @@ def list_show_or_copy(
     shutil.copyfile(src, target)
     print(f"copied {name} to {target}")
     return 0
+
+
+def synthetic_eval_warning(recipe: Recipe) -> str | None:
+    """One line when the eval data is the built-in synthetic shapes set while the training data is not:
+    the quickstart (and a run's eval during training) would score the wrong task. A warning, not a refusal: training
+    on shapes written elsewhere (lora-llava data generate) and scoring on the built-in set is a fair run."""
+    synthetic = SYNTHETIC_FOLDER.resolve()
+
+    def is_synthetic(path: str) -> bool:
+        return Path(path).resolve().parent == synthetic
+
+    if any(is_synthetic(s.path) for s in recipe.data.train):
+        return None
+    shapes = [f"data.eval.{i} ({s.path})" for i, s in enumerate(recipe.data.eval) if is_synthetic(s.path)]
+    if not shapes:
+        return None
+    train = ", ".join(f"data.train.{i} ({s.path})" for i, s in enumerate(recipe.data.train))
+    return (
+        f"warning: the training data is yours ({train}) but the eval data is still the synthetic shapes set "
+        f"({', '.join(shapes)}): the accuracies would score shapes, not your task; override data.eval too "
+        "(data.eval.0.path=FILE data.eval.0.image_folder=DIR), or carve eval from your training data "
+        "(data.eval=[] data.eval_split=0.1)"
+    )

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_llava.cli.common import SYNTHETIC_FOLDER, cpu_threads_for, ensure_synthetic_data
+from lora_llava.cli.common import cpu_threads_for, ensure_synthetic_data, synthetic_eval_warning
 from lora_llava.config.load import input_paths
 from lora_llava.layout import RunDir
 
 if TYPE_CHECKING:
-    from lora_llava.config import Recipe
+    pass
 
 HELP = "run base eval -> train -> eval -> merge -> eval of the merged model, then print a summary"
 EPILOG = """examples:
@@ -57,26 +56,3 @@ def run(args: argparse.Namespace) -> int:
 
     run_pipeline(recipe, overwrite=args.overwrite)
     return 0
-
-
-def synthetic_eval_warning(recipe: Recipe) -> str | None:
-    """One line when the eval data is the built-in synthetic shapes set while the training data is not:
-    the quickstart would score the base and the adapter on the wrong task. A warning, not a refusal: training
-    on shapes written elsewhere (lora-llava data generate) and scoring on the built-in set is a fair run."""
-    synthetic = SYNTHETIC_FOLDER.resolve()
-
-    def is_synthetic(path: str) -> bool:
-        return Path(path).resolve().parent == synthetic
-
-    if any(is_synthetic(s.path) for s in recipe.data.train):
-        return None
-    shapes = [f"data.eval.{i} ({s.path})" for i, s in enumerate(recipe.data.eval) if is_synthetic(s.path)]
-    if not shapes:
-        return None
-    train = ", ".join(f"data.train.{i} ({s.path})" for i, s in enumerate(recipe.data.train))
-    return (
-        f"warning: the training data is yours ({train}) but the eval data is still the synthetic shapes set "
-        f"({', '.join(shapes)}): the accuracies would score shapes, not your task; override data.eval too "
-        "(data.eval.0.path=FILE data.eval.0.image_folder=DIR), or carve eval from your training data "
-        "(data.eval=[] data.eval_split=0.1)"
-    )

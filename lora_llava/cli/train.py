@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, training
+from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, synthetic_eval_warning, training
 from lora_llava.config.load import input_paths
 from lora_llava.layout import RunDir
 
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
     RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume, inputs=input_paths(recipe))
+    warning = synthetic_eval_warning(recipe) if recipe.train.eval_steps else None  # eval during training
+    if warning:
+        print(warning, file=sys.stderr)
     from lora_llava.workflows import train
 
     kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]

@@ -59,3 +59,16 @@ def test_quickstart_warns_when_only_the_training_data_is_yours(shapes, tmp_path,
         assert main(["quickstart", *overrides, "output_dir=runs/other", "--overwrite"]) == 0
         assert "warning:" not in before_training[-1], overrides
     assert len(before_training) == 4
+
+
+def test_train_warns_too_when_it_evaluates_your_run_on_the_shapes(shapes, tmp_path, monkeypatch, capsys):
+    import lora_llava.workflows
+
+    monkeypatch.chdir(tmp_path)
+    said = []
+    monkeypatch.setattr(lora_llava.workflows, "train", lambda recipe, **kw: said.append(capsys.readouterr().err))
+    mine = [f"data.train.0.path={shapes / 'train.json'}", f"data.train.0.image_folder={shapes / 'images'}"]
+    assert main(["train", "quickstart", *mine, "output_dir=runs/mine"]) == 0  # quickstart evaluates while training
+    assert any(ln.startswith("warning: the training data is yours") for ln in said[0].splitlines())
+    assert main(["train", "quickstart", *mine, "train.eval_steps=null", "output_dir=runs/mine2"]) == 0
+    assert "warning:" not in said[1]  # no eval during training: nothing would score the shapes
