@@ -103,3 +103,16 @@ def test_a_second_run_into_a_held_directory_names_the_holder(make_recipe, tmp_pa
     time.sleep(0.1)
     train(make_recipe(output_dir=str(out), train={"max_steps": 1}), **QUIET)  # free again once it is gone
     assert (out / "adapter").is_dir()
+
+
+def test_a_failed_runs_bad_sample_list_does_not_outlive_it(make_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = make_recipe(output_dir=str(out), train={"max_steps": 1})
+    from lora_llava.layout import RunDir
+
+    run = RunDir(out)
+    run.start(inputs=[])  # a run that then failed: its run.json and its list of bad samples stay behind
+    run.release()
+    run.bad_samples.write_text('{"reason": "stale"}\n')
+    train(recipe, **QUIET)
+    assert not run.bad_samples.exists()
