@@ -14,6 +14,7 @@ the checkpoint publisher, which seals each checkpoint with that step's eval resu
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,16 @@ class TrainingSession:
         if self.resume is not None:
             self.log(f"resuming from {self.resume}")
         trainer = self.trainer
-        trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file of the checkpoint
+            if self.resume is None:
+                raise
+            raise UserError(
+                f"checkpoint {self.resume} holds a file that is not plain tensors and was refused, not run "
+                f"({str(e).splitlines()[0][:200]})",
+                hint="resume from another checkpoint of the run, or train again without train.resume",
+            ) from None
         clean_staging(self.run.checkpoints)
         steps = trainer.state.global_step
         if self.abort.reason:

@@ -233,3 +233,27 @@ def test_every_checkpoint_has_a_manifest_of_its_files(make_recipe, tmp_path):
     for name, entry in files.items():
         blob = (ckpt / name).read_bytes()
         assert entry == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(make_recipe, tmp_path):
+    import pickle
+
+    from lora_llava.errors import UserError
+    from lora_llava.layout import write_manifest
+
+    recipe = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 2, "save_steps": 1})
+    train(recipe, **QUIET)
+    ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-1"
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(tmp_path / "r" / "adapter")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (ckpt / "rng_state.pth").write_bytes(pickle.dumps({"python": Evil()}))
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    write_manifest(ckpt)  # a checkpoint whose manifest agrees: the files themselves must be refused
+    resumed = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 2, "save_steps": 1, "resume": True})
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoint-1 holds a file that is not plain tensors"):
+        train(resumed, **QUIET)
