@@ -437,12 +437,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path) -> dict[str, Any]:
-    """Flush every file of ``folder`` to disk and record its size and SHA-256 in ``manifest.json`` (written
-    last, itself flushed): a checkpoint is complete exactly when its manifest verifies."""
+def write_manifest(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Flush every file of ``folder`` (but ``leave_out``) to disk and record its size and SHA-256 in
+    ``manifest.json`` (written last, itself flushed): a checkpoint is complete exactly when its manifest
+    verifies."""
     files: dict[str, Any] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_FILE:
+        if p.is_file() and p.name != MANIFEST_FILE and p.name not in leave_out:
             files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p, sync=True)}
     manifest = {"files": files}
     tmp = folder / f".{MANIFEST_FILE}.tmp"
@@ -496,10 +497,11 @@ def manifest_problem(path: Path, hashes: bool = True, as_model: bool = False) ->
         resume_only = any(fnmatch.fnmatch(p.name, pattern) for pattern in RESUME_ONLY)
         if (hashes or (as_model and not resume_only)) and _sha256(p) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (damaged)"
-    extra = [p.name for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".pt")
-             and p.name != MANIFEST_FILE and p.name not in files]  # fmt: skip
+    extra = [p for p in sorted(path.iterdir()) if (p.is_file() or p.is_symlink()) and p.name not in files
+             and p.suffix in (".safetensors", ".json", ".bin", ".pt", ".model", ".txt") and p.name != MANIFEST_FILE]  # fmt: skip
     if extra:
-        return f"{', '.join(sorted(extra)[:3])} not in its {MANIFEST_FILE} (added after it was written)"
+        shown = [f"{p.name} -> {os.readlink(p)} (a link)" if p.is_symlink() else p.name for p in extra[:3]]
+        return f"{', '.join(shown)} not in its {MANIFEST_FILE} (added after it was written)"
     return None
 
 

@@ -42,6 +42,7 @@ MERGED_FILES = {
     "config.json",
     "generation_config.json",
     "lora_llava.json",
+    "manifest.json",  # every file's size and SHA-256, checked when it is opened as a model
     "merge_report.json",
     "model.safetensors",
     "processor_config.json",

@@ -35,6 +35,7 @@ def test_stage1_then_stage2_on_an_assembled_llava(make_recipe, shapes, tmp_path)
         [
             "chat_template.jinja",
             "lora_llava.json",
+            "manifest.json",
             "processor_config.json",
             "projector.safetensors",
             "recipe.yaml",

@@ -56,7 +56,9 @@ def write_adapter(
     """The adapter, written whole or not at all: trained parts, processor as trained, recipe, AdapterMeta."""
     with atomic_dir(target, replace=True) as tmp:
         write_adapter_files(tmp, model, processor, spec, recipe, fmt, extra)
-        write_manifest(tmp)  # every file's size and SHA-256: opening it as a model checks them
+        # every file's size and SHA-256, checked when it is opened as a model; its recipe.yaml stays editable
+        # (the merge and eval settings a later command reads), what it trained with is in lora_llava.json
+        write_manifest(tmp, leave_out=(RECIPE_FILE,))
     return target
 
 

@@ -16,6 +16,7 @@ ADAPTER_FILES = {
     "adapter_model.safetensors",
     "chat_template.jinja",
     "lora_llava.json",
+    "manifest.json",
     "processor_config.json",
     "projector.safetensors",
     "recipe.yaml",
