@@ -10,6 +10,10 @@ EPILOG = """examples:
   lora-llava demo merged/my-llava --port 8080 --load-in-4bit
   lora-llava demo runs/my-run --host 0.0.0.0        (reachable from the network: anyone who can reach it can use it)
 
+uploads over 64 MiB are refused, and an image the training loader refuses (pixels, aspect, format) is refused
+and deleted; uploads live in a temporary folder of their own, deleted after an hour and all at exit; errors
+are shown with server paths replaced by <local>/<last part>.
+
 needs Gradio: pip install 'lora_llava[demo]'"""
 
 
@@ -29,13 +33,14 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("the demo needs Gradio", hint="pip install 'lora_llava[demo]'") from None
-    from lora_llava.demo import build_app, lineage
+    from lora_llava.demo import build_app, launch_options, lineage, private_uploads
     from lora_llava.infer import load_model
 
     art = open_artifact(args.model)
     cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
     loaded = load_model(args.model, quantize=args.load_in_4bit)
-    app = build_app(loaded, lineage(args.model), title=f"lora-llava demo: {args.model}")
-    print(f"demo of {loaded.kind} {loaded.ref} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=True)
+    with private_uploads():  # Gradio's uploads and copies, removed at exit
+        app = build_app(loaded, lineage(args.model), title=f"lora-llava demo: {args.model}")
+        print(f"demo of {loaded.kind} {loaded.ref} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+        app.queue().launch(**launch_options(args.host, args.port))
     return 0
