@@ -4,10 +4,12 @@ Usage::
 
     path = recipe_path("quickstart")          # or "llava-1.5-7b/qlora", or any YAML path
     for name, first_line in list_recipes(): ...
+    copy_new(path, Path("my-run.yaml"))       # a new file: never over an existing one, never through a link
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lora_llava.errors import UserError
@@ -70,6 +72,46 @@ def recipe_path(ref: str) -> Path:
         unknown=f"no recipe {ref!r}: not a file and not a built-in recipe",
         command="lora-llava recipes",
     )
+
+
+def copy_new(src: Path, dest: Path) -> None:
+    """Write ``src``'s bytes to ``dest`` as a new file (its folders made). A ``dest`` that is a symbolic link,
+    dangling or not, is refused in one line naming it, and an existing one is refused: nothing is written
+    there, nor where a link points (the file is created with O_EXCL, which fails on any existing name,
+    a link included, so a link made after the checks is never followed either)."""
+    if dest.is_symlink():
+        raise _link_refused(dest)
+    if dest.exists():
+        raise UserError(f"{str(dest)!r} exists; not overwriting it", hint="give another destination")
+    data = src.read_bytes()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = f"{str(dest.parent)!r} is not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+        raise UserError(f"cannot write {str(dest)!r}: {why}", hint="give another destination") from None
+    try:
+        fd = os.open(dest, flags, 0o666)
+    except FileExistsError:  # made since the checks above
+        if dest.is_symlink():
+            raise _link_refused(dest) from None
+        raise UserError(f"{str(dest)!r} exists; not overwriting it", hint="give another destination") from None
+    except OSError as e:
+        raise UserError(f"cannot write {str(dest)!r}: {e.strerror or e}", hint="give another destination") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:  # a full disk: no half-written recipe left behind
+        dest.unlink(missing_ok=True)
+        raise UserError(f"cannot write {str(dest)!r}: {e.strerror or e}", hint="give another destination") from None
+
+
+def _link_refused(dest: Path) -> UserError:
+    try:
+        target = f" (to {os.readlink(dest)!r})"
+    except OSError:
+        target = ""
+    return UserError(f"{str(dest)!r} is a symbolic link{target}; not writing through it: give another destination")
 
 
 def check_builtin_recipes() -> dict[str, str]:

@@ -76,3 +76,25 @@ def test_llava15_recipes_pad_and_v16_tile_caps_cap():
         text = recipe_path(name).read_text()
         if name.startswith("llava-"):
             assert f"global batch {r.train.batch_size * r.train.grad_accum} per optimizer step" in text, name
+
+
+def test_copy_new_never_follows_a_link_made_after_its_checks(tmp_path):
+    from lora_llava.recipes import copy_new
+
+    target, dest = tmp_path / "target.yaml", tmp_path / "new" / "dest.yaml"
+
+    class Racing:  # a recipe whose reading happens to race with someone making DEST a link
+        def read_bytes(self):
+            dest.parent.mkdir()
+            dest.symlink_to(target)
+            return b"# recipe\n"
+
+    with pytest.raises(UserError, match=r"dest.yaml' is a symbolic link \(to '.*target.yaml'\); not writing through"):
+        copy_new(Racing(), dest)  # type: ignore[arg-type]
+    assert not target.exists() and dest.is_symlink()
+
+    fresh = tmp_path / "a" / "b" / "fresh.yaml"
+    copy_new(Path(__file__), fresh)  # a new file, its folders made
+    assert fresh.read_bytes() == Path(__file__).read_bytes()
+    with pytest.raises(UserError, match="exists; not overwriting it"):
+        copy_new(Path(__file__), fresh)

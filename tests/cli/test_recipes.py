@@ -73,3 +73,24 @@ def test_recipes_validate(capsys):
     assert len(lines) == len(shipped_recipes())
     assert "tiny-assembled/instruct" in out and "stage-1 output of tiny-assembled/align" in out
     assert all(" ok " in ln for ln in lines)
+
+
+def test_recipes_copy_refuses_a_symbolic_link_dangling_or_not(capsys, tmp_path):
+    """DEST a symbolic link: refused in one line naming it; nothing is written there or where it points."""
+    target = tmp_path / "elsewhere" / "target.yaml"
+    target.parent.mkdir()
+    dangling = tmp_path / "dangling.yaml"
+    dangling.symlink_to(target)
+    code, out, err = run_cli(capsys, "recipes", "copy", "quickstart", dangling)
+    assert_user_error(code, out, err)
+    assert err == f"error: {str(dangling)!r} is a symbolic link (to {str(target)!r}); not writing through it: " \
+                  "give another destination\n"  # fmt: skip
+    assert not target.exists() and dangling.is_symlink()
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# mine\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(mine)
+    code, out, err = run_cli(capsys, "recipes", "copy", "quickstart", link)
+    assert_user_error(code, out, err, f"{str(link)!r} is a symbolic link (to {str(mine)!r}); not writing through it")
+    assert len(err.splitlines()) == 1 and mine.read_text() == "# mine\n" and link.is_symlink()
