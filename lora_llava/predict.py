@@ -16,13 +16,17 @@ Lines are written and flushed batch by batch; a re-run with the same settings sk
 written, and a line cut off by a kill is dropped on the next run, so every sample ends up in the file
 exactly once. A re-run with other settings is refused, naming what differs (``overwrite`` starts the file
 again); a file that is no predictions file is never changed. Batches are sorted by prompt length and
-left-padded.
+left-padded. One run at a time writes a file: a run holds ``.<name>.lock`` beside it (``predictions_lock``)
+from before the file is read until it ends, and a second run into the same file is refused, naming the
+holder's pid (two runs would otherwise each answer, and append, every sample).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +35,7 @@ from lora_llava.artifacts import Artifact
 from lora_llava.data.formats import IMAGE, BadSample, Sample
 from lora_llava.data.images import ImageError, load_image
 from lora_llava.errors import UserError
+from lora_llava.fsutil import hold_lock, release_lock
 from lora_llava.infer import Loaded, exact_match, generate
 from lora_llava.layout import RunDir
 
@@ -140,6 +145,53 @@ def predict_settings(
         )
     settings.update(max_new_tokens=max_new_tokens, decoding=DECODING, reference=reference)
     return settings
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock a run holds on its output: ``preds.jsonl`` -> ``.preds.jsonl.lock`` beside it."""
+    path = Path(out)
+    return path.with_name(f".{path.name}.lock")
+
+
+_HOLDING: dict[Path, int] = {}  # predictions locks this process holds, by lock path: how many holds of each
+
+
+@contextmanager
+def predictions_lock(out: str | Path) -> Iterator[None]:
+    """Hold the output's lock (``lock_path``) for the block: a second process writing ``out`` is refused with a
+    UserError naming the holder's pid. Holds nest within one process (the CLI's, then ``predict``'s): the lock is
+    released when the outermost block ends. The lock file stays beside ``out`` (holding the last pid); a file of
+    the user's at its name (not an empty or pid-only file, a folder, a link) is refused and left as it is."""
+    path, lock = Path(out), lock_path(out)
+    key = lock.absolute()
+    if key not in _HOLDING:
+        if path.is_dir():
+            raise UserError(f"--out {str(out)!r} is a folder: give a file for the answers")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            foreign = lock.is_symlink() or lock.is_dir()
+            if not foreign and lock.exists():
+                held = lock.read_bytes().strip()
+                foreign = not (held == b"" or held.isdigit())
+        except OSError as e:
+            raise UserError(f"--out {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
+        if foreign:
+            raise UserError(
+                f"{str(lock)!r} is not a lock file of lora-llava predict; it is left as it is",
+                hint="choose another --out, or move that file away",
+            )
+        try:
+            hold_lock(lock, f"--out {str(out)!r}")
+        except OSError as e:
+            raise UserError(f"--out {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
+    _HOLDING[key] = _HOLDING.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        _HOLDING[key] -= 1
+        if not _HOLDING[key]:
+            del _HOLDING[key]
+            release_lock(lock)
 
 
 @dataclass
@@ -279,7 +331,25 @@ def predict(
 ) -> PredictSummary:
     """Answer ``samples`` into the JSON-lines file ``out``: started with a header recording ``settings``
     (``predict_settings``; by default the model, max_new_tokens, decoding and ``reference``), or resumed
-    (appending; ids already there are skipped) when it recorded the same ones; see ``open_predictions``."""
+    (appending; ids already there are skipped) when it recorded the same ones; see ``open_predictions``.
+    The output's lock is held throughout (``predictions_lock``): a run into a file another process is writing
+    is refused before the file is read."""
+    with predictions_lock(out):
+        return _predict(loaded, samples, bad, out, reference, batch_size, max_new_tokens, progress, settings, overwrite)
+
+
+def _predict(
+    loaded: Loaded,
+    samples: list[Sample],
+    bad: list[BadSample],
+    out: str | Path,
+    reference: bool,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    settings: dict[str, Any] | None,
+    overwrite: bool,
+) -> PredictSummary:
     from tqdm.auto import tqdm
 
     if settings is None:

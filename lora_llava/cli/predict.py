@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from lora_llava.cli.sources import add_source_arguments
+
+if TYPE_CHECKING:
+    from lora_llava.workflows import EvalPlan
 
 HELP = "answer every sample of a data file, or every image of a folder, into a JSON-lines file (resumable)"
 EPILOG = """examples:
@@ -19,7 +23,8 @@ max_new_tokens, ...}}; then one line per sample: {"id", "prompt", "prediction", 
 after an interruption: with the same settings, ids already in --out are skipped, so every sample is written
 exactly once; with other settings (another model, --prompt, --data, --max-new-tokens, ...) it is refused,
 naming what differs, unless --overwrite starts the file again. A file with no such first line (written by
-an earlier lora-llava) is resumed with a warning. A file that is not a predictions file is never changed."""
+an earlier lora-llava) is resumed with a warning. A file that is not a predictions file is never changed.
+One run at a time per --out: a run holds .NAME.lock beside it, and a second one is refused, naming its pid."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,10 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_llava.cli.common import cpu_threads_for
     from lora_llava.errors import UserError
-    from lora_llava.infer import load_model
-    from lora_llava.predict import open_predictions, predict, predict_settings
+    from lora_llava.predict import predict_settings, predictions_lock
     from lora_llava.workflows import eval_plan
 
     if (args.data is None) == (args.images is None):
@@ -62,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
         prompt=args.prompt, max_new_tokens=plan.max_new_tokens, reference=args.reference,
         load_in_4bit=args.load_in_4bit,
     )  # fmt: skip
+    with predictions_lock(args.out):  # one run per --out, from before it is read until the last answer is written
+        return _run(args, plan, settings)
+
+
+def _run(args: argparse.Namespace, plan: EvalPlan, settings: dict[str, Any]) -> int:
+    from lora_llava.cli.common import cpu_threads_for
+    from lora_llava.infer import load_model
+    from lora_llava.predict import open_predictions, predict
+
+    assert plan.artifact is not None
     found = open_predictions(args.out, settings, overwrite=args.overwrite)  # refused here, before the model loads
     if found.warning:
         print(found.warning, file=sys.stderr)

@@ -238,3 +238,52 @@ def test_what_a_predictions_file_holds_decides_what_a_run_does(tmp_path):
     assert open_predictions(out, mine).keep is None
     with pytest.raises(UserError, match="is a folder"):
         open_predictions(tmp_path, mine)
+
+
+def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(trained_run, shapes, tmp_path, capsys):
+    """Two runs into one --out would each answer, and append, every sample: the second is refused, the file
+    unchanged; once the holder is gone, a run resumes the file (and releases the lock when it ends)."""
+    from pathlib import Path
+
+    import pytest
+    from helpers import assert_user_error
+
+    from lora_llava.errors import UserError
+    from lora_llava.fsutil import hold_lock, release_lock
+    from lora_llava.predict import lock_path, predict
+
+    folder, out = _few_images(shapes, tmp_path), tmp_path / "preds.jsonl"
+    argv = ["predict", trained_run, "--images", folder, "--prompt", "What color is the shape?", "--out", out,
+            "--max-new-tokens", "2"]  # fmt: skip
+    out.write_text("")  # started by the holder: its header not yet written
+    lock = lock_path(out)
+    assert lock == tmp_path / ".preds.jsonl.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
+            f"hold_lock(Path({str(lock)!r}), 'x'); print('held', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, stdout, err = run_cli(capsys, *argv)
+        assert_user_error(
+            code, stdout, err, f"--out {str(out)!r} is in use by another lora_llava process (pid {holder.pid})"
+        )
+        with pytest.raises(UserError, match=rf"in use by another lora_llava process \(pid {holder.pid}\)"):
+            predict(None, [], [], out, settings={"model": "m"})  # type: ignore[arg-type]  # the library too
+        assert out.read_bytes() == b""
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    code, stdout, err = run_cli(capsys, *argv)  # free again once it is gone
+    assert code == 0, err
+    assert "wrote 3 answer(s)" in stdout and len(_lines(out)) == 3
+    hold_lock(Path(lock), "test")  # released when the run ended (a held flock would refuse this open file)
+    release_lock(Path(lock))
+
+    lock.write_text("my notes\n")  # a file of the user's at the lock's name: refused, left as it is
+    assert_user_error(*run_cli(capsys, *argv), f"{str(lock)!r} is not a lock file of lora-llava predict")
+    assert lock.read_text() == "my notes\n"
