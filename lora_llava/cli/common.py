@@ -112,8 +112,6 @@ def list_show_or_copy(
     """``list`` the built-in YAML files (name, description), ``show`` one, or ``copy`` one to ``dest``
     (default ``default_dest``; an existing file is never replaced). ``what``: the command ("recipes",
     "data configs"), ``noun``: what one is called ("recipe", "config")."""
-    import shutil
-
     from lora_llava.errors import UserError
 
     if action == "list":
@@ -128,11 +126,10 @@ def list_show_or_copy(
     if action == "show":
         print(src.read_text(), end="")
         return 0
+    from lora_llava.recipes import copy_new
+
     target = Path(dest or default_dest)
-    if target.exists():
-        raise UserError(f"{str(target)!r} exists; not overwriting it", hint="give another destination")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)
+    copy_new(src, target)  # never over a file, never through a link
     print(f"copied {name} to {target}")
     return 0
 

@@ -90,6 +90,9 @@ def test_builtin_example_configs_load_and_are_listed(capsys, tmp_path, monkeypat
     code, out, _ = run_cli(capsys, "data", "configs", "copy", "coco")
     assert code == 0 and (tmp_path / "coco-datagen.yaml").read_text().startswith("# COCO-style")
     assert_user_error(*run_cli(capsys, "data", "configs", "copy", "coco"), "exists; not overwriting it")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "elsewhere.yaml")  # dangling: never written through
+    assert_user_error(*run_cli(capsys, "data", "configs", "copy", "coco", "link.yaml"), "is a symbolic link")
+    assert not (tmp_path / "elsewhere.yaml").exists()
     assert_user_error(*run_cli(capsys, "data", "generate", "cocoo"), "did you mean 'coco'?")
 
 
