@@ -44,10 +44,11 @@ GONE = "the image is no longer on the server (uploads are deleted after an hour)
 
 
 def lineage(ref: str) -> str:
-    """Markdown: what the model is and how it was made, from what its run directory recorded."""
+    """Markdown: what the model is and how it was made, from what its run directory recorded; local paths
+    scrubbed, as on a pushed model's card (the page may be served to others with --host)."""
     art = open_artifact(ref)
     lin = art.lineage()
-    lines = [f"**{art.description}** `{ref}`"]
+    lines = [f"**{art.description}** `{scrub(ref)}`"]
     if art.meta is not None:
         backbone = lin.backbone if lin.backbone is not None else "?"
         chat_format = lin.chat_format if lin.chat_format is not None else "?"
@@ -62,7 +63,7 @@ def lineage(ref: str) -> str:
     if merge is not None and merge.folder == lin.folder and merge.samples:  # this model's own merge
         lines.append(f"- merge verified: {merge.answers_equal}/{merge.answers_total} answers equal to the adapter's")
     if lin.data_report is not None:
-        lines.append("\n**data**\n\n```\n" + lin.data_report + "\n```")
+        lines.append("\n**data**\n\n```\n" + scrub(lin.data_report) + "\n```")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("the demo needs Gradio", hint="pip install 'lora_llava[demo]'") from None
+    from lora_llava.card import scrub
     from lora_llava.demo import build_app, launch_options, lineage, private_uploads
     from lora_llava.infer import load_model
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cpu_threads_for(getattr(art.meta, "backbone", None) or args.model)
     loaded = load_model(args.model, quantize=args.load_in_4bit)
     with private_uploads():  # Gradio's uploads and copies, removed at exit
-        app = build_app(loaded, lineage(args.model), title=f"lora-llava demo: {args.model}")
+        app = build_app(loaded, lineage(args.model), title=f"lora-llava demo: {scrub(args.model)}")
         print(f"demo of {loaded.kind} {loaded.ref} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         app.queue().launch(**launch_options(args.host, args.port))
     return 0
