@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_llava.config.schema import DataConfig, DataSource, Recipe
-from lora_llava.data.budget import fit_sample, histogram
+from lora_llava.data.budget import fit_sample, histogram, over_reason
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample, open_source
 from lora_llava.data.mixture import MixtureRow, Part, content_key, format_mixture, mix, select_indices
@@ -69,7 +69,8 @@ class DataReport:
     dropped: list[BadSample] = field(default_factory=list)  # over max_length, left out by data.overlength
     stats: list[SourceStats] = field(default_factory=list)
     mixture: list[MixtureRow] = field(default_factory=list)
-    full_lengths: list[int] = field(default_factory=list)  # every readable sample, before the length policy
+    full_lengths: list[int] = field(default_factory=list)  # every readable sample, before the length policy ...
+    over_chars: int = 0  # ... but those over the character budget (over max_length, never tokenized)
     over: OverLength = field(default_factory=OverLength)
     warnings: list[str] = field(default_factory=list)
     eval_split: int = 0
@@ -97,9 +98,10 @@ class DataReport:
             lines.append(format_mixture(self.mixture, self.seed))
         if self.eval_split:
             lines.append(f"eval split: {self.eval_split} samples carved from the training mixture (seed {self.seed})")
-        if self.full_lengths:
-            lines.append(f"length histogram ({len(self.full_lengths)} readable samples, before data.overlength):")
-            lines.append(histogram(self.full_lengths, self.max_length))
+        if self.full_lengths or self.over_chars:
+            readable = len(self.full_lengths) + self.over_chars
+            lines.append(f"length histogram ({readable} readable samples, before data.overlength):")
+            lines.append(histogram(self.full_lengths, self.max_length, unmeasured=self.over_chars))
         lines.append(self.overlength_line())
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -140,15 +142,18 @@ def _read(
             except Exception as e:  # e.g. a tokenizer failing on some text: reported like any bad sample
                 bad.append(BadSample(s.source, s.index, s.id, f"cannot be tokenized ({type(e).__name__}: {e})", s.line))
                 continue
-            report.full_lengths.append(fit.full_length)
-            if fit.full_length > d.max_length:
+            if fit.full_length is None:  # over the character budget: over max_length, never tokenized
+                report.over_chars += 1
+            else:
+                report.full_lengths.append(fit.full_length)
+            if fit.full_length is None or fit.full_length > d.max_length:
                 report.over.samples += 1
                 if fit.action == "truncated" or (d.overlength != "truncate_turns" and _truncatable(encoder, s, d)):
                     report.over.truncatable += 1
                 else:
                     report.over.untruncatable += 1
             if fit.sample is None:
-                reason = f"{fit.full_length} tokens after image expansion, over data.max_length={d.max_length}"
+                reason = over_reason(fit, d.max_length)
                 if d.overlength == "bad_sample":
                     bad.append(BadSample(s.source, s.index, s.id, reason, s.line))
                 else:
@@ -177,7 +182,10 @@ def _read(
 
 def _truncatable(encoder: Encoder, sample: Sample, d: DataConfig) -> bool:
     """Whether truncate_turns would keep part of ``sample`` (for the what-if counts)."""
-    return fit_sample(encoder, sample, d.max_length, "truncate_turns").action == "truncated"
+    try:
+        return fit_sample(encoder, sample, d.max_length, "truncate_turns").action == "truncated"
+    except Exception:  # a sample over by characters was never checked whole: its first exchanges may be bad
+        return False
 
 
 def prepare_data(

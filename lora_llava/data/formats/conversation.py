@@ -162,7 +162,8 @@ def _messages(rec: dict, spec: RecordSpec, inline: list) -> list[tuple[str, str]
     if conv is None and key in rec:
         raise ValueError(f"missing field {key!r} (it is null)")
     if conv is None:
-        fields = ", ".join(repr(k) for k in list(rec)[:8]) + (", ..." if len(rec) > 8 else "")
+        names = list(getattr(rec, "field_names", None) or rec)  # a row read from some columns names them all
+        fields = ", ".join(repr(k) for k in names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(
             f"missing field {key!r} (the record has {fields or 'no fields'}; "
             f"name the turns field with data.*.columns: {{conversations: <field>}})"

@@ -64,8 +64,7 @@ class SourceReader:
         indices = range(len(self.storage)) if indices is None else indices
         counts: Counter[str] = Counter()
         for index, line, rec in self.storage.records(indices):
-            sid = rec.get(self.spec.id_key) if isinstance(rec, dict) else None
-            sid = None if sid is None else str(sid)
+            sid = _record_id(rec, self.spec.id_key)
             try:
                 sid, messages, images = parse_record(
                     rec, self.spec, self.src.image_folder, self.check_images, self.src.image_roots
@@ -109,6 +108,16 @@ class SourceReader:
             out.warnings.append(
                 f"{self.src.path}: image_folder {folder!r} is not used: the images of this source are stored in its rows"
             )
+
+
+def _record_id(rec: object, key: str) -> str | None:
+    """The id a record gives, as text, to name it in a bad-sample report (None when it has none, or one that
+    cannot be written out, such as a list nested past the recursion limit)."""
+    sid = rec.get(key) if isinstance(rec, dict) else None
+    try:
+        return None if sid is None else str(sid)
+    except (RecursionError, ValueError):
+        return None
 
 
 def open_source(src: DataSource, check_images: bool = True) -> SourceReader:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lora_llava.data.images import ImageRef
 
 IMAGE = "<image>"  # the placeholder of one image in a user turn
+MAX_REASON = 1000  # characters of a bad sample's reason kept
 
 
 @dataclass
@@ -39,6 +40,10 @@ class BadSample:
     reason: str
     line: int | None = None
 
+    def __post_init__(self) -> None:  # a reason quoting a huge value (a megabyte speaker name) stays a line
+        if len(self.reason) > MAX_REASON:
+            self.reason = f"{self.reason[: MAX_REASON - 100]}... ({len(self.reason)} characters)"
+
     def describe(self) -> str:
         return f"{where(self.source, self.index, self.id, self.line)}: {self.reason}"
 
@@ -49,4 +54,6 @@ class BadSample:
 def where(source: str, index: int, id: str | None, line: int | None) -> str:
     """``train.jsonl line 4 (id x)`` for line-based files, ``train.json sample 3 (id x)`` otherwise."""
     loc = f"line {line}" if line is not None else f"sample {index}"
+    if id is not None and len(id) > 100:  # an id is a name: a huge one is shown by its start
+        id = f"{id[:80]}... ({len(id)} characters)"
     return f"{source} {loc}" + (f" (id {id})" if id is not None else "")
