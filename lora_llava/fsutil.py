@@ -93,11 +93,17 @@ _HELD: dict[str, Any] = {}  # lock files this process holds, by resolved path (a
 
 def hold_lock(lock_file: Path, what: str) -> None:
     """Hold an exclusive lock on ``lock_file`` until ``release_lock`` (or the process ends): a second process asking
-    for it gets a UserError naming ``what`` and the holder's pid. Reentrant within one process. Where the
-    platform has no ``fcntl`` (Windows), nothing is locked."""
+    for it gets a UserError naming ``what`` and the holder's pid. Reentrant within one process. A file of someone
+    else's at that name (a link, a folder, anything but a pid) is refused and left as it is. Where the platform
+    has no ``fcntl`` (Windows), nothing is locked."""
     key = str(lock_file.resolve())
     if key in _HELD:
         return
+    if lock_file.is_symlink() or lock_file.is_dir() or (lock_file.is_file() and not _pid_only(lock_file)):
+        raise UserError(
+            f"{str(lock_file)!r} is not a lock file of lora_llava (the lock of {what}); it is left as it is",
+            hint="move that file away, or choose another output",
+        )
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -118,6 +124,12 @@ def hold_lock(lock_file: Path, what: str) -> None:
     f.write(str(os.getpid()))
     f.flush()
     _HELD[key] = f
+
+
+def _pid_only(path: Path) -> bool:
+    """A lock file as ``hold_lock`` leaves it: empty, or a process id."""
+    held = path.read_bytes()[:64].strip()
+    return held == b"" or held.isdigit()
 
 
 def release_lock(lock_file: Path) -> None:

@@ -169,19 +169,7 @@ def predictions_lock(out: str | Path) -> Iterator[None]:
             raise UserError(f"--out {str(out)!r} is a folder: give a file for the answers")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            foreign = lock.is_symlink() or lock.is_dir()
-            if not foreign and lock.exists():
-                held = lock.read_bytes().strip()
-                foreign = not (held == b"" or held.isdigit())
-        except OSError as e:
-            raise UserError(f"--out {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
-        if foreign:
-            raise UserError(
-                f"{str(lock)!r} is not a lock file of lora-llava predict; it is left as it is",
-                hint="choose another --out, or move that file away",
-            )
-        try:
-            hold_lock(lock, f"--out {str(out)!r}")
+            hold_lock(lock, f"--out {str(out)!r}")  # a file of the user's at the lock's name is refused there
         except OSError as e:
             raise UserError(f"--out {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
     _HOLDING[key] = _HOLDING.get(key, 0) + 1

@@ -140,19 +140,12 @@ def _check_not_an_input(out: Path, config: DatagenConfig) -> None:
 
 
 def _claim_lock_file(lock: Path, out: Path) -> None:
-    """Make the output's folder; the lock file there holds a pid (or nothing): refuse a file of the user's at its
-    name instead of emptying it."""
+    """Make the output's folder (the lock file beside the output, which fsutil.hold_lock checks: a file of the
+    user's at its name is refused, never emptied)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        held = lock.read_bytes().strip() if lock.is_file() else b""
-        foreign = lock.is_dir() or not (held == b"" or held.isdigit())
     except OSError as e:
         raise UserError(f"--output {str(out)!r}: cannot write beside it ({e.strerror or e})") from None
-    if foreign:
-        raise UserError(
-            f"{str(lock)!r} is not a lock file of lora-llava data generate; it is left as it is",
-            hint="choose another --output, or move that file away",
-        )
 
 
 def _check_output_is_ours(out: Path, journal: Journal, overwrite: bool) -> None:

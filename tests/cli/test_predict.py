@@ -285,5 +285,5 @@ def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(trained_ru
     release_lock(Path(lock))
 
     lock.write_text("my notes\n")  # a file of the user's at the lock's name: refused, left as it is
-    assert_user_error(*run_cli(capsys, *argv), f"{str(lock)!r} is not a lock file of lora-llava predict")
+    assert_user_error(*run_cli(capsys, *argv), f"{str(lock)!r} is not a lock file of lora_llava")
     assert lock.read_text() == "my notes\n"

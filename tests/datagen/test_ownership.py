@@ -143,7 +143,7 @@ def test_a_lock_files_name_taken_by_a_users_file_is_refused_untouched(openai_con
     lock = tmp_path / "out" / "gen.journal.jsonl.lock"
     lock.parent.mkdir()
     lock.write_text("todo: label the new batch\n")
-    with pytest.raises(UserError, match="is not a lock file of lora-llava data generate"):
+    with pytest.raises(UserError, match="is not a lock file of lora_llava"):
         quiet(openai_config())
     assert lock.read_text() == "todo: label the new batch\n"
 
