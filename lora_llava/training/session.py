@@ -71,7 +71,9 @@ class TrainingSession:
         report = prepared.report
         grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
         run.checkpoints.mkdir(exist_ok=True)
-        metrics = MetricsLog(run.metrics, keep_until=checkpoint_global_step(resume) if resume else None)
+        # read now: rotation (train.keep_checkpoints) may delete the checkpoint this session resumes from
+        self.resumed_at = checkpoint_global_step(resume) if resume else None
+        metrics = MetricsLog(run.metrics, keep_until=self.resumed_at)
         self.trainer = LlavaTrainer(
             spec=prepared.spec,
             recipe=recipe,
@@ -151,8 +153,7 @@ class TrainingSession:
         loss = trainer.mean_loss()  # over every good step of the run, also when it was resumed
         if not math.isfinite(loss):
             raise UserError("training loss became NaN/inf; no adapter was written", hint="lower train.learning_rate")
-        resumed_at = checkpoint_global_step(self.resume) if self.resume is not None else None
-        return Outcome(steps, loss, trainer.sync_counts(), trainer.bad_before + trainer.bad_steps, resumed_at)
+        return Outcome(steps, loss, trainer.sync_counts(), trainer.bad_before + trainer.bad_steps, self.resumed_at)
 
     def _dataset(self) -> Any:
         """The training samples one per row, or with ``train.packing`` packed into rows of data.max_length."""

@@ -257,3 +257,17 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(make_recip
     resumed = make_recipe(output_dir=str(tmp_path / "r"), train={"max_steps": 2, "save_steps": 1, "resume": True})
     with pytest.raises(UserError, match=r"checkpoint .*checkpoint-1 holds a file that is not plain tensors"):
         train(resumed, **QUIET)
+
+
+def test_a_resume_whose_checkpoint_rotation_deletes_finishes_with_its_adapter(make_recipe, tmp_path):
+    steps = {"max_steps": 4, "save_steps": 1, "keep_checkpoints": 1}
+    train(make_recipe(output_dir=str(tmp_path / "full"), train={**steps, "max_steps": 2}), **QUIET)
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)  # stopped after its checkpoint at step 2
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "checkpoint-2", tmp_path / "part" / "checkpoints" / "checkpoint-2"
+    )
+    said: list[str] = []
+    result = train(make_recipe(output_dir=str(tmp_path / "part"), train={**steps, "resume": True}), log=said.append)
+    assert result.steps == 4 and (tmp_path / "part" / "adapter" / "lora_llava.json").is_file()
+    assert not (tmp_path / "part" / "checkpoints" / "checkpoint-2").exists()  # rotated away while training
+    assert any(line.startswith("trained steps 3-4 in ") for line in said), said
