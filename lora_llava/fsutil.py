@@ -12,6 +12,7 @@ complete; otherwise the target must be absent or an empty folder.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -108,22 +109,52 @@ def hold_lock(lock_file: Path, what: str) -> None:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return
-    f = open(lock_file, "a+")  # noqa: SIM115 - held open until released
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
+    while True:
+        f = open(lock_file, "a+")  # noqa: SIM115 - held open until released
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(
+                f"{what} is in use by another lora_llava process (pid {holder})",
+                hint="wait for it to finish, or choose another output",
+            ) from None
+        try:  # the file may have been released and removed between our open and our lock: lock the one there now
+            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         f.close()
-        raise UserError(
-            f"{what} is in use by another lora_llava process (pid {holder})",
-            hint="wait for it to finish, or choose another output",
-        ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     _HELD[key] = f
+
+
+def lock_holder(lock_file: Path) -> str | None:
+    """The pid another process holds ``lock_file`` with (``hold_lock``), or None when nobody does (asked without
+    taking it, and without creating the file)."""
+    if str(lock_file.resolve()) in _HELD:
+        return None  # this process's own
+    try:
+        import fcntl
+
+        f = open(lock_file)  # noqa: SIM115
+    except (ImportError, OSError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 def _pid_only(path: Path) -> bool:
@@ -133,6 +164,9 @@ def _pid_only(path: Path) -> bool:
 
 
 def release_lock(lock_file: Path) -> None:
+    """Free the lock and remove its file (a process that opened it meanwhile finds it gone and locks anew)."""
     f = _HELD.pop(str(lock_file.resolve()), None)
     if f is not None:
+        with contextlib.suppress(OSError):
+            lock_file.unlink()
         f.close()  # closing the file releases the lock

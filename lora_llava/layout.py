@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_llava.errors import UserError
-from lora_llava.fsutil import hold_lock, release_lock
+from lora_llava.fsutil import hold_lock, lock_holder, release_lock
 
 META_FILE = "lora_llava.json"
 RECIPE_FILE = "recipe.yaml"
@@ -280,6 +280,12 @@ class RunDir:
         ``inputs`` and lora_llava's leftovers; an output name taken by a user's folder; a link at an output
         name), or an earlier run's outputs and neither ``overwrite`` nor ``resume`` is asked. Cheap: a command
         calls it before loading anything."""
+        holder = lock_holder(self.path / LOCK_FILE)
+        if holder is not None:  # a run is writing into it right now: that, before anything it has written so far
+            raise UserError(
+                f"output_dir {str(self.path)!r} is in use by another lora_llava process (pid {holder})",
+                hint="wait for it to finish, or choose another output_dir",
+            )
         links = [p for p in self._names() if p.is_symlink()]
         if links:
             raise UserError(

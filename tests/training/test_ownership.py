@@ -116,3 +116,24 @@ def test_a_failed_runs_bad_sample_list_does_not_outlive_it(make_recipe, tmp_path
     run.bad_samples.write_text('{"reason": "stale"}\n')
     train(recipe, **QUIET)
     assert not run.bad_samples.exists()
+
+
+def test_a_run_in_progress_is_named_before_what_it_has_written(make_recipe, tmp_path, trained_run):
+    import shutil
+
+    out = tmp_path / "busy"
+    shutil.copytree(trained_run, out)  # outputs on disk, as a run in progress has some
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
+            f"hold_lock(Path({str(out / '.lora_llava.lock')!r}), 'x'); print('held', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"is in use by another lora_llava process \(pid {holder.pid}\)"):
+            train(make_recipe(output_dir=str(out), train={"max_steps": 1}), **QUIET)  # no --overwrite, no resume
+    finally:
+        holder.kill()
+        holder.wait()
