@@ -353,6 +353,8 @@ def _read_lineage(art: Artifact) -> Lineage:
         recipe = folder / RECIPE_FILE
     elif run is not None and run.recipe.is_file():
         recipe = run.recipe
+    elif isinstance(meta, MergedMeta) and meta.merged_from and (Path(meta.merged_from) / RECIPE_FILE).is_file():
+        recipe = Path(meta.merged_from) / RECIPE_FILE  # merged elsewhere: the adapter it was merged from
     accuracy, eval_samples, data_report = None, None, None
     if run is not None and run.summary.is_file():
         summary = _read_json(run.summary)

@@ -149,13 +149,16 @@ def eval_plan(
     art = open_artifact(model)
     adapter = art.adapter_dir
     recipe = load_recipe(adapter / RECIPE_FILE) if adapter is not None else None
-    settings = recipe.eval if recipe is not None else EvalConfig()
+    # a merged model answers with the settings of the run it was merged from, as its adapter does
+    trained_with = art.lineage().recipe if recipe is None and art.kind in ("merged", "aligned") else None
+    settings = recipe.eval if recipe is not None else load_recipe(trained_with).eval if trained_with else EvalConfig()
+    source = adapter / RECIPE_FILE if adapter is not None else trained_with
     plan = EvalPlan(
         samples=[],
         where=RUN_EVAL_DATA,
         max_new_tokens=max_new_tokens or settings.max_new_tokens,
         batch_size=batch_size or settings.batch_size,
-        settings_from=f"the run's recipe ({adapter / RECIPE_FILE})" if adapter is not None else DEFAULT_SETTINGS,
+        settings_from=f"the run's recipe ({source})" if source is not None else DEFAULT_SETTINGS,
         recipe=recipe,
         artifact=art,
     )

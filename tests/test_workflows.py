@@ -203,3 +203,25 @@ def test_recipe_eval_plan_caps_at_the_recipes_max_samples(make_recipe, shapes):
     plan = recipe_eval_plan(recipe, samples)
     assert [s.id for s in plan.samples] == [s.id for s in samples[:5]]
     assert (plan.max_new_tokens, plan.batch_size, plan.where) == (7, 3, "the run's eval data")
+
+
+def test_a_merged_model_is_scored_with_the_eval_settings_of_its_run(trained_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from lora_llava.config.load import load_recipe, save_recipe
+    from lora_llava.merging import merge
+    from lora_llava.workflows import eval_plan
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recipe = load_recipe(run / "adapter" / "recipe.yaml")
+    save_recipe(dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, max_new_tokens=24)),
+                run / "adapter" / "recipe.yaml")  # fmt: skip
+    elsewhere = tmp_path / "elsewhere" / "merged"  # not inside its run: found through merged_from
+    merge(str(run), str(elsewhere), log=lambda *_: None)
+    data = str(run.parent / "shapes_eval.json")
+    shutil.copy(recipe.data.eval[0].path, data)
+    for model in (run, elsewhere):
+        plan = eval_plan(model, data, image_folder=recipe.data.eval[0].image_folder)
+        assert plan.max_new_tokens == 24 and "recipe.yaml" in plan.settings_from, model

@@ -19,7 +19,8 @@ EPILOG = """examples:
 
 each sample's last answer is the reference; case, quotes and trailing punctuation are ignored, but an
 answer that is only punctuation (?, ...) must match as written and an empty answer never scores.
---max-new-tokens and --batch-size default to the run's recipe (eval section), else 16 and 8"""
+--max-new-tokens and --batch-size default to the run's recipe (eval section; for a merged model, the recipe
+of the adapter it was merged from), else 16 and 8"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
