@@ -131,8 +131,8 @@ _WARNED: set[str] = set()
 def _check_whole(folder: Path, meta: Meta, ref: str) -> None:
     """An adapter or merged model whose files do not match its manifest (damaged, edited, swapped) is a
     UserError; one written with a manifest that lost it too. Hashing a model's gigabytes once is enough: the
-    files' sizes and modification times when they last verified are kept in lora_llava's cache, and while
-    they stand the hashes are not recomputed. Written before manifests: one warning, nothing checked."""
+    files' sizes, modification and change times and inodes when they last verified are kept in lora_llava's
+    cache, and while they stand the hashes are not recomputed. Written before manifests: one warning, nothing checked."""
     if not (folder / MANIFEST_FILE).is_file():
         if meta.sealed:
             raise UserError(
@@ -165,12 +165,13 @@ def _check_whole(folder: Path, meta: Meta, ref: str) -> None:
 
 
 def _stat_stamp(folder: Path) -> dict[str, list[int]]:
-    """Every file's size, modification time and inode: what changes when a file is written or replaced."""
+    """Every file's size, modification and change times and inode: what changes when a file is written or
+    replaced (the change time also when its modification time is set back)."""
     out = {}
     for p in sorted(folder.iterdir()):
         if p.is_file():
             st = p.stat()
-            out[p.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+            out[p.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     return out
 
 

@@ -351,7 +351,7 @@ class RunDir:
                 if entry.name not in (self.assembled.name, LOCK_FILE) or not _written_by_us(self, entry):
                     out.append(entry.name + ("/" if entry.is_dir() else ""))
             elif entry.name in ours and entry.is_dir() and not _written_by_us(self, entry):
-                out.append(entry.name + "/")  # a run's output name taken by a folder lora_llava did not write
+                out.append(_foreign_inside(self, entry))  # a run's output name taken by a folder not (only) ours
         return out
 
     def run_id(self) -> str | None:
@@ -402,6 +402,26 @@ def _written_by_us(run: RunDir, folder: Path) -> bool:
             p.is_dir() and (p.name.startswith(CHECKPOINT_PREFIX) or p.name.startswith(".")) for p in folder.iterdir()
         )
     return False
+
+
+def _foreign_inside(run: RunDir, folder: Path) -> str:
+    """A folder at one of a run's output names, named by what in it lora_llava did not write when the folder
+    itself is one of its own (``eval/my_notes.txt``), else as a whole (``model/``)."""
+    if folder == run.eval_dir:
+        odd = [
+            p
+            for p in sorted(folder.iterdir())
+            if not (p.is_file() and p.name.startswith("step-") and p.suffix == ".jsonl")
+        ]
+        return ", ".join(f"{folder.name}/{p.name}" for p in odd[:3]) or folder.name + "/"
+    if folder == run.checkpoints:
+        odd = [
+            p
+            for p in sorted(folder.iterdir())
+            if not (p.is_dir() and p.name.startswith((CHECKPOINT_PREFIX, ".", "tmp-")))
+        ]
+        return ", ".join(f"{folder.name}/{p.name}" for p in odd[:3]) or folder.name + "/"
+    return folder.name + "/"
 
 
 def _few(names: list[str], n: int = 4) -> str:

@@ -370,3 +370,22 @@ def test_an_adapter_or_merged_model_that_does_not_match_its_manifest_is_refused(
     (merged / "extra.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match="extra.safetensors not in its manifest.json"):
         open_artifact(merged)
+
+
+def test_an_edit_that_restores_the_files_time_and_size_is_still_caught(trained_run, tmp_path):
+    import os
+
+    from lora_llava.artifacts import open_artifact
+    from lora_llava.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    open_artifact(run)  # verified, remembered
+    config = run / "adapter" / "adapter_config.json"
+    st = config.stat()
+    text = config.read_text()
+    config.write_text(text.replace('"lora_alpha": 16', '"lora_alpha": 99'))  # the same size
+    assert config.stat().st_size == st.st_size
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
+    with pytest.raises(UserError, match="adapter_config.json does not match its SHA-256"):
+        open_artifact(run)

@@ -137,3 +137,15 @@ def test_a_run_in_progress_is_named_before_what_it_has_written(make_recipe, tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_file_of_yours_inside_a_runs_eval_folder_is_named(make_recipe, tmp_path, trained_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "my_analysis.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds eval/my_analysis.txt, which lora_llava did not write"):
+        train(make_recipe(output_dir=str(run), train={"max_steps": 1}), overwrite=True, **QUIET)
+    assert (run / "eval" / "my_analysis.txt").read_text() == "mine"
