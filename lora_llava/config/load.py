@@ -47,7 +47,14 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
     else:
         name = os.fspath(source)
         data = _read_yaml(Path(name))
+    given: dict[str, str] = {}
     for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in given and "=" in override:  # the later would silently win, as a repeated YAML key would
+            raise UserError(
+                f"override {key} given twice ({given[key]}, then {override})", hint="give each key once"
+            )
+        given[key] = override
         apply_override(data, override)
     return convert_checked(Recipe, data, cross_check, f"recipe {name}")
 
@@ -306,7 +313,7 @@ def _convert_scalar(tp: type, value: Any) -> Any:
                 return _INVALID
         else:
             return _INVALID
-        return _INVALID if math.isnan(out) else out
+        return out  # NaN and infinities are refused by _convert: "must be a finite number"
     if tp is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)

@@ -239,3 +239,15 @@ def test_every_numeric_key_has_bounds_that_its_default_meets():
     for f in numeric:
         if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
             assert f.metadata.get("min", -float("inf")) <= f.default <= f.metadata.get("max", schema.INT_MAX), f.name
+
+
+def test_an_override_given_twice_and_nan_are_refused():
+    from lora_llava.config import load_recipe
+    from lora_llava.recipes import recipe_path
+
+    with pytest.raises(
+        UserError, match=r"override train.max_steps given twice \(train.max_steps=5, then train.max_steps=10\)"
+    ):
+        load_recipe(recipe_path("quickstart"), ["train.max_steps=5", "train.max_steps=10"])
+    with pytest.raises(UserError, match=re.escape("train.learning_rate: must be a finite number, got nan")):
+        load_recipe(recipe_path("quickstart"), ["train.learning_rate=.nan"])
