@@ -51,9 +51,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         if key in given and "=" in override:  # the later would silently win, as a repeated YAML key would
-            raise UserError(
-                f"override {key} given twice ({given[key]}, then {override})", hint="give each key once"
-            )
+            raise UserError(f"override {key} given twice ({given[key]}, then {override})", hint="give each key once")
         given[key] = override
         apply_override(data, override)
     return convert_checked(Recipe, data, cross_check, f"recipe {name}")
