@@ -143,3 +143,27 @@ def unseal(folder: Path) -> Path:
     meta["sealed"] = False
     (folder / "lora_llava.json").write_text(json.dumps(meta))
     return folder
+
+
+class LockHolder:
+    """Another process holding ``lock`` (``fsutil.hold_lock``) for the ``with`` block; ``.pid`` is its pid."""
+
+    def __init__(self, lock: Path) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> LockHolder:
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
+            f"hold_lock(Path({str(self.lock)!r}), 'x'); print('held', flush=True); time.sleep(60)"
+        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "held"
+        self.pid = self.proc.pid
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from helpers import run_cli
+from helpers import LockHolder, run_cli
 
 
 def _lines(path):
@@ -258,15 +258,7 @@ def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(trained_ru
     out.write_text("")  # started by the holder: its header not yet written
     lock = lock_path(out)
     assert lock == tmp_path / ".preds.jsonl.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
-            f"hold_lock(Path({str(lock)!r}), 'x'); print('held', flush=True); time.sleep(60)"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with LockHolder(lock) as holder:
         code, stdout, err = run_cli(capsys, *argv)
         assert_user_error(
             code, stdout, err, f"--out {str(out)!r} is in use by another lora_llava process (pid {holder.pid})"
@@ -274,9 +266,6 @@ def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(trained_ru
         with pytest.raises(UserError, match=rf"in use by another lora_llava process \(pid {holder.pid}\)"):
             predict(None, [], [], out, settings={"model": "m"})  # type: ignore[arg-type]  # the library too
         assert out.read_bytes() == b""
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)
     code, stdout, err = run_cli(capsys, *argv)  # free again once it is gone
     assert code == 0, err

@@ -3,12 +3,11 @@ through a link, and one run at a time per directory."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import LockHolder
 
 from lora_llava.errors import UserError
 from lora_llava.workflows import train
@@ -84,22 +83,11 @@ def test_the_recipes_own_data_inside_output_dir_is_no_obstacle(make_recipe, shap
 def test_a_second_run_into_a_held_directory_names_the_holder(make_recipe, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
-            f"hold_lock(Path({str(out / '.lora_llava.lock')!r}), 'x'); print('held', flush=True); time.sleep(60)"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with LockHolder(out / ".lora_llava.lock") as holder:
         with pytest.raises(
             UserError, match=rf"output_dir '.*busy' is in use by another lora_llava process \(pid {holder.pid}\)"
         ):
             train(make_recipe(output_dir=str(out), train={"max_steps": 1}), **QUIET)
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)
     train(make_recipe(output_dir=str(out), train={"max_steps": 1}), **QUIET)  # free again once it is gone
     assert (out / "adapter").is_dir()
@@ -123,20 +111,9 @@ def test_a_run_in_progress_is_named_before_what_it_has_written(make_recipe, tmp_
 
     out = tmp_path / "busy"
     shutil.copytree(trained_run, out)  # outputs on disk, as a run in progress has some
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
-            f"hold_lock(Path({str(out / '.lora_llava.lock')!r}), 'x'); print('held', flush=True); time.sleep(60)"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with LockHolder(out / ".lora_llava.lock") as holder:
         with pytest.raises(UserError, match=rf"is in use by another lora_llava process \(pid {holder.pid}\)"):
             train(make_recipe(output_dir=str(out), train={"max_steps": 1}), **QUIET)  # no --overwrite, no resume
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_file_of_yours_inside_a_runs_eval_folder_is_named(make_recipe, tmp_path, trained_run):
