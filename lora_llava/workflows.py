@@ -16,13 +16,15 @@ are given; anything else needs data and uses the defaults (``EvalConfig``).
 from __future__ import annotations
 
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_llava.annotations import Log
 from lora_llava.artifacts import Artifact, open_artifact
-from lora_llava.config.schema import DataSource, EvalConfig, Recipe
+from lora_llava.config.schema import DataConfig, DataSource, EvalConfig, Recipe
+from lora_llava.data.budget import char_budget, text_chars
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample
 from lora_llava.errors import UserError
@@ -151,7 +153,8 @@ def eval_plan(
     recipe = load_recipe(adapter / RECIPE_FILE) if adapter is not None else None
     # a merged model answers with the settings of the run it was merged from, as its adapter does
     trained_with = art.lineage().recipe if recipe is None and art.kind in ("merged", "aligned") else None
-    settings = recipe.eval if recipe is not None else load_recipe(trained_with).eval if trained_with else EvalConfig()
+    trained_recipe = recipe or (load_recipe(trained_with) if trained_with else None) or _DEFAULTS
+    settings = trained_recipe.eval
     source = adapter / RECIPE_FILE if adapter is not None else trained_with
     plan = EvalPlan(
         samples=[],
@@ -197,6 +200,8 @@ def eval_plan(
         plan.where = str(data)
         src = data_source(data, image_folder, data_format, split, columns, roles, prompt_style)
         samples, found_bad = read_source(src, limit=max_samples, warn=lambda w: say(f"warning: {w}"))
+    samples, too_long = _within_char_budget(samples, trained_recipe.data.max_length)
+    found_bad = [*found_bad, *too_long]
     if found_bad and bad != "keep":
         listing = bad_listing(found_bad)
         hints = ["--skip-bad scores the good ones"]
@@ -209,6 +214,31 @@ def eval_plan(
         raise UserError(f"no samples to score in {plan.where}", hint="check --data (and --max-samples)")
     plan.samples, plan.bad = samples, found_bad
     return plan
+
+
+class _Defaults:
+    """The eval and data settings of no recipe: what a backbone (or a model with no recipe) is scored with."""
+
+    eval = EvalConfig()
+    data = types.SimpleNamespace(max_length=DataConfig.__dataclass_fields__["max_length"].default)
+
+
+_DEFAULTS: Any = _Defaults()
+
+
+def _within_char_budget(samples: list[Sample], max_length: int) -> tuple[list[Sample], list[BadSample]]:
+    """``samples`` without those whose text could not fit ``max_length`` tokens with any tokenizer (more
+    characters than ``char_budget``): they are bad samples, never tokenized (a 50 MB answer would take minutes
+    and gigabytes to tokenize)."""
+    limit, kept, bad = char_budget(max_length), [], []
+    for s in samples:
+        n = text_chars(s)
+        if n > limit:
+            reason = f"{n} characters of text, more than {max_length} tokens can hold ({limit} characters); not read"
+            bad.append(BadSample(s.source, s.index, s.id, reason, s.line))
+        else:
+            kept.append(s)
+    return kept, bad
 
 
 def recipe_eval_plan(recipe: Recipe, samples: list[Sample], where: str = RUN_EVAL_DATA) -> EvalPlan:

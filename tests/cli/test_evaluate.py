@@ -94,3 +94,29 @@ def test_eval_reads_what_train_reads(capsys, tmp_path, trained_run, shapes):
     assert json.loads(out)["n"] == 3
     code, out, err = run_cli(capsys, "eval", trained_run, "--data", tmp_path / "dd", "--format", "llavaa")
     assert_user_error(code, out, err, "eval --data: 1 problem(s)", "eval --data.format: must be one of auto, llava")
+
+
+def test_a_sample_too_long_for_any_tokenizer_is_a_bad_sample_never_tokenized(
+    capsys, tmp_path, trained_run, shapes, monkeypatch
+):
+    from lora_llava.data.encode import Encoder
+
+    records = json.loads((shapes / "eval.json").read_text())[:2]
+    records[1]["conversations"][-1]["value"] = "red " * 300_000  # 1.2 million characters of answer
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    real = Encoder.prompt
+
+    def prompt(self, sample):  # nothing that long reaches the tokenizer
+        assert sum(len(t) for _, t in sample.messages) < 100_000
+        return real(self, sample)
+
+    monkeypatch.setattr(Encoder, "prompt", prompt)
+    code, out, err = run_cli(
+        capsys, "eval", trained_run, "--data", data, "--image-folder", shapes / "images", "--skip-bad"
+    )
+    assert code == 0, err
+    assert (
+        "sample 1 (id eval-1): 12000" in err
+        and "characters of text, more than 256 tokens can hold (4096 characters); not read" in err
+    )
