@@ -389,39 +389,31 @@ class RunDir:
 
 def _written_by_us(run: RunDir, folder: Path) -> bool:
     """Whether a folder at one of a run's output names is lora_llava's: a model folder carries lora_llava.json,
-    eval/ holds only step-N.jsonl files, checkpoints/ only checkpoint folders (and their staging), assembled/ its
-    metadata."""
+    eval/ and checkpoints/ hold nothing but what a run writes there (``_stray``)."""
     if folder == run.path / LOCK_FILE:
         return folder.is_file()
     if folder in (run.adapter, run.aligned, run.merged, run.assembled):
         return (folder / META_FILE).is_file()
-    if folder == run.eval_dir:
-        return all(p.is_file() and p.name.startswith("step-") and p.suffix == ".jsonl" for p in folder.iterdir())
-    if folder == run.checkpoints:
-        return all(
-            p.is_dir() and (p.name.startswith(CHECKPOINT_PREFIX) or p.name.startswith(".")) for p in folder.iterdir()
-        )
+    if folder in (run.eval_dir, run.checkpoints):
+        return not _stray(run, folder)
     return False
+
+
+def _stray(run: RunDir, folder: Path) -> list[Path]:
+    """What lies in a run's eval/ (step-N.jsonl files) or checkpoints/ (checkpoint folders and their staging)
+    that a run does not write there."""
+    if folder == run.eval_dir:
+        ours = lambda p: p.is_file() and p.name.startswith("step-") and p.suffix == ".jsonl"  # noqa: E731
+    else:
+        ours = lambda p: p.is_dir() and p.name.startswith((CHECKPOINT_PREFIX, ".", "tmp-"))  # noqa: E731
+    return [p for p in sorted(folder.iterdir()) if not ours(p)]
 
 
 def _foreign_inside(run: RunDir, folder: Path) -> str:
     """A folder at one of a run's output names, named by what in it lora_llava did not write when the folder
     itself is one of its own (``eval/my_notes.txt``), else as a whole (``model/``)."""
-    if folder == run.eval_dir:
-        odd = [
-            p
-            for p in sorted(folder.iterdir())
-            if not (p.is_file() and p.name.startswith("step-") and p.suffix == ".jsonl")
-        ]
-        return ", ".join(f"{folder.name}/{p.name}" for p in odd[:3]) or folder.name + "/"
-    if folder == run.checkpoints:
-        odd = [
-            p
-            for p in sorted(folder.iterdir())
-            if not (p.is_dir() and p.name.startswith((CHECKPOINT_PREFIX, ".", "tmp-")))
-        ]
-        return ", ".join(f"{folder.name}/{p.name}" for p in odd[:3]) or folder.name + "/"
-    return folder.name + "/"
+    stray = _stray(run, folder) if folder in (run.eval_dir, run.checkpoints) else []
+    return ", ".join(f"{folder.name}/{p.name}" for p in stray[:3]) or folder.name + "/"
 
 
 def _few(names: list[str], n: int = 4) -> str:
