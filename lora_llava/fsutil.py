@@ -7,12 +7,11 @@ Usage::
     # renamed into place only if the block finished; on any error the temporary folder is removed
 
 With ``replace=True`` an existing target is swapped out (and deleted) only after the new one is
-complete; otherwise the target must be absent or an empty folder.
+complete; otherwise the target must be absent or an empty folder. (Locks on outputs: ``lora_llava.layout``.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import shutil
@@ -20,7 +19,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from lora_llava.errors import UserError
 
@@ -87,86 +85,3 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-_HELD: dict[str, Any] = {}  # lock files this process holds, by resolved path (an open file each)
-
-
-def hold_lock(lock_file: Path, what: str) -> None:
-    """Hold an exclusive lock on ``lock_file`` until ``release_lock`` (or the process ends): a second process asking
-    for it gets a UserError naming ``what`` and the holder's pid. Reentrant within one process. A file of someone
-    else's at that name (a link, a folder, anything but a pid) is refused and left as it is. Where the platform
-    has no ``fcntl`` (Windows), nothing is locked."""
-    key = str(lock_file.resolve())
-    if key in _HELD:
-        return
-    if lock_file.is_symlink() or lock_file.is_dir() or (lock_file.is_file() and not _pid_only(lock_file)):
-        raise UserError(
-            f"{str(lock_file)!r} is not a lock file of lora_llava (the lock of {what}); it is left as it is",
-            hint="move that file away, or choose another output",
-        )
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return
-    while True:
-        f = open(lock_file, "a+")  # noqa: SIM115 - held open until released
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise UserError(
-                f"{what} is in use by another lora_llava process (pid {holder})",
-                hint="wait for it to finish, or choose another output",
-            ) from None
-        try:  # the file may have been released and removed between our open and our lock: lock the one there now
-            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    _HELD[key] = f
-
-
-def lock_holder(lock_file: Path) -> str | None:
-    """The pid another process holds ``lock_file`` with (``hold_lock``), or None when nobody does (asked without
-    taking it, and without creating the file)."""
-    if str(lock_file.resolve()) in _HELD:
-        return None  # this process's own
-    try:
-        import fcntl
-
-        f = open(lock_file)  # noqa: SIM115
-    except (ImportError, OSError):
-        return None
-    with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f.read().strip() or "unknown"
-        except OSError:
-            return None
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return None
-
-
-def _pid_only(path: Path) -> bool:
-    """A lock file as ``hold_lock`` leaves it: empty, or a process id."""
-    held = path.read_bytes()[:64].strip()
-    return held == b"" or held.isdigit()
-
-
-def release_lock(lock_file: Path) -> None:
-    """Free the lock and remove its file (a process that opened it meanwhile finds it gone and locks anew)."""
-    f = _HELD.pop(str(lock_file.resolve()), None)
-    if f is not None:
-        with contextlib.suppress(OSError):
-            lock_file.unlink()
-        f.close()  # closing the file releases the lock

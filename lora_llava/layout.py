@@ -1,4 +1,5 @@
-"""The one owner of every on-disk layout lora_llava writes or reads: names, metadata, run directories, manifests.
+"""The one owner of every on-disk layout lora_llava writes or reads: names, metadata, run directories, manifests,
+and the locks that keep one writer per output.
 
 Usage::
 
@@ -6,6 +7,8 @@ Usage::
     write_meta(folder, MergedMeta(...))    # lora_llava.json, one shape per kind, stamped with the versions
     read_meta(folder)                      # -> AdapterMeta | MergedMeta | AlignedMeta | AssembledMeta | None
     write_manifest(checkpoint)             # every file's size and SHA-256; checkpoint_problem(path) checks it
+    with run.claimed(overwrite=False) as run_id: ...   # the directory checked, locked for this process, released
+    hold_lock(lock_beside(out), "merge target 'x'")    # one writer per output; release_lock(...) frees it
 
 What a user's MODEL/RUN argument means is ``lora_llava.artifacts``.
 
@@ -34,17 +37,17 @@ Layouts::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_llava.errors import UserError
-from lora_llava.fsutil import hold_lock, lock_holder, release_lock
 
 META_FILE = "lora_llava.json"
 RECIPE_FILE = "recipe.yaml"
@@ -271,6 +274,25 @@ class RunDir:
     def release(self) -> None:
         """Free the directory's lock (``start``) for another process."""
         release_lock(self.path / LOCK_FILE)
+
+    @contextlib.contextmanager
+    def claimed(
+        self,
+        overwrite: bool = False,
+        resume: bool = False,
+        inputs: Sequence[str | os.PathLike] = (),
+        run_id: str | None = None,
+    ) -> Iterator[str]:
+        """``start`` for the block, the lock released when it ends; yields the run's id. A caller that already
+        claimed the directory passes its ``run_id``: then nothing is checked, taken or released here."""
+        if run_id is not None:
+            yield run_id
+            return
+        run_id = self.start(overwrite, resume, inputs)
+        try:
+            yield run_id
+        finally:
+            self.release()
 
     def check_free(
         self, overwrite: bool = False, resume: bool = False, inputs: Sequence[str | os.PathLike] = ()
@@ -552,3 +574,96 @@ def drift_warning(meta: Meta | None, ref: str | Path) -> str | None:
         f"warning: {ref} was saved with other versions ({', '.join(changes)}); weights are checked key by key as "
         "they load (lora-llava env shows the installed versions)"
     )
+
+
+# --------------------------------------------------------------------------------------------- locks
+
+
+_HELD: dict[str, Any] = {}  # lock files this process holds, by resolved path (an open file each)
+
+
+def hold_lock(lock_file: Path, what: str) -> None:
+    """Hold an exclusive lock on ``lock_file`` until ``release_lock`` (or the process ends): a second process asking
+    for it gets a UserError naming ``what`` and the holder's pid. Reentrant within one process. A file of someone
+    else's at that name (a link, a folder, anything but a pid) is refused and left as it is. Where the platform
+    has no ``fcntl`` (Windows), nothing is locked."""
+    key = str(lock_file.resolve())
+    if key in _HELD:
+        return
+    if lock_file.is_symlink() or lock_file.is_dir() or (lock_file.is_file() and not _pid_only(lock_file)):
+        raise UserError(
+            f"{str(lock_file)!r} is not a lock file of lora_llava (the lock of {what}); it is left as it is",
+            hint="move that file away, or choose another output",
+        )
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    while True:
+        f = open(lock_file, "a+")  # noqa: SIM115 - held open until released
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(
+                f"{what} is in use by another lora_llava process (pid {holder})",
+                hint="wait for it to finish, or choose another output",
+            ) from None
+        try:  # the file may have been released and removed between our open and our lock: lock the one there now
+            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
+
+
+def lock_holder(lock_file: Path) -> str | None:
+    """The pid another process holds ``lock_file`` with (``hold_lock``), or None when nobody does (asked without
+    taking it, and without creating the file)."""
+    if str(lock_file.resolve()) in _HELD:
+        return None  # this process's own
+    try:
+        import fcntl
+
+        f = open(lock_file)  # noqa: SIM115
+    except (ImportError, OSError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def _pid_only(path: Path) -> bool:
+    """A lock file as ``hold_lock`` leaves it: empty, or a process id."""
+    held = path.read_bytes()[:64].strip()
+    return held == b"" or held.isdigit()
+
+
+def lock_beside(output: str | Path) -> Path:
+    """The lock one writer holds on an output file or folder (a merge target, a predictions file):
+    ``preds.jsonl`` -> ``.preds.jsonl.lock`` beside it."""
+    path = Path(output)
+    return path.with_name(f".{path.name}.lock")
+
+
+def release_lock(lock_file: Path) -> None:
+    """Free the lock and remove its file (a process that opened it meanwhile finds it gone and locks anew)."""
+    f = _HELD.pop(str(lock_file.resolve()), None)
+    if f is not None:
+        with contextlib.suppress(OSError):
+            lock_file.unlink()
+        f.close()  # closing the file releases the lock

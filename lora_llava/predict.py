@@ -35,9 +35,8 @@ from lora_llava.artifacts import Artifact
 from lora_llava.data.formats import IMAGE, BadSample, Sample
 from lora_llava.data.images import ImageError, load_image
 from lora_llava.errors import UserError
-from lora_llava.fsutil import hold_lock, release_lock
 from lora_llava.infer import Loaded, exact_match, generate
-from lora_llava.layout import RunDir
+from lora_llava.layout import RunDir, hold_lock, lock_beside, release_lock
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -147,22 +146,16 @@ def predict_settings(
     return settings
 
 
-def lock_path(out: str | Path) -> Path:
-    """The lock a run holds on its output: ``preds.jsonl`` -> ``.preds.jsonl.lock`` beside it."""
-    path = Path(out)
-    return path.with_name(f".{path.name}.lock")
-
-
 _HOLDING: dict[Path, int] = {}  # predictions locks this process holds, by lock path: how many holds of each
 
 
 @contextmanager
 def predictions_lock(out: str | Path) -> Iterator[None]:
-    """Hold the output's lock (``lock_path``) for the block: a second process writing ``out`` is refused with a
+    """Hold the output's lock (``layout.lock_beside``) for the block: a second process writing ``out`` is refused with a
     UserError naming the holder's pid. Holds nest within one process (the CLI's, then ``predict``'s): the lock is
-    released when the outermost block ends. The lock file stays beside ``out`` (holding the last pid); a file of
-    the user's at its name (not an empty or pid-only file, a folder, a link) is refused and left as it is."""
-    path, lock = Path(out), lock_path(out)
+    released when the outermost block ends, and its file removed; a file of the user's at its name (not an empty
+    or pid-only file, a folder, a link) is refused and left as it is."""
+    path, lock = Path(out), lock_beside(out)
     key = lock.absolute()
     if key not in _HOLDING:
         if path.is_dir():

@@ -156,7 +156,7 @@ class LockHolder:
         import sys
 
         code = (
-            "import sys, time; from pathlib import Path; from lora_llava.fsutil import hold_lock\n"
+            "import sys, time; from pathlib import Path; from lora_llava.layout import hold_lock\n"
             f"hold_lock(Path({str(self.lock)!r}), 'x'); print('held', flush=True); time.sleep(60)"
         )
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

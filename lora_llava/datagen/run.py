@@ -38,7 +38,7 @@ from lora_llava.datagen.parse import Rejected, parse_generation
 from lora_llava.datagen.prompts import PROMPT_VERSION, brief_question, build_messages
 from lora_llava.datagen.report import QualityReport, is_report
 from lora_llava.errors import UserError
-from lora_llava.fsutil import hold_lock, release_lock
+from lora_llava.layout import hold_lock, release_lock
 
 BRIEF_GENERATOR = "captions"  # provenance of stage-1 pairs: the caption itself, no LLM
 RAW_KEPT = 2000  # characters of a rejected generation kept in the journal, to see why

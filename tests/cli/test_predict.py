@@ -249,8 +249,9 @@ def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(trained_ru
     from helpers import assert_user_error
 
     from lora_llava.errors import UserError
-    from lora_llava.fsutil import hold_lock, release_lock
-    from lora_llava.predict import lock_path, predict
+    from lora_llava.layout import hold_lock, release_lock
+    from lora_llava.layout import lock_beside as lock_path
+    from lora_llava.predict import predict
 
     folder, out = _few_images(shapes, tmp_path), tmp_path / "preds.jsonl"
     argv = ["predict", trained_run, "--images", folder, "--prompt", "What color is the shape?", "--out", out,

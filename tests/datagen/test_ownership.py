@@ -110,7 +110,7 @@ def test_a_users_file_at_the_reports_name_is_refused_untouched(openai_config, se
     assert report.read_text() == "meeting notes: ship the dataset on friday\n" and not server.requests
 
 
-HOLD = "import sys; from pathlib import Path; from lora_llava.fsutil import hold_lock\n" \
+HOLD = "import sys; from pathlib import Path; from lora_llava.layout import hold_lock\n" \
        "hold_lock(Path(sys.argv[1]), 'test'); print('held', flush=True); sys.stdin.read()"  # fmt: skip
 
 
