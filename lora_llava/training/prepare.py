@@ -4,6 +4,7 @@ Usage::
 
     prepared = prepare_run(recipe, run_dir)          # what `check` prints and `train` trains on
     prepared.spec, prepared.encoder.fmt, prepared.report.train
+    report_data(prepared, RunDir(run_dir))           # printed, and kept in the run's data_report.txt
 
 Everything here is cheap and can fail: the recipe's backbone resolves (an assembled backbone is
 built), its processor loads, every sample is read, rendered and budgeted.
@@ -23,6 +24,7 @@ from lora_llava.data.chat import ChatFormat, format_for
 from lora_llava.data.check import DataReport, prepare_data
 from lora_llava.data.encode import Encoder
 from lora_llava.errors import UserError
+from lora_llava.layout import RunDir
 from lora_llava.model.anyres import apply_max_tiles
 from lora_llava.model.counting import counting_processor
 from lora_llava.model.loading import load_processor, torch_dtype
@@ -48,7 +50,6 @@ def backbone_for(recipe: Recipe, log: Log = print) -> BackboneSpec:
     """The recipe's backbone spec; ``backbone: assemble`` builds (or reuses) ``<output_dir>/assembled``."""
     if recipe.backbone == "assemble":
         from lora_llava.backbones.assemble import assemble
-        from lora_llava.layout import RunDir
 
         assert recipe.assemble is not None  # cross_check requires it with backbone: assemble
         dtype = torch_dtype(recipe.quantization.compute_dtype)
@@ -96,3 +97,17 @@ def describe_format(fmt: ChatFormat) -> str:
     """One line: the chat format and the system prompt a run renders."""
     system = f"system prompt {fmt.system!r}" if fmt.system else "no system prompt"
     return f"chat format {fmt.name}, {system}"
+
+
+def report_data(prepared: PreparedRun, run: RunDir, log: Log = print) -> None:
+    """Say what a run trains on (chat format, the data report, what was left out) and keep it in the run's
+    data_report.txt."""
+    report = prepared.report
+    text = describe_format(prepared.fmt) + "\n" + report.summary()
+    log(text)
+    run.data_report.write_text(text + "\n")
+    if report.bad or report.dropped:
+        left_out = len(report.bad) + len(report.dropped)
+        log(f"left out {left_out} sample(s) ({len(report.bad)} bad); listed in {run.rejected}")
+    if prepared.recipe.train.group_by_length:
+        log(f"batches grouped by length, image and text-only apart (seed {prepared.recipe.train.seed})")

@@ -26,7 +26,7 @@ from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
 from lora_llava.model.saving import write_adapter
 from lora_llava.training.checkpoint import best_checkpoint, checkpoint_eval, resume_point
-from lora_llava.training.prepare import PreparedRun, describe_format, prepare_run
+from lora_llava.training.prepare import PreparedRun, prepare_run, report_data
 from lora_llava.training.session import TrainingSession
 from lora_llava.training.trainable import build_trainable
 from lora_llava.versions import hardware
@@ -62,64 +62,53 @@ def train(
     when ``train.max_bad_steps`` NaN/inf steps in a row stopped it; neither writes an adapter."""
 
     run = RunDir(recipe.output_dir)
-    if run_id is None:  # this call claims (and locks) the directory; a caller that did holds it
-        run_id = run.start(overwrite=overwrite, resume=recipe.train.resume, inputs=input_paths(recipe))
-        try:
-            return _train(recipe, run, run_id, log, prepared, before_load)
-        finally:
-            run.release()
-    return _train(recipe, run, run_id, log, prepared, before_load)
-
-
-def _train(
-    recipe: Recipe,
-    run: RunDir,
-    run_id: str,
-    log: Log,
-    prepared: PreparedRun | None,
-    before_load: Callable[[], str | None] | None,
-) -> TrainResult:
-    thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
-    save_recipe(recipe, run.recipe)
     t0 = time.time()
-    prepared = prepared or prepare_run(recipe, run.path, log)
-    _report_data(prepared, run, log)
-    resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
-
-    warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
-    if warning:
-        log(warning)
-    model = build_trainable(recipe, prepared, log)
-    with TrainingSession(recipe, prepared, model, run, run_id, resume, log) as session:
-        outcome = session.train()
-        extra = {
-            "train_loss": outcome.loss,
-            "steps": outcome.steps,
-            "train_samples": len(prepared.report.train),
-            "seconds": round(time.time() - t0, 1),
-            "hardware": hardware(),
-        }
-        write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
-    _draw_curves(run, log)
-    seconds = time.time() - t0
-    here = (
-        f"trained {outcome.steps} steps in {seconds:.0f}s,"
-        if outcome.resumed_at is None
-        else f"trained steps {outcome.resumed_at + 1}-{outcome.steps} in {seconds:.0f}s (resumed at step "
-        f"{outcome.resumed_at}); the run's {outcome.steps} steps:"
-    )
-    log(
-        f"{here} mean loss {outcome.loss:.4f}, padding {outcome.counts.fraction:.1%}"
-        + (f", {outcome.skipped} NaN/inf step(s) skipped" if outcome.skipped else "")
-        + f"; adapter: {run.adapter}"
-    )
-    best = best_checkpoint(run.checkpoints) if run.checkpoints.is_dir() else None
-    if best is not None:
-        ev = checkpoint_eval(best) or {}
-        log(f"best checkpoint by eval accuracy: {best} ({ev.get('accuracy', 0.0):.3f} at step {ev.get('step')})")
-    return TrainResult(
-        run.path, run.adapter, outcome.loss, outcome.steps, seconds, outcome.counts.fraction, len(prepared.report.train)
-    )
+    with run.claimed(overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:  # locked till the end
+        thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
+        save_recipe(recipe, run.recipe)
+        prepared = prepared or prepare_run(recipe, run.path, log)
+        report_data(prepared, run, log)
+        resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
+        warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
+        if warning:
+            log(warning)
+        model = build_trainable(recipe, prepared, log)
+        with TrainingSession(recipe, prepared, model, run, run_id, resume, log) as session:
+            outcome = session.train()
+            extra = {
+                "train_loss": outcome.loss,
+                "steps": outcome.steps,
+                "train_samples": len(prepared.report.train),
+                "seconds": round(time.time() - t0, 1),
+                "hardware": hardware(),
+            }
+            write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
+        _draw_curves(run, log)
+        seconds = time.time() - t0
+        here = (
+            f"trained {outcome.steps} steps in {seconds:.0f}s,"
+            if outcome.resumed_at is None
+            else f"trained steps {outcome.resumed_at + 1}-{outcome.steps} in {seconds:.0f}s (resumed at step "
+            f"{outcome.resumed_at}); the run's {outcome.steps} steps:"
+        )
+        log(
+            f"{here} mean loss {outcome.loss:.4f}, padding {outcome.counts.fraction:.1%}"
+            + (f", {outcome.skipped} NaN/inf step(s) skipped" if outcome.skipped else "")
+            + f"; adapter: {run.adapter}"
+        )
+        best = best_checkpoint(run.checkpoints) if run.checkpoints.is_dir() else None
+        if best is not None:
+            ev = checkpoint_eval(best) or {}
+            log(f"best checkpoint by eval accuracy: {best} ({ev.get('accuracy', 0.0):.3f} at step {ev.get('step')})")
+        return TrainResult(
+            run.path,
+            run.adapter,
+            outcome.loss,
+            outcome.steps,
+            seconds,
+            outcome.counts.fraction,
+            len(prepared.report.train),
+        )
 
 
 def _draw_curves(run: RunDir, log: Log) -> None:
@@ -129,15 +118,3 @@ def _draw_curves(run: RunDir, log: Log) -> None:
         log(f"curves: {plot_run(run.path)}")
     except UserError as e:  # a run too short to have logged anything: no curves, said so
         log(f"warning: no curves drawn: {e}")
-
-
-def _report_data(prepared: PreparedRun, run: RunDir, log: Log) -> None:
-    report = prepared.report
-    log(describe_format(prepared.fmt))
-    log(report.summary())
-    run.data_report.write_text(describe_format(prepared.fmt) + "\n" + report.summary() + "\n")
-    if report.bad or report.dropped:
-        left_out = len(report.bad) + len(report.dropped)
-        log(f"left out {left_out} sample(s) ({len(report.bad)} bad); listed in {run.rejected}")
-    if prepared.recipe.train.group_by_length:
-        log(f"batches grouped by length, image and text-only apart (seed {prepared.recipe.train.seed})")

@@ -32,7 +32,6 @@ from lora_llava.training.callbacks import MetricsCallback, MetricsLog, ProgressB
 from lora_llava.training.checkpoint import PublishCheckpoints, checkpoint_global_step, clean_staging
 from lora_llava.training.evaluation import EvalDuringTraining
 from lora_llava.training.faults import FaultPlan
-from lora_llava.training.optim import make_optimizer
 from lora_llava.training.prepare import PreparedRun
 from lora_llava.training.stop import StopCallback, StopSignals
 from lora_llava.training.tracking import wandb_run
@@ -67,12 +66,14 @@ class TrainingSession:
         self.run_id = run_id
         self.stops = StopSignals()
         self.abort = Abort()
-        self.progress = ProgressBar(log)
         report = prepared.report
         grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
         run.checkpoints.mkdir(exist_ok=True)
         # read now: rotation (train.keep_checkpoints) may delete the checkpoint this session resumes from
         self.resumed_at = checkpoint_global_step(resume) if resume else None
+        dataset = self._dataset()
+        collator = Collator(prepared.processor.tokenizer.pad_token_id)
+        self.progress = ProgressBar(log)
         metrics = MetricsLog(run.metrics, keep_until=self.resumed_at)
         self.trainer = LlavaTrainer(
             spec=prepared.spec,
@@ -88,9 +89,8 @@ class TrainingSession:
             faults=FaultPlan.from_env(),
             model=model,
             args=training_arguments(recipe, run.path),
-            train_dataset=self._dataset(),
-            data_collator=Collator(prepared.processor.tokenizer.pad_token_id),
-            optimizers=(make_optimizer(model, prepared.spec, recipe), None),
+            train_dataset=dataset,
+            data_collator=collator,
             callbacks=[
                 MetricsCallback(metrics),
                 self.progress,

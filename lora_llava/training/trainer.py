@@ -7,8 +7,11 @@ Usage::
     args = training_arguments(recipe, run_dir)
     trainer = LlavaTrainer(spec=spec, recipe=recipe, processor=processor, fmt=fmt, samples=train_samples,
                            model=model, args=args, train_dataset=EncodedDataset(samples, encoder, with_index=True),
-                           data_collator=Collator(pad_id), optimizers=(GuardedAdamW(groups, lr=lr), None))
+                           data_collator=Collator(pad_id))
     trainer.train(); trainer.abort.reason   # None, or why the run stopped on bad steps
+
+The optimizer is the recipe's (``optim.make_optimizer``: one group per trained part), made where the Trainer
+makes its own (``create_optimizer``), so it sees the model as the Trainer runs it.
 
 The guard: a step whose micro-batch loss or gradient norm is NaN/inf changes neither the weights nor the
 optimizer state (the learning-rate schedule moves on), is counted, and named with its samples;
@@ -41,7 +44,7 @@ from lora_llava.training.callbacks import TokenCounts
 from lora_llava.training.checkpoint import STAGING
 from lora_llava.training.faults import FaultPlan
 from lora_llava.training.loss import supervised_loss
-from lora_llava.training.optim import SkippableStep
+from lora_llava.training.optim import SkippableStep, make_optimizer
 from lora_llava.versions import hardware
 
 
@@ -96,7 +99,8 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
 class LlavaTrainer(CompatTrainer):
     """Checkpoints that are adapters and resume; a NaN/inf guard on every optimizer step; token throughput
     in the logs. ``lengths`` (one per training sample, with ``has_image``) switch on LLaVA's
-    modality-length grouped batches. The optimizer must be a ``SkippableStep`` (optim.make_optimizer) for bad steps to be skipped."""
+    modality-length grouped batches. An optimizer passed in must be a ``SkippableStep`` (optim.make_optimizer)
+    for bad steps to be skipped; without one, the recipe's is made."""
 
     def __init__(
         self,
@@ -139,6 +143,13 @@ class LlavaTrainer(CompatTrainer):
         self._last_log: tuple[float | None, int, int] = (None, 0, 0)  # (time, real, supervised tokens) at the last log
         self._interval = [0, 0]  # good and skipped steps since the last log
         self._interval_loss: Any = 0.0  # summed losses of the good steps since the last log
+
+    def create_optimizer(self, model: Model | None = None) -> Any:
+        """The recipe's optimizer (``train.optimizer``, one group per trained part), guarded against bad steps."""
+        made: Any = getattr(self, "optimizer", None)
+        if made is None:
+            made = self.optimizer = make_optimizer(self.model if model is None else model, self.spec, self.recipe)
+        return made
 
     # -------------------------------------------------------------------------------------- per step
 
