@@ -45,11 +45,24 @@ class Loaded:
 
 
 def load_model(
-    ref: str | Path, dtype: torch.dtype | None = None, max_tiles: int | None = None, quantize: bool = False
+    ref: str | Path,
+    dtype: torch.dtype | None = None,
+    max_tiles: int | None = None,
+    quantize: bool = False,
+    like: Loaded | None = None,
 ) -> Loaded:
     """Load what ``ref`` names (see ``lora_llava.artifacts.open_artifact``): a run or adapter as trained,
     a merged / aligned / assembled / plain checkpoint directory (``quantize``: its language model in 4-bit
-    NF4, as it is often served), or a backbone name."""
+    NF4, as it is often served), or a backbone name. With ``like``, it is prompted as that model is (its chat
+    format, system prompt and image padding): two models compared on the same inputs."""
+    loaded = _load(ref, dtype, max_tiles, quantize)
+    if like is not None:
+        enc = like.encoder
+        loaded.encoder = Encoder(loaded.processor, enc.fmt, enc.max_length, pad_to_square=enc.pad_to_square)
+    return loaded
+
+
+def _load(ref: str | Path, dtype: torch.dtype | None, max_tiles: int | None, quantize: bool) -> Loaded:
     art = open_artifact(ref)
     if art.kind in ("run", "adapter"):
         adapter_dir, meta = art.adapter_dir, adapter_meta_of(art)
@@ -149,6 +162,20 @@ def generate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, ba
         new = gen[:, inputs["input_ids"].shape[1] :]
         out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
     return out
+
+
+@torch.no_grad()
+def next_token_gaps(a: Loaded, b: Loaded, samples: list[Sample]) -> list[float]:
+    """Per sample, the largest absolute difference between the two models' next-token logits on ``a``'s prompt
+    (``b`` prompted the same way: ``load_model(..., like=a)``)."""
+    gaps = []
+    device = _model_device(b.model)
+    for s in samples:
+        inputs, _ = batch_inputs(a, [s])
+        x = a.model(**inputs).logits[0, -1].float()
+        y = b.model(**{k: v.to(device) for k, v in inputs.items()}).logits[0, -1].float()
+        gaps.append((x - y.to(x.device)).abs().max().item())
+    return gaps
 
 
 # trailing punctuation and quotes an answer may end with ("Red." is "red"), ASCII and full-width / CJK

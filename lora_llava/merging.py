@@ -34,17 +34,18 @@ from lora_llava.compat import finish_dequantize
 from lora_llava.config.load import load_recipe
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import default_system, format_for
-from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import Sample
 from lora_llava.errors import UserError
-from lora_llava.fsutil import atomic_dir, hold_lock, release_lock
+from lora_llava.fsutil import atomic_dir
 from lora_llava.layout import (
     MERGE_REPORT_FILE,
     RECIPE_FILE,
-    VISION_FILE,
     AdapterMeta,
     AlignedMeta,
     MergedMeta,
+    hold_lock,
+    lock_beside,
+    release_lock,
     write_manifest,
     write_meta,
 )
@@ -103,11 +104,7 @@ def fold(
     # 4-bit: as trained (its dequantization constants in the compute dtype); original: as stored
     load_dtype = torch_dtype(q.compute_dtype) if quantized else "auto"
     model, _ = load_base(spec, q, quantized=quantized, dtype=load_dtype, max_tiles=recipe.images.max_tiles)
-    before = {k: v.clone() for k, v in get_module(model, spec.projector).state_dict().items()}
-    restore_trained_parts(model, spec, adapter_dir)
-    changed = (adapter_dir / VISION_FILE).is_file() or any(
-        not torch.equal(v.float(), before[k].float()) for k, v in get_module(model, spec.projector).state_dict().items()
-    )
+    changed = restore_trained_parts(model, spec, adapter_dir)
     if has_lora(adapter_dir):
         model = load_peft_adapter(model, adapter_dir, meta.versions)
         changed = changed or any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
@@ -205,7 +202,7 @@ def merge(
         info = AlignedMeta(**fields, align_format=meta.chat_format)
         processor = load_processor(spec.local_path())
         processor.chat_template = format_for(name, processor.tokenizer).jinja
-    lock = out.parent / f".{out.name}.lock"  # one merge into a target at a time
+    lock = lock_beside(out)  # one merge into a target at a time
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         hold_lock(lock, f"merge target {str(out)!r}")
@@ -312,7 +309,7 @@ def verify(
     adapter_dir: Path, out: Path, spec: BackboneSpec, recipe: Recipe, samples: list[Sample] | None = None
 ) -> Parity:
     """Load the merged dir with plain transformers and compare it with the adapter model."""
-    from lora_llava.infer import batch_inputs, generate, load_model
+    from lora_llava.infer import evaluate, load_model, next_token_gaps
 
     cls = spec.model_class()
     plain, info = cls.from_pretrained(out, output_loading_info=True)
@@ -323,19 +320,15 @@ def verify(
     samples = samples if samples is not None else _verify_samples(recipe, recipe.merge.verify_samples)
     if not samples:
         return Parity(note="no data found to compare on")
+    n = recipe.eval.max_new_tokens
     adapter = load_model(adapter_dir)
-    merged = load_model(out)  # in the stored dtype: what users of the merged checkpoint will run
-    # both prompted as the adapter was trained (a stage-1 output records stage 2's chat format instead)
-    merged.encoder = Encoder(merged.processor, adapter.encoder.fmt, pad_to_square=adapter.encoder.pad_to_square)
-    diffs = []
-    device = next(merged.model.parameters()).device
-    for s in samples:
-        inputs, _ = batch_inputs(adapter, [s])
-        a = adapter.model(**inputs).logits[0, -1].float()
-        b = merged.model(**{k: v.to(device) for k, v in inputs.items()}).logits[0, -1].float()
-        diffs.append((a - b.to(a.device)).abs().max().item())
-    ans_a = generate(adapter, samples, recipe.eval.max_new_tokens)
-    ans_m = generate(merged, samples, recipe.eval.max_new_tokens)
+    # in the stored dtype (what users of the merged checkpoint will run), prompted as the adapter was trained
+    # (a stage-1 output records stage 2's chat format instead)
+    merged = load_model(out, like=adapter)
+    diffs = next_token_gaps(adapter, merged, samples)
+    by_adapter, by_merged = evaluate(adapter, samples, n), evaluate(merged, samples, n)
+    ans_a = [p["prediction"] for p in by_adapter.predictions]
+    ans_m = [p["prediction"] for p in by_merged.predictions]
     parity = Parity(
         samples=len(samples),
         max_abs_logit_diff=max(diffs),
@@ -345,26 +338,15 @@ def verify(
         adapter_answers=ans_a,
         merged_answers=ans_m,
         dtype=str(next(merged.model.parameters()).dtype).replace("torch.", ""),
+        accuracy={"adapter": round(by_adapter.accuracy, 4), "merged": round(by_merged.accuracy, 4)},
     )
-    refs = [s.messages[-1][1] for s in samples]
-    parity.accuracy = {"adapter": _exact(ans_a, refs), "merged": _exact(ans_m, refs)}
     del merged
     if recipe.merge.verify_quantized:
-        quantized = load_model(out, quantize=True)
-        quantized.encoder = Encoder(
-            quantized.processor, adapter.encoder.fmt, pad_to_square=adapter.encoder.pad_to_square
-        )
-        ans_q = generate(quantized, samples, recipe.eval.max_new_tokens)
-        parity.quantized_answers = ans_q
-        parity.quantized_answers_equal = sum(x == y for x, y in zip(ans_a, ans_q))
-        parity.accuracy["quantized"] = _exact(ans_q, refs)
+        by_quantized = evaluate(load_model(out, quantize=True, like=adapter), samples, n)
+        parity.quantized_answers = [p["prediction"] for p in by_quantized.predictions]
+        parity.quantized_answers_equal = sum(x == y for x, y in zip(ans_a, parity.quantized_answers))
+        parity.accuracy["quantized"] = round(by_quantized.accuracy, 4)
     return parity
-
-
-def _exact(answers: list[str], refs: list[str]) -> float:
-    from lora_llava.infer import normalize
-
-    return round(sum(normalize(a) == normalize(r) for a, r in zip(answers, refs)) / max(len(refs), 1), 4)
 
 
 def format_parity(p: Parity) -> str:

@@ -89,36 +89,41 @@ def add_modules_to_save(folder: Path, parts: dict[str, dict[str, torch.Tensor]])
     (folder / LORA_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> None:
-    """Load the trained projector (+ image newline) and, when trained fully, the vision tower; every key fits."""
+def restore_trained_parts(model: Model, spec: BackboneSpec, folder: Path) -> bool:
+    """Load the trained projector (+ image newline) and, when trained fully, the vision tower; every key fits.
+    Returns whether that changed the model (a projector equal to the base's, and no vision tower, changes nothing).
+    """
     from safetensors.torch import load_file
 
-    path = folder / PROJECTOR_FILE
+    proj, nl, vt = get_module(model, spec.projector), image_newline(model, spec), get_module(model, spec.vision_tower)
+    versions = versions_in(folder)
+    path, vpath = folder / PROJECTOR_FILE, folder / VISION_FILE
+    before = {k: v.detach().clone() for k, v in proj.state_dict().items()} if path.is_file() else {}
     if path.is_file():
-        with readable_weights(path, versions_in(folder)):
+        with readable_weights(path, versions):
             state = load_file(path)
             nl_saved = state.pop("image_newline", None)
-            nl = image_newline(model, spec)
             if (nl_saved is None) != (nl is None):
                 problem = f"image_newline {'missing' if nl is not None else 'unexpected'} for this backbone"
-                raise load_error(path, [problem], versions_in(folder))
-            missing, unexpected = get_module(model, spec.projector).load_state_dict(state, strict=False)
+                raise load_error(path, [problem], versions)
+            missing, unexpected = proj.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise load_error(path, key_problems(unexpected, missing), versions_in(folder))
+                raise load_error(path, key_problems(unexpected, missing), versions)
             if nl is not None and nl_saved is not None:
                 if nl_saved.shape != nl.shape:
-                    raise load_error(path, ["1 tensor(s) of another shape: image_newline"], versions_in(folder))
+                    raise load_error(path, ["1 tensor(s) of another shape: image_newline"], versions)
                 nl.data = nl_saved.to(nl.device, nl.dtype)
-        prepare_projector(model, spec, trainable=False)
-        _same_copies(folder, path, spec.projector)
-    vpath = folder / VISION_FILE
+        _same_copies(folder, path, spec.projector, versions)
     if vpath.is_file():
-        _same_copies(folder, vpath, spec.vision_tower)
-        vt = get_module(model, spec.vision_tower)
-        with readable_weights(vpath, versions_in(folder)):
+        _same_copies(folder, vpath, spec.vision_tower, versions)
+        with readable_weights(vpath, versions):
             missing, unexpected = vt.load_state_dict(load_file(vpath), strict=False)
         if missing or unexpected:
-            raise load_error(vpath, key_problems(unexpected, missing), versions_in(folder))
+            raise load_error(vpath, key_problems(unexpected, missing), versions)
+    if path.is_file():
+        prepare_projector(model, spec, trainable=False)
+    changed = any(not torch.equal(v.float(), before[k].float()) for k, v in proj.state_dict().items() if k in before)
+    return changed or vpath.is_file()
 
 
 @contextmanager
@@ -142,7 +147,7 @@ def readable_weights(path: Path, versions: dict[str, Any]) -> Iterator[None]:
         raise load_error(path, [problem], versions) from None
 
 
-def _same_copies(folder: Path, part_file: Path, module: str) -> None:
+def _same_copies(folder: Path, part_file: Path, module: str, versions: dict[str, Any]) -> None:
     """A fully trained part is saved twice: in its own file and, for PEFT, as modules_to_save in the adapter.
     The two must hold the same tensors (one of them edited or swapped: which one would answer is a matter
     of which loader runs)."""
@@ -152,7 +157,6 @@ def _same_copies(folder: Path, part_file: Path, module: str) -> None:
     lora = folder / LORA_WEIGHTS_FILE
     if not lora.is_file():
         return
-    versions = versions_in(folder)
     prefix = f"base_model.model.{module}."
     with readable_weights(lora, versions), safe_open(str(lora), "pt") as f:
         copies = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
