@@ -383,11 +383,13 @@ class RunDir:
         import time
         import uuid
 
+        from lora_llava.distributed import world
         from lora_llava.versions import stamp
 
         run_id = run_id or uuid.uuid4().hex[:12]
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.run_file.write_text(json.dumps({"run_id": run_id, "started": started, "versions": stamp()}, indent=1))
+        record = {"run_id": run_id, "started": started, "world_size": world().size, "versions": stamp()}
+        self.run_file.write_text(json.dumps(record, indent=1))
         return run_id
 
     def checkpoint_dirs(self) -> list[Path]:

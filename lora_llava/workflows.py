@@ -27,6 +27,7 @@ from lora_llava.config.schema import DataConfig, DataSource, EvalConfig, Recipe
 from lora_llava.data.budget import char_budget, text_chars
 from lora_llava.data.encode import Encoder
 from lora_llava.data.formats import BadSample, Sample
+from lora_llava.distributed import world
 from lora_llava.errors import UserError
 from lora_llava.layout import RECIPE_FILE, RunDir
 
@@ -56,7 +57,7 @@ def train(
         recipe, log=log, prepared=prepared, overwrite=overwrite, run_id=run_id,
         before_load=lambda: plan.preload_warning(recipe),  # on CUDA: the memory plan before weights load
     )  # fmt: skip
-    if recipe.stage == "align":
+    if recipe.stage == "align" and world().main:  # several processes: the first one writes the aligned model
         from lora_llava.merging import merge
 
         # the LM was frozen: keep its original weights, so stage 2 quantizes exactly what stage 1 saw

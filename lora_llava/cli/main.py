@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     from lora_llava.thirdparty import settle
 
     settle(argv[0] if argv and argv[0] in VERBS else "lora-llava")  # before any third-party import
+    from lora_llava.distributed import barrier, world
+
+    rank = world().rank
+    if rank:  # several processes (torchrun, accelerate launch): the first one speaks; the others only on errors
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     parser = build_parser()
     global _ARGV
     _ARGV = argv
@@ -146,18 +151,24 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (process {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         from lora_llava.cli.common import stopped_message
 
-        print(stopped_message(e), file=sys.stderr)
+        if world().size > 1:  # every process saved its part and stopped: they leave together, with this status
+            import signal
+
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher stops the rest once one has left
+            barrier()
+        if not rank:  # the first process says where the checkpoint is and how to resume
+            print(stopped_message(e), file=sys.stderr)
         return e.exit_code
     except Exception as e:
         if not _disk_full(e):
             if not isinstance(e, OSError) or e.filename is None:  # not a file a user named or can fix: shown as is
                 raise
-            print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+            print(f"error{f' (process {rank})' if rank else ''}: {e.strerror or e}: {e.filename}", file=sys.stderr)
             print("hint: check that the path exists and that you may read or write it (and that the disk has room)",
                   file=sys.stderr)  # fmt: skip
             return 2

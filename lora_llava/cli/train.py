@@ -7,6 +7,7 @@ import sys
 
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, synthetic_eval_warning, training
 from lora_llava.config.load import input_paths
+from lora_llava.distributed import world
 from lora_llava.layout import RunDir
 
 HELP = "train a recipe (QLoRA on the language model, projector fully, vision tower frozen)"
@@ -33,13 +34,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)  # a mistake in the recipe is reported before the heavy imports
-    RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume, inputs=input_paths(recipe))
+    if world().main:  # several processes (torchrun): the first one claims the directory, the others follow it
+        RunDir(recipe.output_dir).check_free(args.overwrite, recipe.train.resume, inputs=input_paths(recipe))
     warning = synthetic_eval_warning(recipe) if recipe.train.eval_steps else None  # eval during training
     if warning:
         print(warning, file=sys.stderr)
     from lora_llava.workflows import train
 
     kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]
-    training(recipe, " ".join(["lora-llava train", str(args.recipe), *kept]))
+    training(recipe, " ".join([_launcher(), str(args.recipe), *kept]))
     train(recipe, overwrite=args.overwrite)
     return 0
+
+
+def _launcher() -> str:
+    """How this training was started, for the command that resumes it: with the same number of processes."""
+    w = world()
+    if w.size == 1:
+        return "lora-llava train"
+    import os
+
+    per_machine = os.environ.get("LOCAL_WORLD_SIZE", str(w.size))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
+        machines = (
+            f" --nnodes {w.size // int(per_machine)}" if per_machine.isdigit() and int(per_machine) < w.size else ""
+        )
+        return f"torchrun{machines} --nproc_per_node {per_machine} -m lora_llava train"
+    return f"accelerate launch --num_processes {w.size} -m lora_llava train"

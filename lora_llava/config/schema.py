@@ -242,6 +242,15 @@ class TrainConfig:
     max_steps: int | None = option(None, "Stop after this many optimizer steps.", min=1)
     batch_size: int = option(4, "Samples per device step.", min=1, max=65536)
     grad_accum: int = option(4, "Device steps per optimizer step.", min=1, max=65536)
+    global_batch_size: int | None = option(
+        None,
+        "Samples per optimizer step over every process (batch_size x grad_accum x processes). Set, it decides "
+        "grad_accum for the number of processes the run starts with (train.grad_accum is then not used), so the "
+        "same recipe trains with the same batches and schedule on 1 or 8 GPUs; it must be a multiple of "
+        "batch_size x processes.",
+        min=1,
+        max=2**31 - 1,
+    )
     learning_rate: float = option(2e-4, "Learning rate of the LoRA weights.", min=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", "Schedule.")
     warmup_ratio: float = option(0.03, "Share of steps spent warming up.", min=0.0, max=1.0)

@@ -8,6 +8,8 @@ Usage::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lora_llava.data.encode import Encoder
@@ -110,3 +112,36 @@ class EncodedDataset(torch.utils.data.Dataset):
             for i, item in zip(indices, items):
                 item["index"] = i
         return items
+
+
+class Repeats(torch.utils.data.Dataset):
+    """``dataset``, and past its end masked repeats: index ``len(dataset) + i`` is item ``i`` with every label
+    masked (it fills the last batch of an epoch on several processes, ``sampler.epoch_order``, and trains
+    nothing). Its length is the dataset's."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.dataset)
+        if i < n:
+            item: dict = self.dataset[i]
+            return item
+        return _masked(self.dataset[i - n])
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        n = len(self.dataset)
+        fetch = getattr(self.dataset, "__getitems__", None)
+        real = [i % n if i >= n else i for i in indices]
+        items = fetch(real) if fetch is not None else [self.dataset[i] for i in real]
+        return [_masked(item) if i >= n else item for i, item in zip(indices, items)]
+
+
+def _masked(item: dict) -> dict:
+    out = dict(item)
+    labels = item["labels"]
+    out["labels"] = torch.full_like(labels, -100) if torch.is_tensor(labels) else [-100] * len(labels)
+    return out

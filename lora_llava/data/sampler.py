@@ -67,3 +67,58 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         for batch in grouped_batches(self.lengths, self.has_image, self.batch_size, self.seed + self.epoch):
             yield from batch
+
+
+def epoch_order(
+    n: int,
+    batch_size: int,
+    world_size: int,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    has_image: Sequence[bool] | None = None,
+) -> list[int]:
+    """One epoch's indices for ``world_size`` processes of ``batch_size`` each: whole global batches (one per
+    optimizer micro-step, ``batch_size * world_size`` samples) that the DataLoader cuts into per-process batches
+    in turn (process r gets the r-th ``batch_size`` of each). Grouped (``lengths`` and ``has_image``) exactly as
+    one process with the global batch size groups, else a seeded shuffle. The last global batch is filled up
+    with masked repeats: index ``n + i`` stands for sample ``i`` with no label (``Repeats``), so every process
+    gets a batch at every step and no sample counts twice."""
+    step = batch_size * world_size
+    if lengths is not None and has_image is not None:
+        order = [i for b in grouped_batches(lengths, has_image, step, seed) for i in b]
+    else:
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+    short = -len(order) % step
+    return order + [n + order[k % len(order)] for k in range(short)] if order else []
+
+
+class DistributedEpochSampler(torch.utils.data.Sampler[int]):
+    """``epoch_order`` as a sampler (``set_epoch`` reshuffles); every process draws the same order."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        world_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        has_image: Sequence[bool] | None = None,
+    ) -> None:
+        self.n, self.batch_size, self.world_size, self.seed = n, batch_size, world_size, seed
+        self.lengths = list(lengths) if lengths is not None else None
+        self.has_image = [bool(m) for m in has_image] if has_image is not None else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.world_size
+        return -(-self.n // step) * step if self.n else 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(
+            self.n, self.batch_size, self.world_size, self.seed + self.epoch, self.lengths, self.has_image
+        )
+        yield from order

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from lora_llava.annotations import Model, Processor
 from lora_llava.backbones.registry import BackboneSpec
 from lora_llava.config.schema import QuantizationConfig
+from lora_llava.distributed import world
 from lora_llava.errors import UserError
 from lora_llava.layout import META_FILE
 from lora_llava.model.anyres import apply_max_tiles
@@ -146,8 +147,8 @@ def load_base(
         kwargs["quantization_config"] = bnb_config(spec, q)
     import torch
 
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+    if torch.cuda.is_available():  # the whole model on this process's GPU (several processes: one GPU each)
+        kwargs["device_map"] = {"": world().local_rank}
     ours = (Path(path) / META_FILE).is_file()  # a model lora_llava wrote (merged, aligned, assembled)
     what = f"model {path}" if ours else f"backbone {spec.name!r} ({path})"
     from safetensors import SafetensorError

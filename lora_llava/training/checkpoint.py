@@ -31,11 +31,13 @@ from transformers import TrainerCallback
 from lora_llava.annotations import Log
 from lora_llava.config.load import load_recipe, recipe_to_dict
 from lora_llava.config.schema import Recipe
+from lora_llava.distributed import barrier, world
 from lora_llava.errors import UserError
 from lora_llava.layout import (
     CHECKPOINT_EVAL_FILE,
     CHECKPOINT_PREFIX,
     RECIPE_FILE,
+    RUN_FILE,
     TRAINER_STATE_FILE,
     RunDir,
     checkpoint_run_id,
@@ -71,15 +73,24 @@ class PublishCheckpoints(TrainerCallback):
     deletes the ones ``keep`` (keep-last-N) no longer needs — never the best by eval accuracy."""
 
     def __init__(
-        self, checkpoints: Path, keep: int | None = None, eval_at: Callable[[int], dict | None] | None = None
+        self,
+        checkpoints: Path,
+        keep: int | None = None,
+        eval_at: Callable[[int], dict | None] | None = None,
+        main: bool = True,
     ) -> None:
         self.checkpoints = checkpoints
+        self.main = main  # several processes: each wrote its part of the staged checkpoint, the first one seals it
         self.keep = keep
         self.eval_at = eval_at  # the in-training eval's result at a step: {"step", "accuracy", "eval_loss", ...}
         self.latest: Path | None = None  # the checkpoint this run published last
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        barrier()  # every process's files (their random-number states) are in the staged checkpoint
         name = f"{CHECKPOINT_PREFIX}{state.global_step}"
+        self.latest = self.checkpoints / name
+        if not self.main:
+            return
         staged = Path(args.output_dir) / name
         result = self.eval_at(state.global_step) if self.eval_at is not None else None
         if result is not None:
@@ -94,6 +105,14 @@ class PublishCheckpoints(TrainerCallback):
         if self.keep:
             for old in rotate(self.checkpoints, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _world_size_of(ckpt: Path) -> int:
+    """How many processes trained the run up to ``ckpt`` (1 for checkpoints written before it was recorded)."""
+    try:
+        return int(json.loads((ckpt / RUN_FILE).read_text()).get("world_size") or 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
 
 
 def checkpoint_eval(path: Path) -> dict | None:
@@ -181,6 +200,16 @@ def resume_point(recipe: Recipe, run_dir: str | os.PathLike, log: Log = print) -
             f"train.resume: {ckpt} belongs to another run (id {theirs}) than {run.path}'s current one (id {ours})",
             hint="resume only the run that wrote the checkpoint; start a new output_dir (or --overwrite) otherwise",
         )
+    then_world, now_world = _world_size_of(ckpt), world().size
+    if then_world != now_world:
+        raise UserError(
+            f"train.resume: {ckpt} was trained by {then_world} process(es), this run has {now_world}: each optimizer "
+            "step's samples and the place in the epoch depend on that number, so the resumed run would train on "
+            "samples twice or skip some",
+            hint=f"resume with {then_world} process(es)"
+            + (f" (torchrun --nproc_per_node {then_world} -m lora_llava train ...)" if then_world > 1 else
+               " (lora-llava train ..., without torchrun)"),
+        )  # fmt: skip
     step = checkpoint_global_step(ckpt)
     if recipe.train.max_steps is not None and step >= recipe.train.max_steps:
         raise UserError(

@@ -60,7 +60,25 @@ def chunked_cross_entropy(head: Any, hidden: torch.Tensor, targets: torch.Tensor
 
 def supervised_loss(model: Model, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
     """The causal-LM loss of ``inputs`` (a collated batch with ``labels``), logits computed only at the
-    positions whose next token is labelled; see the module docstring."""
+    positions whose next token is labelled; see the module docstring. A model wrapped for several processes
+    (DistributedDataParallel) computes it inside the wrapper's forward, which is where DDP learns which
+    parameters the loss used and readies their gradients for averaging."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        inner = model.module
+        own = inner.__dict__.get("forward")
+        inner.forward = lambda: _supervised_loss(inner, inputs, num_items_in_batch)
+        try:
+            loss: torch.Tensor = model()
+        finally:
+            if own is None:
+                del inner.forward
+            else:
+                inner.forward = own
+        return loss
+    return _supervised_loss(model, inputs, num_items_in_batch)
+
+
+def _supervised_loss(model: Model, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
     body, head = language_model_parts(model)
     labels = inputs["labels"]
     # no KV cache: training needs none, and with one transformers would not build packed-sequence masks

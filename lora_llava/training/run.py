@@ -13,8 +13,9 @@ the layer above (``lora_llava.workflows``).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lora_llava import thirdparty
 from lora_llava.annotations import Log
 from lora_llava.config.load import input_paths, save_recipe
 from lora_llava.config.schema import Recipe
+from lora_llava.distributed import World, barrier, broadcast, start
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
 from lora_llava.model.saving import write_adapter
@@ -29,6 +31,7 @@ from lora_llava.training.checkpoint import best_checkpoint, checkpoint_eval, res
 from lora_llava.training.prepare import PreparedRun, prepare_run, report_data
 from lora_llava.training.session import TrainingSession
 from lora_llava.training.trainable import build_trainable
+from lora_llava.training.trainer import batch_line
 from lora_llava.versions import hardware
 
 
@@ -61,13 +64,19 @@ def train(
     Raises ``TrainingStopped`` when SIGTERM/SIGINT stopped the run (a checkpoint was saved), and a UserError
     when ``train.max_bad_steps`` NaN/inf steps in a row stopped it; neither writes an adapter."""
 
+    _refuse_sharding()
+    world = start()  # under torchrun / accelerate launch: one process per GPU, the first one writes and logs
+    log = log if world.main else _quiet
     run = RunDir(recipe.output_dir)
     t0 = time.time()
-    with run.claimed(overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:  # locked till the end
-        thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
-        save_recipe(recipe, run.recipe)
-        prepared = prepared or prepare_run(recipe, run.path, log)
-        report_data(prepared, run, log)
+    with _claimed(run, world, overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:
+        if world.main:
+            thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
+            save_recipe(recipe, run.recipe)
+        prepared = prepared or prepare_run(recipe, run.path if world.main else None, log)
+        if world.main:
+            report_data(prepared, run, log)
+        log(batch_line(recipe, world.size))  # (a global batch size that does not divide is refused here)
         resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
         warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
         if warning:
@@ -82,8 +91,11 @@ def train(
                 "seconds": round(time.time() - t0, 1),
                 "hardware": hardware(),
             }
-            write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
-        _draw_curves(run, log)
+            if world.main:
+                write_adapter(run.adapter, model, prepared.processor, prepared.spec, recipe, prepared.fmt, extra)
+            barrier()  # the others end once the adapter is whole
+        if world.main:
+            _draw_curves(run, log)
         seconds = time.time() - t0
         here = (
             f"trained {outcome.steps} steps in {seconds:.0f}s,"
@@ -109,6 +121,48 @@ def train(
             outcome.counts.fraction,
             len(prepared.report.train),
         )
+
+
+@contextlib.contextmanager
+def _claimed(
+    run: RunDir, world: World, overwrite: bool, resume: bool, inputs: Sequence[str | Path], run_id: str | None
+) -> Iterator[str]:
+    """The run directory claimed for the block (``RunDir.claimed``); with several processes, by the first one,
+    the others told its run id (or that it refused, with its message printed there)."""
+    if world.size == 1:
+        with run.claimed(overwrite, resume, inputs, run_id) as mine:
+            yield mine
+        return
+    with contextlib.ExitStack() as stack:
+        claimed: str | None = None
+        if world.main:
+            try:
+                claimed = stack.enter_context(run.claimed(overwrite, resume, inputs, run_id))
+            finally:
+                claimed = broadcast(claimed)  # None: it refused, and raises its own error
+        else:
+            claimed = broadcast(None)
+            if claimed is None:
+                raise UserError("the first process did not start the run (its error says why)")
+        yield claimed
+
+
+def _refuse_sharding() -> None:
+    """accelerate launched with an FSDP or DeepSpeed config: refused before anything is written."""
+    import os
+
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"accelerate launched this run with {name}; lora_llava trains on several GPUs with DDP (every GPU "
+                "holds the whole 4-bit model and the processes average their gradients), not with sharded weights",
+                hint="launch with a DDP config (recipes/accelerate/ddp.yaml) or torchrun --nproc_per_node N -m "
+                "lora_llava train ...; for a model too large for one GPU, see docs/several-gpus.md",
+            )
+
+
+def _quiet(*_: object) -> None:
+    """The log of every process but the first."""
 
 
 def _draw_curves(run: RunDir, log: Log) -> None:

@@ -24,8 +24,9 @@ from transformers.trainer_callback import ProgressCallback
 
 from lora_llava.annotations import Log, Model
 from lora_llava.config.schema import Recipe
-from lora_llava.data.batching import Collator, EncodedDataset
+from lora_llava.data.batching import Collator, EncodedDataset, Repeats
 from lora_llava.data.packing import PackedDataset, pack_indices
+from lora_llava.distributed import world
 from lora_llava.errors import TrainingStopped, UserError
 from lora_llava.layout import RunDir
 from lora_llava.training.callbacks import MetricsCallback, MetricsLog, ProgressBar, TokenCounts
@@ -68,13 +69,17 @@ class TrainingSession:
         self.abort = Abort()
         report = prepared.report
         grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
-        run.checkpoints.mkdir(exist_ok=True)
+        self.main = world().main  # several processes: the first one logs and writes in the run directory
+        if self.main:
+            run.checkpoints.mkdir(exist_ok=True)
         # read now: rotation (train.keep_checkpoints) may delete the checkpoint this session resumes from
         self.resumed_at = checkpoint_global_step(resume) if resume else None
-        dataset = self._dataset()
+        dataset = self._dataset() if world().size == 1 else Repeats(self._dataset())  # (sampler.epoch_order)
         collator = Collator(prepared.processor.tokenizer.pad_token_id)
         self.progress = ProgressBar(log)
-        metrics = MetricsLog(run.metrics, keep_until=self.resumed_at)
+        reporting: list[TrainerCallback] = []
+        if self.main:
+            reporting = [MetricsCallback(MetricsLog(run.metrics, keep_until=self.resumed_at)), self.progress]
         self.trainer = LlavaTrainer(
             spec=prepared.spec,
             recipe=recipe,
@@ -84,26 +89,24 @@ class TrainingSession:
             lengths=[report.length_of(s) for s in report.train] if grouped else None,
             has_image=[bool(s.images) for s in report.train] if grouped else None,
             run_id=run_id,
-            log=self.progress.say,  # lines above the progress bar while it runs
+            log=self.progress.say if self.main else log,  # lines above the progress bar while it runs
             abort=self.abort,
             faults=FaultPlan.from_env(),
             model=model,
             args=training_arguments(recipe, run.path),
             train_dataset=dataset,
             data_collator=collator,
-            callbacks=[
-                MetricsCallback(metrics),
-                self.progress,
-                StopCallback(self.stops),
-                _NoSaveWhenAborted(self.abort),
-            ],
+            callbacks=[*reporting, StopCallback(self.stops), _NoSaveWhenAborted(self.abort)],
         )
         self.trainer.remove_callback(ProgressCallback)
         evaluation = self._evaluation()
         if evaluation is not None:
             self.trainer.add_callback(evaluation)
         self.publish = PublishCheckpoints(
-            run.checkpoints, keep=recipe.train.keep_checkpoints, eval_at=evaluation.result_at if evaluation else None
+            run.checkpoints,
+            keep=recipe.train.keep_checkpoints,
+            eval_at=evaluation.result_at if evaluation else None,
+            main=self.main,
         )
         self.trainer.add_callback(self.publish)
         self._wandb: Any = None
@@ -127,6 +130,20 @@ class TrainingSession:
         trainer = self.trainer
         try:
             trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        except RuntimeError as e:
+            if world().size > 1 and _peer_lost(e):  # a process of the run died (killed, out of memory, a lost machine)
+                latest = self.run.latest_checkpoint()
+                raise UserError(
+                    f"another process of this run ended during step {trainer.state.global_step + 1}, so this one "
+                    f"stopped too ({str(e).splitlines()[0][:160]})",
+                    hint="the launcher's report names the process and its exit code; "
+                    + (
+                        f"resume from {latest} with train.resume=true"
+                        if latest
+                        else "train.save_steps makes a run resumable"
+                    ),
+                ) from None
+            raise
         except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file of the checkpoint
             if self.resume is None:
                 raise
@@ -135,7 +152,8 @@ class TrainingSession:
                 f"({str(e).splitlines()[0][:200]})",
                 hint="resume from another checkpoint of the run, or train again without train.resume",
             ) from None
-        clean_staging(self.run.checkpoints)
+        if self.main:
+            clean_staging(self.run.checkpoints)
         steps = trainer.state.global_step
         if self.abort.reason:
             latest = self.run.latest_checkpoint()
@@ -171,7 +189,7 @@ class TrainingSession:
 
     def _evaluation(self) -> EvalDuringTraining | None:
         recipe, report = self.recipe, self.prepared.report
-        if not recipe.train.eval_steps:
+        if not recipe.train.eval_steps or not self.main:  # several processes: the first one evaluates
             return None
         if not report.eval:
             self.log("warning: train.eval_steps is set but the eval data has no usable sample; no eval during training")
@@ -180,6 +198,15 @@ class TrainingSession:
         return EvalDuringTraining(
             self.trainer, samples, self.prepared.encoder, self.prepared.processor, recipe, self.run, self.progress.say
         )
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """Whether a collective failed because another process of the run is gone (gloo and NCCL say so)."""
+    text = str(e)
+    return any(
+        m in text
+        for m in ("Connection closed by peer", "remote worker", "Connection reset by peer", "NCCL communicator")
+    )
 
 
 class _NoSaveWhenAborted(TrainerCallback):

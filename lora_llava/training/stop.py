@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lora_llava.distributed import any_rank
 from lora_llava.errors import EXIT_STOPPED, TrainingStopped
 
 __all__ = ["EXIT_STOPPED", "StopCallback", "StopSignals", "TrainingStopped"]
@@ -67,6 +68,11 @@ class StopCallback(TrainerCallback):
         self.stops = stops
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stops.requested is not None:
+        stop = self.stops.requested is not None
+        if args.world_size > 1:  # one process stopped (a preempted machine): all stop at the same step
+            stop = any_rank(stop)
+            if stop and self.stops.requested is None:
+                self.stops.requested = "SIGTERM"
+        if stop:
             control.should_save = True
             control.should_training_stop = True

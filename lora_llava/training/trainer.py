@@ -36,7 +36,9 @@ from lora_llava.compat.trainer import CompatTrainer
 from lora_llava.config.schema import Recipe
 from lora_llava.data.chat import ChatFormat
 from lora_llava.data.formats import Sample
-from lora_llava.data.sampler import ModalityLengthGroupedSampler
+from lora_llava.data.sampler import DistributedEpochSampler, ModalityLengthGroupedSampler
+from lora_llava.distributed import any_rank, total, world
+from lora_llava.errors import UserError
 from lora_llava.layout import LORA_WEIGHTS_FILE, RUN_FILE, RunDir
 from lora_llava.model.saving import write_adapter_files
 from lora_llava.model.trained_parts import has_lora, restore_trained_parts
@@ -56,6 +58,32 @@ class Abort:
     reason: str | None = None
 
 
+def accumulation(recipe: Recipe, processes: int) -> int:
+    """Micro-batches per optimizer step on each process: ``train.grad_accum``, or what ``train.global_batch_size``
+    makes of it for ``processes`` (a UserError when it does not divide evenly)."""
+    t = recipe.train
+    if t.global_batch_size is None:
+        return t.grad_accum
+    per_step = t.batch_size * processes
+    if t.global_batch_size % per_step:
+        fits = [n for n in range(1, 65) if t.global_batch_size % (t.batch_size * n) == 0][:6]
+        raise UserError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.batch_size={t.batch_size} x "
+            f"{processes} process(es) = {per_step}",
+            hint=f"choose a global batch size that is (e.g. {per_step * max(1, round(t.global_batch_size / per_step))})"
+            + (f", or run with {', '.join(map(str, fits))} process(es)" if fits else ""),
+        )
+    return t.global_batch_size // per_step
+
+
+def batch_line(recipe: Recipe, processes: int) -> str:
+    """The optimizer step's batch in one line (what the learning-rate schedule counts)."""
+    b, accum = recipe.train.batch_size, accumulation(recipe, processes)
+    rows = "rows" if recipe.train.packing else "samples"
+    per = f"batch: {b} per process x {accum} accumulation x {processes} process{'es' if processes > 1 else ''}"
+    return f"{per} = {b * accum * processes} {rows} per optimizer step"
+
+
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     """The recipe's ``train`` section as TrainingArguments (checkpoints go to the staging folder)."""
     from transformers import TrainingArguments
@@ -71,7 +99,7 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints / STAGING),
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=accumulation(recipe, world().size),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=min(t.warmup_ratio, 0.999),  # transformers reads a value >= 1 as a number of steps
@@ -91,6 +119,10 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         gradient_checkpointing=False,  # enabled on the model itself (non-reentrant)
+        # several processes (DDP): a micro-batch without images leaves the projector (and a trained vision tower)
+        # unused on its process; DDP then reduces zeros for it from there, and leaves a part no process used
+        # without a gradient, as one process would
+        ddp_find_unused_parameters=True,
         disable_tqdm=False,
         logging_first_step=True,
     )
@@ -173,7 +205,7 @@ class LlavaTrainer(CompatTrainer):
         finite = [bool(ok) for ok, _ in self._step_micro]
         scaler = getattr(self.accelerator, "scaler", None) is not None
         norm_bad = grad_norm is not None and not math.isfinite(grad_norm) and not scaler
-        bad = not all(finite) or norm_bad
+        bad = any_rank(not all(finite) or norm_bad)  # several processes: each skips the step, or none
         self._interval[1 if bad else 0] += 1
         if not bad:
             self._loss_sum = self._loss_sum + self._step_loss
@@ -182,10 +214,10 @@ class LlavaTrainer(CompatTrainer):
         else:
             step = self.state.global_step + 1
             culprits = [i for (ok, idx), f in zip(self._step_micro, finite) if not f and idx is not None for i in idx]
-            if not culprits:  # only the gradient norm: every micro-batch of the step
+            if not culprits and norm_bad:  # only the gradient norm: every micro-batch of the step
                 culprits = [i for _, idx in self._step_micro if idx is not None for i in idx]
-            what = "loss" if not all(finite) else "gradient norm"
-            names = ", ".join(self._where(int(i)) for i in culprits[:8])
+            what = "loss" if not all(finite) else "gradient norm" if norm_bad else "loss (on another process)"
+            names = ", ".join(self._where(int(i)) for i in culprits[:8]) or "another process's"
             more = f" and {len(culprits) - 8} more" if len(culprits) > 8 else ""
             self.bad_steps += 1
             self.bad_in_a_row += 1
@@ -206,7 +238,12 @@ class LlavaTrainer(CompatTrainer):
     ) -> Any:
         if self.recipe.train.supervised_logits and not return_outputs and "labels" in inputs:
             # logits only where there are labels; the loss the model's own forward computes (training.loss)
-            out = supervised_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            out = supervised_loss(model, inputs, items)
+            if items is not None and self.args.average_tokens_across_devices:
+                # the tokens were counted over every process; the gradients are averaged over them (as the
+                # Trainer's own compute_loss scales)
+                out = out * self.accelerator.num_processes
         else:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
@@ -223,9 +260,10 @@ class LlavaTrainer(CompatTrainer):
 
     def sync_counts(self) -> TokenCounts:
         """The token counts so far, brought over from the training device."""
-        if self._tokens is not None:
-            total, pad, supervised = (int(x) for x in self._tokens.tolist())
-            self.counts.tokens += total
+        if self._tokens is not None or self.args.world_size > 1:  # several processes: each one's, summed
+            mine = [float(x) for x in self._tokens.tolist()] if self._tokens is not None else [0.0, 0.0, 0.0]
+            tokens, pad, supervised = (int(x) for x in total(mine))
+            self.counts.tokens += tokens
             self.counts.pad += pad
             self.counts.supervised += supervised
             self._tokens = None
@@ -237,8 +275,8 @@ class LlavaTrainer(CompatTrainer):
             good, skipped = self._interval
             if skipped:  # the Trainer fills a NaN step with an average; report the good steps' mean, or none
                 logs.pop("loss", None)
-                if good:
-                    logs["loss"] = float(self._interval_loss) / good
+                if good:  # several processes: the mean of theirs, as the Trainer's own loss
+                    logs["loss"] = total([float(self._interval_loss)])[0] / self.args.world_size / good
             self._interval, self._interval_loss = [0, 0], 0.0
             c = self.sync_counts()
             now = time.time()
@@ -260,7 +298,7 @@ class LlavaTrainer(CompatTrainer):
 
     def loss_sum(self) -> float:
         """The summed training loss of the run's good steps, resumed steps included."""
-        return self.loss_before + float(self._loss_sum)
+        return self.loss_before + total([float(self._loss_sum)])[0] / self.args.world_size
 
     def good_steps(self) -> int:
         return self.state.global_step - self.bad_before - self.bad_steps
@@ -270,12 +308,17 @@ class LlavaTrainer(CompatTrainer):
         return self.loss_sum() / max(self.good_steps(), 1)
 
     def train_sampler(self, dataset: Any) -> Any:
-        if self.lengths is None or self.has_image is None:
-            return None
-        if len(dataset) != len(self.lengths):
+        if self.lengths is not None and len(dataset) != len(self.lengths):
             raise RuntimeError(
                 f"length-grouped sampler built for {len(self.lengths)} samples, dataset has {len(dataset)}"
             )
+        if self.args.world_size > 1:  # whole global batches, cut per process (the dataset: data.batching.Repeats)
+            return DistributedEpochSampler(
+                len(dataset), self.args.per_device_train_batch_size, self.args.world_size, self.args.seed,
+                self.lengths, self.has_image,
+            )  # fmt: skip
+        if self.lengths is None or self.has_image is None:
+            return None
         return ModalityLengthGroupedSampler(self.lengths, self.has_image, self.args.train_batch_size, self.args.seed)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -284,23 +327,23 @@ class LlavaTrainer(CompatTrainer):
         if self.processor is None or self.fmt is None:
             raise TypeError("LlavaTrainer needs processor= and fmt= to write checkpoints")
         out = Path(output_dir or self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         step = self.state.global_step
-        extra = {
-            "train_loss": self.mean_loss(),
-            "steps": step,
-            "train_samples": len(self.samples),
-            "hardware": hardware(),
-        }
+        # every process takes part in the sums; the first one writes
+        loss_sum, mean_loss = self.loss_sum(), self.mean_loss()
+        c = self.sync_counts()  # the run's token counts so far: a resumed run reports its whole padding share
+        if not self.args.should_save:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"train_loss": mean_loss, "steps": step, "train_samples": len(self.samples), "hardware": hardware()}
         faults = self.faults
         between = (lambda: faults.in_save(step)) if faults is not None else None
         write_adapter_files(out, self.model, self.processor, self.spec, self.recipe, self.fmt, extra, between=between)
-        c = self.sync_counts()  # the run's token counts so far: a resumed run reports its whole padding share
         run = {
             "run_id": self.run_id,
-            "loss_sum": self.loss_sum(),
+            "loss_sum": loss_sum,
             "bad_steps": self.bad_before + self.bad_steps,
             "tokens": {"all": c.tokens, "padding": c.pad, "supervised": c.supervised},
+            "world_size": self.args.world_size,
         }
         (out / RUN_FILE).write_text(json.dumps(run))
 

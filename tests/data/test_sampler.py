@@ -129,3 +129,40 @@ def test_trainer_batches_by_length_and_modality(make_recipe, mixed_data, shapes,
         len(set(rows)) > 1 for rows in [(b["input_ids"] == encoder.image_token_id).any(dim=1).tolist() for b in plain]
     )
     assert pad_grouped < 0.05 < 0.15 < pad_plain
+
+
+@pytest.mark.parametrize(
+    "n, batch, world, grouped", [(119, 2, 2, True), (120, 4, 2, False), (7, 3, 4, True), (1, 1, 3, False)]
+)
+def test_every_sample_once_per_epoch_on_several_processes(n, batch, world, grouped):
+    """The epoch's order cut as accelerate cuts it for each process (its BatchSamplerShard): every sample once,
+    the masked repeats only in the last step, every process a full batch at every step, and (grouped) each
+    step's samples one modality across all processes but for the last."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from lora_llava.data.sampler import DistributedEpochSampler
+
+    rng = random.Random(n)
+    lengths = [rng.randint(5, 300) for _ in range(n)]
+    has_image = [i % 3 != 0 for i in range(n)]
+    sampler = DistributedEpochSampler(n, batch, world, seed=3, lengths=lengths if grouped else None,
+                                      has_image=has_image if grouped else None)  # fmt: skip
+    per_rank = [list(BatchSamplerShard(BatchSampler(sampler, batch, False), world, r)) for r in range(world)]
+    steps = len(per_rank[0])
+    assert all(len(b) == steps for b in per_rank) and all(len(x) == batch for b in per_rank for x in b)
+    seen = [i for b in per_rank for x in b for i in x]
+    assert sorted(i for i in seen if i < n) == list(range(n))  # each real sample exactly once
+    repeats = [i for i in seen if i >= n]
+    assert len(repeats) == -n % (batch * world)
+    assert all(i not in x for b in per_rank for x in b[:-1] for i in repeats)  # only in the last step
+    if grouped:
+        for step in range(steps - 1):
+            kinds = {has_image[i] for b in per_rank for i in b[step]}
+            assert len(kinds) == 1, step
+    sampler.set_epoch(1)
+    if n > 100:  # another epoch, another order (a handful of samples may sort the same)
+        assert list(sampler) != list(DistributedEpochSampler(n, batch, world, 3, lengths if grouped else None,
+                                                             has_image if grouped else None))  # fmt: skip
