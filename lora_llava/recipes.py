@@ -24,6 +24,8 @@ def recipes_root() -> Path:
 
 
 DATAGEN_FOLDER = "datagen"  # recipes/datagen/: example configs of lora-llava data generate, not training recipes
+ACCELERATE_FOLDER = "accelerate"  # recipes/accelerate/: configs of accelerate launch (several GPUs), not recipes
+NOT_RECIPES = (DATAGEN_FOLDER, ACCELERATE_FOLDER)
 
 
 def first_comment(path: Path) -> str:
@@ -53,7 +55,7 @@ def list_recipes() -> list[tuple[str, str]]:
     return [
         (p.relative_to(root).with_suffix("").as_posix(), first_comment(p))
         for p in sorted(root.rglob("*.yaml"))
-        if p.relative_to(root).parts[0] != DATAGEN_FOLDER
+        if p.relative_to(root).parts[0] not in NOT_RECIPES
     ]
 
 
@@ -63,6 +65,11 @@ def recipe_path(ref: str) -> Path:
         raise UserError(
             f"{ref!r} is an example config of lora-llava data generate, not a training recipe",
             hint=f"lora-llava data generate {Path(ref).name}",
+        )
+    if Path(ref).parts and Path(ref).parts[0] == ACCELERATE_FOLDER:
+        raise UserError(
+            f"{ref!r} is a config of accelerate launch, not a training recipe",
+            hint=f"accelerate launch --config_file {recipes_root() / ref}.yaml -m lora_llava train RECIPE",
         )
     return builtin_yaml(
         ref,

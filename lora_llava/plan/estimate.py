@@ -240,6 +240,12 @@ def plan_memory(
     )
     if device == "cuda" and recipe.quantization.compute_dtype == "float32":
         plan.notes.append("compute_dtype float32 on a GPU: bfloat16 halves the frozen weights and activations")
+    trained = sum(cats.get(k, 0) for k in ("LoRA", "projector", "vision tower (trained)"))
+    plan.notes.append(
+        f"several GPUs (DDP: torchrun, accelerate launch): each GPU holds all of this, plus DDP's gradient buckets "
+        f"(one more copy of the trained weights' gradients, about {format_bytes(trained)}): about "
+        f"{format_bytes(plan.total + trained)} per GPU (an estimate, as the rest)"
+    )
     if limit is not None:
         plan.suggestion = _suggest(plan, lambda b: sum(_with_overheads(
             _estimate(config, spec, recipe, b, seq, images, sup)[0], device).values()))  # fmt: skip
