@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lora_llava.distributed import broadcast, world
 from lora_llava.errors import UserError
 
 META_FILE = "lora_llava.json"
@@ -284,15 +285,28 @@ class RunDir:
         run_id: str | None = None,
     ) -> Iterator[str]:
         """``start`` for the block, the lock released when it ends; yields the run's id. A caller that already
-        claimed the directory passes its ``run_id``: then nothing is checked, taken or released here."""
+        claimed the directory passes its ``run_id``: then nothing is checked, taken or released here. With
+        several processes (torchrun), the first one claims it and the others are told its run id, or that it
+        refused (its error says why)."""
         if run_id is not None:
             yield run_id
             return
-        run_id = self.start(overwrite, resume, inputs)
+        w = world()
+        claimed: str | None = None
+        if w.main:
+            try:
+                claimed = self.start(overwrite, resume, inputs)
+            finally:
+                claimed = broadcast(claimed)  # None tells the others that it refused
+        else:
+            claimed = broadcast(None)
+            if claimed is None:
+                raise UserError("the first process did not start the run (its error says why)")
         try:
-            yield run_id
+            yield claimed
         finally:
-            self.release()
+            if w.main:
+                self.release()
 
     def check_free(
         self, overwrite: bool = False, resume: bool = False, inputs: Sequence[str | os.PathLike] = ()

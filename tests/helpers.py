@@ -112,7 +112,8 @@ def align_data(tmp_path, shapes, extra=()):
 def shipped_recipes() -> list[Path]:
     """The training recipes under recipes/ (recipes/datagen holds lora-llava data generate's configs)."""
     return sorted(
-        p for p in (REPO / "recipes").rglob("*.yaml")
+        p
+        for p in (REPO / "recipes").rglob("*.yaml")
         if p.relative_to(REPO / "recipes").parts[0] not in ("datagen", "accelerate")
     )
 

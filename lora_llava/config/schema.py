@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from lora_llava.errors import UserError
+
 # the chat formats by name (lora_llava.data.chat defines them); plain: stage-1 alignment only
 ConversationFormatName = Literal["vicuna_v1", "mistral_instruct", "chatml_direct", "chatml", "llama3"]
 ChatFormatName = Literal[ConversationFormatName, "plain"]
@@ -310,6 +312,30 @@ class TrainConfig:
     wandb_project: str | None = option(
         None, "wandb project (report_to: wandb). WANDB_MODE=offline works without an account."
     )
+
+    def accumulation(self, processes: int = 1) -> int:
+        """Micro-batches per optimizer step on each process: ``grad_accum``, or what ``global_batch_size`` makes of
+        it for ``processes`` (a UserError when it does not divide evenly)."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.batch_size * processes
+        if self.global_batch_size % per_step:
+            fits = [n for n in range(1, 65) if self.global_batch_size % (self.batch_size * n) == 0][:6]
+            near = per_step * max(1, round(self.global_batch_size / per_step))
+            raise UserError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.batch_size="
+                f"{self.batch_size} x {processes} process(es) = {per_step}",
+                hint=f"choose a global batch size that is (e.g. {near})"
+                + (f", or run with {', '.join(map(str, fits))} process(es)" if fits else ""),
+            )
+        return self.global_batch_size // per_step
+
+    def batch_line(self, processes: int = 1) -> str:
+        """The optimizer step's batch in one line (what the learning-rate schedule counts)."""
+        b, accum = self.batch_size, self.accumulation(processes)
+        rows = "rows" if self.packing else "samples"
+        per = f"batch: {b} per process x {accum} accumulation x {processes} process{'es' if processes > 1 else ''}"
+        return f"{per} = {b * accum * processes} {rows} per optimizer step"
 
 
 @dataclass

@@ -13,9 +13,8 @@ the layer above (``lora_llava.workflows``).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from lora_llava import thirdparty
 from lora_llava.annotations import Log
 from lora_llava.config.load import input_paths, save_recipe
 from lora_llava.config.schema import Recipe
-from lora_llava.distributed import World, barrier, broadcast, start
+from lora_llava.distributed import barrier, start
 from lora_llava.errors import UserError
 from lora_llava.layout import RunDir
 from lora_llava.model.saving import write_adapter
@@ -31,7 +30,6 @@ from lora_llava.training.checkpoint import best_checkpoint, checkpoint_eval, res
 from lora_llava.training.prepare import PreparedRun, prepare_run, report_data
 from lora_llava.training.session import TrainingSession
 from lora_llava.training.trainable import build_trainable
-from lora_llava.training.trainer import batch_line
 from lora_llava.versions import hardware
 
 
@@ -69,14 +67,14 @@ def train(
     log = log if world.main else _quiet
     run = RunDir(recipe.output_dir)
     t0 = time.time()
-    with _claimed(run, world, overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:
+    with run.claimed(overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:
         if world.main:
             thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
             save_recipe(recipe, run.recipe)
         prepared = prepared or prepare_run(recipe, run.path if world.main else None, log)
         if world.main:
             report_data(prepared, run, log)
-        log(batch_line(recipe, world.size))  # (a global batch size that does not divide is refused here)
+        log(recipe.train.batch_line(world.size))  # (a global batch size that does not divide is refused here)
         resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
         warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
         if warning:
@@ -121,30 +119,6 @@ def train(
             outcome.counts.fraction,
             len(prepared.report.train),
         )
-
-
-@contextlib.contextmanager
-def _claimed(
-    run: RunDir, world: World, overwrite: bool, resume: bool, inputs: Sequence[str | Path], run_id: str | None
-) -> Iterator[str]:
-    """The run directory claimed for the block (``RunDir.claimed``); with several processes, by the first one,
-    the others told its run id (or that it refused, with its message printed there)."""
-    if world.size == 1:
-        with run.claimed(overwrite, resume, inputs, run_id) as mine:
-            yield mine
-        return
-    with contextlib.ExitStack() as stack:
-        claimed: str | None = None
-        if world.main:
-            try:
-                claimed = stack.enter_context(run.claimed(overwrite, resume, inputs, run_id))
-            finally:
-                claimed = broadcast(claimed)  # None: it refused, and raises its own error
-        else:
-            claimed = broadcast(None)
-            if claimed is None:
-                raise UserError("the first process did not start the run (its error says why)")
-        yield claimed
 
 
 def _refuse_sharding() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from lora_llava.config.load import recipe_to_dict
 from lora_llava.config.schema import Recipe
+from lora_llava.distributed import world
 from lora_llava.layout import RunDir
 
 REDACTED = "<redacted>"
@@ -49,8 +50,9 @@ def redact(value: Any, secrets: set[str] | None = None, key: str = "") -> Any:
 
 @contextmanager
 def wandb_run(recipe: Recipe, run: RunDir, run_id: str) -> Iterator[Any]:
-    """A wandb run for the duration of training when the recipe reports to wandb (else nothing)."""
-    if recipe.train.report_to != "wandb":
+    """A wandb run for the duration of training when the recipe reports to wandb (else nothing); with several
+    processes, of the first one only."""
+    if recipe.train.report_to != "wandb" or not world().main:
         yield None
         return
     import wandb

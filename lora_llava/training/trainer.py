@@ -38,7 +38,6 @@ from lora_llava.data.chat import ChatFormat
 from lora_llava.data.formats import Sample
 from lora_llava.data.sampler import DistributedEpochSampler, ModalityLengthGroupedSampler
 from lora_llava.distributed import any_rank, total, world
-from lora_llava.errors import UserError
 from lora_llava.layout import LORA_WEIGHTS_FILE, RUN_FILE, RunDir
 from lora_llava.model.saving import write_adapter_files
 from lora_llava.model.trained_parts import has_lora, restore_trained_parts
@@ -58,32 +57,6 @@ class Abort:
     reason: str | None = None
 
 
-def accumulation(recipe: Recipe, processes: int) -> int:
-    """Micro-batches per optimizer step on each process: ``train.grad_accum``, or what ``train.global_batch_size``
-    makes of it for ``processes`` (a UserError when it does not divide evenly)."""
-    t = recipe.train
-    if t.global_batch_size is None:
-        return t.grad_accum
-    per_step = t.batch_size * processes
-    if t.global_batch_size % per_step:
-        fits = [n for n in range(1, 65) if t.global_batch_size % (t.batch_size * n) == 0][:6]
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.batch_size={t.batch_size} x "
-            f"{processes} process(es) = {per_step}",
-            hint=f"choose a global batch size that is (e.g. {per_step * max(1, round(t.global_batch_size / per_step))})"
-            + (f", or run with {', '.join(map(str, fits))} process(es)" if fits else ""),
-        )
-    return t.global_batch_size // per_step
-
-
-def batch_line(recipe: Recipe, processes: int) -> str:
-    """The optimizer step's batch in one line (what the learning-rate schedule counts)."""
-    b, accum = recipe.train.batch_size, accumulation(recipe, processes)
-    rows = "rows" if recipe.train.packing else "samples"
-    per = f"batch: {b} per process x {accum} accumulation x {processes} process{'es' if processes > 1 else ''}"
-    return f"{per} = {b * accum * processes} {rows} per optimizer step"
-
-
 def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     """The recipe's ``train`` section as TrainingArguments (checkpoints go to the staging folder)."""
     from transformers import TrainingArguments
@@ -99,7 +72,7 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> Any:
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints / STAGING),
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=accumulation(recipe, world().size),
+        gradient_accumulation_steps=t.accumulation(world().size),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=min(t.warmup_ratio, 0.999),  # transformers reads a value >= 1 as a number of steps

@@ -167,21 +167,18 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends
 def test_a_global_batch_decides_the_accumulation_for_the_number_of_processes(
     make_recipe, global_batch, batch, processes, accum
 ):
-    from lora_llava.training.trainer import accumulation, batch_line
-
-    recipe = make_recipe(train={"global_batch_size": global_batch, "batch_size": batch, "grad_accum": 7})
-    assert accumulation(recipe, processes) == accum
-    assert batch_line(recipe, processes).endswith(f"= {global_batch} samples per optimizer step")
-    assert accumulation(make_recipe(train={"grad_accum": 7}), processes) == 7  # unset: the recipe's grad_accum
+    t = make_recipe(train={"global_batch_size": global_batch, "batch_size": batch, "grad_accum": 7}).train
+    assert t.accumulation(processes) == accum
+    assert t.batch_line(processes).endswith(f"= {global_batch} samples per optimizer step")
+    assert make_recipe(train={"grad_accum": 7}).train.accumulation(processes) == 7  # unset: the recipe's grad_accum
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_with_the_numbers_that_would(make_recipe):
     from lora_llava.errors import UserError
-    from lora_llava.training.trainer import accumulation
 
     recipe = make_recipe(train={"global_batch_size": 12, "batch_size": 4})
     with pytest.raises(UserError) as e:
-        accumulation(recipe, 2)
+        recipe.train.accumulation(2)
     assert "train.global_batch_size=12 is not a multiple of train.batch_size=4 x 2 process(es) = 8" in str(e.value)
     assert "or run with 1, 3 process(es)" in str(e.value)
 
