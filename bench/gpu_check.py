@@ -33,6 +33,7 @@ accelerate and bitsandbytes; no network. ``--dry-run`` runs the same code on a t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -62,8 +63,9 @@ def model_config(dry_run: bool) -> Any:
     return config
 
 
-def build_checkpoint(folder: Path, config: Any, dtype: torch.dtype, device: str) -> Path:
-    """A random-init checkpoint of ``config`` in ``dtype`` (and the tiny backbone's processor, for loading)."""
+def build_checkpoint(folder: Path, config: Any, dtype: torch.dtype, device: str, processor: Any = None) -> Path:
+    """A random-init checkpoint of ``config`` in ``dtype``, with ``processor`` (default: the tiny backbone's, for
+    loading) given the Vicuna chat template."""
     from transformers import LlavaForConditionalGeneration
 
     from lora_llava.backbones.tiny import ensure_tiny
@@ -80,7 +82,7 @@ def build_checkpoint(folder: Path, config: Any, dtype: torch.dtype, device: str)
         torch.set_default_dtype(default)
     model.save_pretrained(folder)
     del model
-    processor = load_processor(ensure_tiny("tiny"))
+    processor = processor or load_processor(ensure_tiny("tiny"))
     processor.chat_template = chat_format("vicuna_v1").jinja
     processor.save_pretrained(folder)
     if device == "cuda":
@@ -163,6 +165,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class Phases:
+    """CUDA memory through one training step: allocated before it, and per phase (forward, backward, optimizer
+    step) the peak allocated and reserved during the phase and what is still allocated at its end."""
+
+    def __init__(self) -> None:
+        torch.cuda.synchronize()
+        self.before = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())  # the earlier steps' peaks
+        self.result: dict[str, dict[str, int]] = {"before": {"allocated": torch.cuda.memory_allocated()}}
+        torch.cuda.reset_peak_memory_stats()
+
+    def __call__(self, phase: str) -> None:
+        torch.cuda.synchronize()
+        self.result[phase] = {
+            "peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+            "allocated": torch.cuda.memory_allocated(),
+        }  # fmt: skip
+        torch.cuda.reset_peak_memory_stats()
+
+    def peaks(self) -> tuple[int, int]:
+        """(peak allocated, peak reserved) over every step."""
+        phases = [p for p in self.result.values() if "peak" in p]
+        return (
+            max([self.before[0]] + [p["peak"] for p in phases]),
+            max([self.before[1]] + [p["reserved"] for p in phases]),
+        )
+
+
 def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, args: argparse.Namespace) -> dict:
     from transformers import set_seed
 
@@ -176,6 +205,7 @@ def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, ar
     device = args.device
     recipe = recipe_for(path, quantized, batch, args.seq, args.dtype)
     spec = resolve_backbone(str(path))
+    gc.collect()  # the previous case's model (PEFT wrappers hold reference cycles) is gone before this one loads
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -188,33 +218,49 @@ def run_case(path: Path, config: Any, name: str, quantized: bool, batch: int, ar
     opt = GuardedAdamW(optimizer_groups(model, spec, recipe), lr=2e-4)
     dtype = getattr(torch, args.dtype)
     inputs = make_batch(config, batch, args.seq, device, dtype)
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
+    times: list[float] = []
+    losses: list[float] = []
+    mark = None
+    for i in range(args.warmup + args.steps + 1):  # the last step (untimed, CUDA only) measures memory by phase
+        if i == args.warmup + args.steps:
+            if device != "cuda":
+                break
+            mark = Phases()
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device_type=device, dtype=dtype, enabled=device == "cuda"):
             # the loss training computes: logits only at the supervised positions (train.supervised_logits)
             loss = supervised_loss(model, inputs) if recipe.train.supervised_logits else model(**inputs).loss
+        if mark:
+            mark("forward")
         loss.backward()
+        if mark:
+            mark("backward")
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
+        if mark:
+            mark("optimizer step")
+            break
         losses.append(float(loss.detach()))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     flops, terms = model_flops(model, config, batch, args.seq)
-    out = {
+    out: dict[str, Any] = {
         "case": name, "quantized": quantized, "batch": batch, "seq": args.seq, "load_s": round(load_s, 1),
         "step_s": step, "tokens_per_s": batch * args.seq / step, "flops_per_step": flops, "flop_terms": terms,
         "achieved_flops": flops / step, "losses": losses,
     }  # fmt: skip
     if device == "cuda":
-        out["peak_allocated"] = torch.cuda.max_memory_allocated()
-        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+        assert mark is not None
+        out["peak_allocated"], out["peak_reserved"] = mark.peaks()
+        out["phases"] = mark.result
     per_sample = float((inputs["labels"][:, 1:] != -100).sum()) / batch
     plan = plan_memory(recipe, device=device, seq_len=args.seq, supervised=per_sample)
+    out["plan_categories"] = dict(plan.categories)
+    out["plan_peak_at"] = plan.peak_at
     out["plan_tensors"] = plan.tensors
     out["plan_total"] = plan.total
     if "peak_allocated" in out:
@@ -243,6 +289,21 @@ def markdown(result: dict) -> str:
             f"| {c['case']} | {c['batch']} x {c['seq']} | {c['step_s']:.3f} | {c['tokens_per_s']:.0f} | {alloc} | {res} "
             f"| {c['plan_tensors'] / gib:.2f} GiB | {err} | {mfu:.1%} |"
         )
+    phased = [c for c in result["cases"] if c.get("phases")]
+    if phased:
+        lines += ["", "Memory through one step (allocated; peak within the phase / still allocated at its end):", "",
+                  "| case | before | forward | backward | optimizer step | plan: peak at | plan categories |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in phased:
+            ph = c["phases"]
+            cells = [f"{ph['before']['allocated'] / gib:.2f}"]
+            cells += [
+                f"{ph[k]['peak'] / gib:.2f} / {ph[k]['allocated'] / gib:.2f}"
+                for k in ("forward", "backward", "optimizer step")
+            ]
+            cats = ", ".join(f"{k} {v / gib:.2f}" for k, v in c["plan_categories"].items())
+            lines.append(f"| {c['case']} | " + " | ".join(cells) + f" | {c['plan_peak_at']} | {cats} |")
+        lines += ["", "(GiB)"]
     lines += ["", "Model FLOPs per step: " + "; ".join(f"{c['case']}: {c['flop_terms']}" for c in result["cases"])]
     lines += ["", f"command: `{result['command']}`", ""]
     return "\n".join(lines)

@@ -28,11 +28,15 @@ How it estimates (no weights anywhere: everything runs on PyTorch's ``meta`` dev
   weight to the compute dtype for each matmul, as bitsandbytes does; attention keeps q, k, v, its output
   and the log-sum-exp (what the fused SDPA kernels save). A deep model is run with one and two decoder
   layers and extrapolated (the layers are identical, so memory grows linearly with their number);
-- on CUDA, a fixed 0.5 GiB for the CUDA context and kernels, and 10% of the tensors' peak for the caching
-  allocator's fragmentation (``CUDA_OVERHEAD``, ``ALLOCATOR_SLACK``).
+- the optimizer step: every trained weight's float32 gradient plus the update's temporaries (on CUDA, torch's
+  foreach AdamW: one float32 intermediate per trained weight; elsewhere two of the largest tensor);
+- on CUDA, cuBLAS' workspaces (136 MiB, allocated memory: part of the tensors), a fixed 0.5 GiB for the CUDA
+  context and kernels, and 10% of the tensors' peak for the caching allocator's fragmentation
+  (``CUBLAS_WORKSPACE``, ``CUDA_OVERHEAD``, ``ALLOCATOR_SLACK``).
 
 The estimate is of tensor memory; measured against the tensors a CPU training step really allocates on
-the tiny backbones it is within ``STATED_ERROR`` (tests/test_plan.py measures it).
+the tiny backbones it is within ``STATED_ERROR`` (tests/test_plan.py measures it); against the CUDA
+allocator's peak of a llava-1.5-7b step on an H200 (bench/gpu_check.py) it was within -4% .. +12%.
 
 The package, each file one step (this file only re-exports them):
 
@@ -58,6 +62,7 @@ from lora_llava.plan.configs import (
 )
 from lora_llava.plan.estimate import (
     ALLOCATOR_SLACK,
+    CUBLAS_WORKSPACE,
     CUDA_OVERHEAD,
     STATED_ERROR,
     GiB,
@@ -79,6 +84,7 @@ __all__ = [
     "ALLOCATOR_SLACK",
     "BUILTIN_CONFIGS",
     "BUILTIN_PART_CONFIGS",
+    "CUBLAS_WORKSPACE",
     "CUDA_OVERHEAD",
     "NF4_BLOCK",
     "STATED_ERROR",

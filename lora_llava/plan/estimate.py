@@ -28,11 +28,15 @@ from lora_llava.plan.lengths import sequence_plan
 from lora_llava.plan.meta import VISION_LAYERS, Pass, meta_pass
 
 GiB = 1024**3
-CUDA_OVERHEAD = GiB // 2  # CUDA context, cuBLAS workspaces, kernels
+CUDA_OVERHEAD = GiB // 2  # CUDA context and kernels: outside the caching allocator
+# cuBLAS' workspaces, allocated through the caching allocator: PyTorch's default on Hopper, ":4096:2:16:8"
+# (2 x 4 MiB + 8 x 16 MiB), measured as the allocated bytes a step leaves beyond its tensors (bench/README.md)
+CUBLAS_WORKSPACE = 136 * 1024**2
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of the tensors' peak
 STATED_ERROR = 0.20  # |estimate - measured| / measured on the tiny backbones (CPU), see tests/test_plan.py
 SLACK = "CUDA allocator slack (10%)"  # the two categories added on CUDA, not tensors of the step
 CONTEXT = "CUDA context"
+WORKSPACE = "cuBLAS workspace"  # added on CUDA: allocated memory, so part of the tensors' peak
 OVERHEADS = (SLACK, CONTEXT)
 
 
@@ -87,6 +91,8 @@ class MemoryPlan:
             f"  {'category':<34} {'memory':>10}",
         ]
         for name, size in self.categories.items():
+            if not size:  # nothing of it alive at the peak (gradients before the backward reaches them, say)
+                continue
             lines.append(f"  {name:<34} {format_bytes(size):>10}")
         lines.append(f"  {'total (peak at the ' + self.peak_at + ')':<34} {format_bytes(self.total):>10}")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -130,9 +136,9 @@ def parse_size(text: str) -> int:
 
 
 def _estimate(
-    config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, sup: float | None = None
+    config: Any, spec: Any, recipe: Recipe, batch: int, seq: int, images: int, sup: float | None, device: str
 ) -> tuple[dict[str, int], str]:
-    """Categories (bytes) and where the peak is, for one micro-batch size."""
+    """Categories (bytes) and where the peak is, for one micro-batch size on ``device``."""
     depth = config.get_text_config().num_hidden_layers
     one = _cached_pass(config, spec, recipe, batch, seq, images, sup, 1)
     two = _cached_pass(config, spec, recipe, batch, seq, images, sup, 2) if depth > 1 else one
@@ -155,8 +161,12 @@ def _estimate(
     per_param = 8 if name == "adamw" else 2 + 8 / 256
     cats[f"optimizer state ({name})"] = int(per_param * trainable)
     backward = act + logits + grads
-    # the optimizer step: every gradient (float32, as the trained parts), plus the update's temporaries
-    step_grads, temporaries = 4 * trainable, 2 * 4 * two.largest_trainable
+    # the optimizer step: every gradient (float32, as the trained parts), plus the update's temporaries: torch's
+    # AdamW on CUDA tensors runs foreach (a float32 intermediate for every trained tensor at once: measured
+    # 1.24 GiB over 1.27 GiB of trained weights, bench/README.md); elsewhere, and bitsandbytes' 8-bit
+    # optimizers, update tensor by tensor (two float32 temporaries of the largest)
+    foreach = device == "cuda" and name == "adamw"
+    step_grads, temporaries = 4 * trainable, 4 * trainable if foreach else 2 * 4 * two.largest_trainable
     if step_grads + temporaries > backward:
         cats["gradients"] = step_grads
         cats["optimizer step temporaries"] = temporaries
@@ -198,6 +208,7 @@ def _vision_layer_bytes(config: Any, recipe: Recipe) -> int:
 def _with_overheads(cats: dict[str, int], device: str) -> dict[str, int]:
     if device != "cuda":
         return cats
+    cats = {**cats, WORKSPACE: CUBLAS_WORKSPACE}
     tensors = sum(cats.values())
     return {**cats, SLACK: int(tensors * ALLOCATOR_SLACK), CONTEXT: CUDA_OVERHEAD}
 
@@ -222,7 +233,7 @@ def plan_memory(
     else:
         seq, images, how, sup = sequence_plan(recipe, source, log)
     t = recipe.train
-    cats, peak_at = _estimate(config, spec, recipe, t.batch_size, seq, images, sup)
+    cats, peak_at = _estimate(config, spec, recipe, t.batch_size, seq, images, sup, device)
     plan = MemoryPlan(
         backbone=recipe.backbone if recipe.backbone != "assemble" else "assemble",
         config_source=str(source),
@@ -248,7 +259,7 @@ def plan_memory(
     )
     if limit is not None:
         plan.suggestion = _suggest(plan, lambda b: sum(_with_overheads(
-            _estimate(config, spec, recipe, b, seq, images, sup)[0], device).values()))  # fmt: skip
+            _estimate(config, spec, recipe, b, seq, images, sup, device)[0], device).values()))  # fmt: skip
     return plan
 
 

@@ -233,7 +233,7 @@ def meta_pass(
     params = categorize(model, spec, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     text = config.get_text_config()
-    tracker = LiveTensors(text.vocab_size)
+    tracker = LiveTensors(text.vocab_size, held=[*model.parameters(), *model.buffers()])
     crops, patches = image_features(config, recipe.images.max_tiles)
     v = config.vision_config
     meta = torch.device("meta")

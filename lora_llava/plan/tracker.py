@@ -3,7 +3,7 @@ and the peak of their sum (with what of it was logits, and which storages made i
 
 Usage::
 
-    tracker = LiveTensors(vocab_size)
+    tracker = LiveTensors(vocab_size, held=[*model.parameters(), *model.buffers()])
     with tracker.mode():
         ...  # a forward and backward on the meta device
         tracker.saw([])                    # one last look: what the last ops freed
@@ -26,8 +26,11 @@ from lora_llava.compat import freed_storages, storage_ref, watch_ops
 class LiveTensors:
     """Every storage the ops inside allocate, followed until PyTorch frees it: the peak of their sum."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, vocab: int, held: list[torch.Tensor] = ()) -> None:  # type: ignore[assignment]
         self.vocab = vocab
+        # storages alive before the step (the model's weights): an op's view of one (a linear layer's
+        # transposed weight) is no allocation of the step; their weak references are held, so keys stay unique
+        self._held = {key: ref for key, ref in map(storage_ref, held)}
         self.live: dict[int, tuple[Any, int, bool]] = {}  # storage key -> (weak ref, bytes, is logits)
         self.current = self.peak = self.logits_at_peak = 0
         self.keys_at_peak: list[int] = []
@@ -44,7 +47,7 @@ class LiveTensors:
             self.current -= size
         for t in tensors:
             key, ref = storage_ref(t)
-            if key in self.live:
+            if key in self.live or key in self._held:
                 continue
             size = t.untyped_storage().nbytes()
             self.live[key] = (ref, size, t.dim() >= 2 and t.shape[-1] == self.vocab)

@@ -43,3 +43,18 @@ def test_the_real_config_is_llava_15_7b():
     t, v = config.text_config, config.vision_config
     assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size) == (4096, 11008, 32, 32064)
     assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (1024, 24, 336, 14)
+
+
+def test_gpu_train_dry_run_trains_plans_and_merges(tmp_path):
+    """bench/gpu_train.py's CPU dry run: the CLI path it runs on a GPU (train, plan, merge) on a tiny config."""
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "bench" / "gpu_train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    out = tmp_path / "out"
+    result = gpu_train.main(["--dry-run", "--out", str(out), "--steps", "2", "--work", str(tmp_path / "work")])
+    assert [result[k]["rc"] for k in ("train", "plan", "merge")] == [0, 0, 0]
+    saved = json.loads((out / "gpu_train.json").read_text())
+    assert saved["metrics"][0]["step"] == 1 and "tokens_per_s" in saved["metrics"][0]
+    assert "gpu_memory_gib" not in saved["metrics"][0]  # the CPU has no GPU peak to report
+    assert any("memory plan:" in line for line in saved["plan"]["tail"])
+    assert (tmp_path / "work" / "merged" / "config.json").exists()
