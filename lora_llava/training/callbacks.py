@@ -7,7 +7,8 @@ Usage::
 
 Each logging row holds the Trainer's numbers (loss, learning rate, grad norm) and lora_llava's:
 ``tokens_per_s`` (real tokens, padding excluded), ``supervised_tokens_per_s`` (tokens that carry loss),
-``padding_fraction`` (so far) and ``skipped_steps`` (NaN/inf steps skipped so far); eval rows hold
+``padding_fraction`` (so far), ``skipped_steps`` (NaN/inf steps skipped so far) and, on a GPU,
+``gpu_memory_gib`` (the peak allocated on this process's GPU so far, as ``torch.cuda.max_memory_allocated``); eval rows hold
 ``eval_loss`` and ``eval_accuracy``.
 """
 
@@ -119,6 +120,8 @@ class ProgressBar(TrainerCallback):
         if "tokens_per_s" in logs:
             post["tok/s"] = _compact(logs["tokens_per_s"])
             post["sup/s"] = _compact(logs.get("supervised_tokens_per_s", 0.0))
+        if "gpu_memory_gib" in logs:
+            post["mem"] = f"{logs['gpu_memory_gib']:.1f}G"
         self.bar.set_postfix(post, refresh=False)
         line = f"step {state.global_step}/{state.max_steps}  " + "  ".join(f"{k} {v}" for k, v in post.items())
         if logs.get("grad_norm") is not None:

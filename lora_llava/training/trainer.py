@@ -160,8 +160,8 @@ class LlavaTrainer(CompatTrainer):
 
     def training_step(self, model: Model, inputs: dict, num_items_in_batch: Any = None) -> Any:
         index = inputs.pop("sample_index", None)
-        if self._last_log[0] is None:  # throughput counts from the first step, not from loading
-            self._last_log = (time.time(), 0, 0)
+        if self._last_log[0] is None:  # throughput counts from the first step (of this process), not from loading
+            self._last_log = (time.time(), self.counts.real, self.counts.supervised)  # a resume's tokens are earlier
         real = inputs.pop("token_mask", None)  # packed rows have no attention_mask: their real tokens
         mask, labels = (real if real is not None else inputs["attention_mask"]), inputs["labels"]
         counted = torch.stack([mask.new_tensor(mask.numel()), (mask == 0).sum(), (labels != -100).sum()])
@@ -258,6 +258,8 @@ class LlavaTrainer(CompatTrainer):
             logs["tokens_per_s"] = round((c.real - real) / elapsed, 1)
             logs["supervised_tokens_per_s"] = round((c.supervised - supervised) / elapsed, 1)
             self._last_log = (now, c.real, c.supervised)
+            if torch.cuda.is_available() and self.args.device.type == "cuda":  # this process's GPU, peak so far
+                logs["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(self.args.device) / 2**30, 2)
         if "train_loss" in logs:  # the run's mean over its good steps, resumed or not (not the Trainer's average)
             logs["train_loss"] = self.mean_loss()
         if "learning_rate" in logs or "train_loss" in logs:

@@ -30,3 +30,21 @@ def test_progress_lines_show_loss_rate_throughput_and_eta(monkeypatch):
     bar.on_train_end(None, state, None)
     # 10 steps in 30 s, 50 to go: 2m30s
     assert lines == ["step 50/100  loss 1.2346  lr 2.00e-04  tok/s 12.3k  sup/s 321  grad 0.5  eta 2m30s"]
+
+
+def test_progress_line_shows_the_gpu_peak_when_the_row_has_it(monkeypatch):
+    from types import SimpleNamespace
+
+    import lora_llava.training.callbacks as cb
+
+    clock = iter([0.0, 0.0, 10.0])
+    monkeypatch.setattr(cb, "_now", lambda: next(clock))
+    lines: list[str] = []
+    bar = cb.ProgressBar(lines.append)
+    state = SimpleNamespace(global_step=0, max_steps=20)
+    bar.on_train_begin(None, state, None)
+    state.global_step = 10
+    row = {"loss": 2.0, "learning_rate": 1e-4, "tokens_per_s": 900.0, "supervised_tokens_per_s": 9.0}
+    bar.on_log(None, state, None, logs={**row, "gpu_memory_gib": 10.61})
+    bar.on_train_end(None, state, None)
+    assert lines == ["step 10/20  loss 2.0000  lr 1.00e-04  tok/s 900  sup/s 9  mem 10.6G  eta 0m10s"]
