@@ -201,13 +201,17 @@ def _open_dir(path: Path, ref: str) -> Artifact:
     if run.recipe.is_file():
         latest = run.latest_checkpoint()
         if latest is not None:
+            size = run.world_size()
+            where = (
+                "" if size <= 1 else f" (it was trained by {size} processes; on several machines, launch it as then)"
+            )
             raise UserError(
                 f"run directory {ref!r} has no adapter yet: training did not finish (latest checkpoint: {latest.name})",
-                hint="finish it with: lora-llava train <recipe> output_dir=" + ref + " train.resume=true",
+                hint=f"finish it with: {run.resume_command(ref)}{where}",
             )
         raise UserError(
-            f"run directory {ref!r} has no adapter: training did not finish",
-            hint="train it to the end (lora-llava train <recipe> output_dir=" + ref + ")",
+            f"run directory {ref!r} has no adapter: training did not finish, and it has no complete checkpoint",
+            hint=f"train it again: lora-llava train {Path(ref) / run.recipe.name} output_dir={ref} --overwrite",
         )
     raise UserError(
         f"{ref!r} is not {WHAT}: no {META_FILE}, adapter/, {TRAINER_STATE_FILE} or {MODEL_CONFIG_FILE} in it",

@@ -393,6 +393,21 @@ class RunDir:
     def run_id(self) -> str | None:
         return _read_run_id(self.path)
 
+    def world_size(self) -> int:
+        """How many processes trained this run (run.json; 1 when it does not say)."""
+        try:
+            return int(json.loads(self.run_file.read_text()).get("world_size") or 1)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 1
+
+    def resume_command(self, ref: str | os.PathLike | None = None) -> str:
+        """The command that continues this unfinished run from its latest checkpoint: its own saved recipe and
+        as many processes as it was started with (``ref``: how the user named the directory)."""
+        where = Path(ref) if ref is not None else self.path
+        size = self.world_size()
+        launcher = "lora-llava train" if size <= 1 else f"torchrun --nproc_per_node {size} -m lora_llava train"
+        return f"{launcher} {where / RECIPE_FILE} output_dir={where} train.resume=true"
+
     def _new_id(self, run_id: str | None = None) -> str:
         import time
         import uuid

@@ -133,6 +133,10 @@ def settle(verb: str, cache: Path | None = None) -> None:
     global _SINK
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # several processes: torch's C++ warnings (DDP's reducer about find_unused_parameters, which lora_llava
+        # sets on purpose) would print once per process to stderr, past any Python sink; read when torch loads
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     sys.modules.setdefault("kernels", None)  # type: ignore[arg-type]  # an import of it fails: no Hub kernels
     if _SINK is None:
         if cache is None:

@@ -147,13 +147,26 @@ def test_unfinished_runs_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("r/checkpoints/checkpoint-4").mkdir(parents=True)
     Path("r/recipe.yaml").write_text("backbone: tiny\n")
-    with pytest.raises(UserError, match="'r' has no adapter: training did not finish"):
+    with pytest.raises(UserError, match="'r' has no adapter: training did not finish") as e:
         open_artifact("r")
+    assert str(e.value).endswith("hint: train it again: lora-llava train r/recipe.yaml output_dir=r --overwrite")
     Path("r/checkpoints/checkpoint-4/trainer_state.json").write_text("{}")
     with pytest.raises(
         UserError, match=r"has no adapter yet: training did not finish \(latest checkpoint: checkpoint-4\)"
-    ):
+    ) as e:
         open_artifact("r")
+    # the run's own saved recipe, and as many processes as it was trained by
+    assert str(e.value).endswith("hint: finish it with: lora-llava train r/recipe.yaml output_dir=r train.resume=true")
+    Path("r/run.json").write_text('{"run_id": "abc", "world_size": 4}')
+    with pytest.raises(UserError) as e:
+        open_artifact("r")
+    assert (
+        str(e.value)
+        .split("hint: ")[1]
+        .startswith(
+            "finish it with: torchrun --nproc_per_node 4 -m lora_llava train r/recipe.yaml output_dir=r train.resume=true"
+        )
+    )
 
 
 def test_each_kind_writes_and_reads_one_metadata_shape(tmp_path):

@@ -126,6 +126,22 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+PEER_GRACE_S = 3.0  # how long another process waits before it reports an error the first one may report too
+
+
+def _after_the_first(rank: int) -> None:
+    """Several processes: a mistake in the recipe or the data is every process's, and would print once per
+    process. The first process reports at once; the others wait, and when the first one failed too, the
+    launcher (torchrun, accelerate launch) ends them in the meantime (SIGTERM), so the error shows once. An
+    error only one process meets (its GPU, a file on its machine) still shows, a moment later."""
+    if rank:
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ended quietly when the launcher tears the group down
+        time.sleep(PEER_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from lora_llava.thirdparty import settle
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except UserError as e:
+        _after_the_first(rank)
         print(f"error{f' (process {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
@@ -168,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _disk_full(e):
             if not isinstance(e, OSError) or e.filename is None:  # not a file a user named or can fix: shown as is
                 raise
+            _after_the_first(rank)
             print(f"error{f' (process {rank})' if rank else ''}: {e.strerror or e}: {e.filename}", file=sys.stderr)
             print("hint: check that the path exists and that you may read or write it (and that the disk has room)",
                   file=sys.stderr)  # fmt: skip

@@ -54,22 +54,38 @@ def load_recipe(source: str | os.PathLike | dict, overrides: Sequence[str] = ())
             raise UserError(f"override {key} given twice ({given[key]}, then {override})", hint="give each key once")
         given[key] = override
         apply_override(data, override)
-    return convert_checked(Recipe, data, cross_check, f"recipe {name}")
+    return convert_checked(Recipe, data, cross_check, f"recipe {name}", given=given)
 
 
 def convert_checked(
-    cls: type, data: Any, cross: Callable[[Any], list[str]], what: str, problems: list[str] | None = None
+    cls: type,
+    data: Any,
+    cross: Callable[[Any], list[str]],
+    what: str,
+    problems: list[str] | None = None,
+    given: dict[str, str] | None = None,
 ) -> Any:
     """``data`` as a ``cls`` (``convert_dataclass``), then ``cross(value)``'s rules across keys; one UserError
-    listing every problem (those already in ``problems`` first) under ``what`` ("recipe my.yaml")."""
+    listing every problem (those already in ``problems`` first) under ``what`` ("recipe my.yaml"). ``given``:
+    the command line's overrides by key, so a problem with one of them says it came from there."""
     problems = list(problems or [])
     value = convert_dataclass(cls, data, "", problems)
     if not problems:
         problems.extend(cross(value))
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        raise UserError(f"{what}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
+        lines = [f"  {p}{_from_command_line(p, given or {})}" for p in problems]
+        raise UserError(f"{what}: {count}:\n" + "\n".join(lines))
     return value
+
+
+def _from_command_line(problem: str, given: dict[str, str]) -> str:
+    """`` (from the command line: KEY=VALUE)`` when the problem's key was overridden there (or lies inside it)."""
+    key = problem.split(":", 1)[0].strip()
+    for k, override in given.items():
+        if key == k or key.startswith(k + "."):
+            return f" (from the command line: {override})"
+    return ""
 
 
 def load_source(raw: dict, where: str) -> DataSource:
@@ -85,6 +101,12 @@ def load_source(raw: dict, where: str) -> DataSource:
 def cross_check(recipe: Recipe) -> list[str]:
     """Rules that involve several keys; each problem names the keys."""
     out = []
+    t = recipe.train
+    if t.global_batch_size is not None and t.global_batch_size % t.batch_size:
+        out.append(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size ({t.batch_size}): "
+            "the global batch is train.batch_size x accumulation x processes"
+        )
     if recipe.backbone == "assemble" and recipe.assemble is None:
         out.append("assemble: required when backbone is `assemble` (vision_encoder, language_model, ...)")
     if recipe.assemble is not None and recipe.backbone != "assemble":

@@ -325,7 +325,7 @@ class TrainConfig:
             raise UserError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of train.batch_size="
                 f"{self.batch_size} x {processes} process(es) = {per_step}",
-                hint=f"choose a global batch size that is (e.g. {near})"
+                hint=f"choose a multiple of {per_step} (e.g. train.global_batch_size={near})"
                 + (f", or run with {', '.join(map(str, fits))} process(es)" if fits else ""),
             )
         return self.global_batch_size // per_step

@@ -65,6 +65,7 @@ def train(
     _refuse_sharding()
     world = start()  # under torchrun / accelerate launch: one process per GPU, the first one writes and logs
     log = log if world.main else _quiet
+    recipe.train.accumulation(world.size)  # a global batch this many processes cannot make: refused before any write
     run = RunDir(recipe.output_dir)
     t0 = time.time()
     with run.claimed(overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:
@@ -74,7 +75,7 @@ def train(
         prepared = prepared or prepare_run(recipe, run.path if world.main else None, log)
         if world.main:
             report_data(prepared, run, log)
-        log(recipe.train.batch_line(world.size))  # (a global batch size that does not divide is refused here)
+        log(recipe.train.batch_line(world.size))
         resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
         warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
         if warning:

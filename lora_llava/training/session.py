@@ -65,7 +65,7 @@ class TrainingSession:
     ) -> None:
         self.recipe, self.prepared, self.run, self.resume, self.log = recipe, prepared, run, resume, log
         self.run_id = run_id
-        self.stops = StopSignals()
+        self.stops = StopSignals(announce=world().main)
         self.abort = Abort()
         report = prepared.report
         grouped = recipe.train.group_by_length and not recipe.train.packing  # packed rows need no grouping
@@ -131,11 +131,12 @@ class TrainingSession:
         try:
             trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
         except RuntimeError as e:
-            if world().size > 1 and _peer_lost(e):  # a process of the run died (killed, out of memory, a lost machine)
+            lost = _peer_lost(e) if world().size > 1 else None
+            if lost:  # a process of the run died (killed, out of memory, a lost machine)
                 latest = self.run.latest_checkpoint()
                 raise UserError(
                     f"another process of this run ended during step {trainer.state.global_step + 1}, so this one "
-                    f"stopped too ({str(e).splitlines()[0][:160]})",
+                    f"stopped too (its connection: {lost})",
                     hint="the launcher's report names the process and its exit code; "
                     + (
                         f"resume from {latest} with train.resume=true"
@@ -200,13 +201,15 @@ class TrainingSession:
         )
 
 
-def _peer_lost(e: BaseException) -> bool:
-    """Whether a collective failed because another process of the run is gone (gloo and NCCL say so)."""
+def _peer_lost(e: BaseException) -> str | None:
+    """How a collective failed because another process of the run is gone (gloo's and NCCL's words), or None."""
     text = str(e)
-    return any(
-        m in text
-        for m in ("Connection closed by peer", "remote worker", "Connection reset by peer", "NCCL communicator")
-    )
+    for m in ("Connection closed by peer", "remote worker", "Connection reset by peer", "NCCL communicator"):
+        if m in text:
+            return {"remote worker": "a remote worker is gone", "NCCL communicator": "NCCL communicator aborted"}.get(
+                m, m.lower()
+            )
+    return None
 
 
 class _NoSaveWhenAborted(TrainerCallback):

@@ -31,10 +31,12 @@ __all__ = ["EXIT_STOPPED", "StopCallback", "StopSignals", "TrainingStopped"]
 
 class StopSignals:
     """SIGTERM and SIGINT handlers for the duration of a ``with`` block: the first requests a stop, the
-    second aborts. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    second aborts. Outside the main thread (where Python cannot install handlers) it does nothing. With several
+    processes only the first one says so (``announce``): a Ctrl-C or a scheduler's SIGTERM reaches all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested: str | None = None
+        self.announce = announce
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -54,6 +56,8 @@ class StopSignals:
             self.__exit__()
             raise KeyboardInterrupt
         self.requested = name
+        if not self.announce:
+            return
         again = "Ctrl-C" if signum == signal.SIGINT else name
         # os.write: safe inside a signal handler, unlike print
         os.write(
@@ -71,8 +75,10 @@ class StopCallback(TrainerCallback):
         stop = self.stops.requested is not None
         if args.world_size > 1:  # one process stopped (a preempted machine): all stop at the same step
             stop = any_rank(stop)
-            if stop and self.stops.requested is None:
+            if stop and self.stops.requested is None:  # another process got the signal (a preempted machine)
                 self.stops.requested = "SIGTERM"
+                if self.stops.announce:
+                    os.write(2, b"\nanother process was stopped (SIGTERM): saving a checkpoint after this step\n")
         if stop:
             control.should_save = True
             control.should_training_stop = True

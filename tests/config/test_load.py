@@ -108,6 +108,23 @@ def test_unknown_key_suggests_at_nested_and_list_paths():
     assert "bakbone: unknown key; did you mean 'backbone'?" in lines
 
 
+def test_a_problem_from_an_override_names_the_command_line_not_only_the_file():
+    from lora_llava.errors import UserError
+
+    data = minimal(train={"lerning_rate": 1e-4})
+    with pytest.raises(UserError) as e:
+        load_recipe(data, ["train.batchsize=4", "data.train=[{path: 3}]", "train.max_steps=5"])
+    lines = str(e.value).splitlines()[1:]
+    assert (
+        "  train.batchsize: unknown key; did you mean 'batch_size'? (from the command line: train.batchsize=4)" in lines
+    )
+    assert (
+        "  data.train.0.path: expected a string, got 3 (int) (from the command line: data.train=[{path: 3}])" in lines
+    )
+    # the recipe's own mistake is the recipe's
+    assert "  train.lerning_rate: unknown key; did you mean 'learning_rate'?" in lines
+
+
 def test_unknown_key_without_close_match_lists_valid_keys():
     (line,) = problems(minimal(eval={"zzzzzz": 1}))
     assert line.startswith("eval.zzzzzz: unknown key; valid keys: max_new_tokens, batch_size, max_samples")
@@ -278,8 +295,12 @@ def test_override_appends_and_creates_sections():
 
 def test_override_values_are_validated():
     data = copy.deepcopy(MINIMAL)
-    assert problems(data, ["train.batch_size=four"]) == ["train.batch_size: expected an integer, got 'four' (str)"]
-    assert problems(data, ["train.max_stepz=3"]) == ["train.max_stepz: unknown key; did you mean 'max_steps'?"]
+    assert problems(data, ["train.batch_size=four"]) == [
+        "train.batch_size: expected an integer, got 'four' (str) (from the command line: train.batch_size=four)"
+    ]
+    assert problems(data, ["train.max_stepz=3"]) == [
+        "train.max_stepz: unknown key; did you mean 'max_steps'? (from the command line: train.max_stepz=3)"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import Child, adapter_tensors
 
 from lora_llava.config.load import save_recipe
 from lora_llava.errors import EXIT_STOPPED
@@ -48,60 +46,26 @@ def _recipe_file(make_recipe, shapes: Path, out: Path, batch: int, **train) -> P
     return path
 
 
-class Launch:
-    """``lora-llava train`` under torchrun (``processes`` of them) or alone, output read as it comes."""
+class Launch(Child):
+    """``lora-llava train`` under torchrun (``processes`` of them), accelerate launch, or alone."""
 
-    def __init__(self, recipe_file: Path, processes: int, *extra: str, faults: str = "") -> None:
+    def __init__(
+        self, recipe_file: Path, processes: int, *extra: str, faults: str = "", accelerate: bool = False
+    ) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         if faults:
             env["LORA_LLAVA_FAULTS"] = faults
         cli = ["-m", "lora_llava", "train", str(recipe_file), *extra]
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        cmd = [*head, *cli] if processes > 1 else [sys.executable, *cli]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def workers(self) -> list[int]:
-        """The pids of the training processes torchrun started (rank order)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return sorted(int(p) for p in out.split())
-
-    def wait_for(self, text: str, timeout: float = LIMIT) -> None:
-        end = time.time() + timeout
-        while not any(text in ln for ln in self.lines):
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {text!r}:\n{self.output}"
-            assert time.time() < end, f"no {text!r} after {timeout}s:\n{self.output}"
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = LIMIT) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"no end after {timeout}s (a hang):\n{self.output}")
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        if accelerate:  # the shipped config, as docs/several-gpus.md shows it, on these CPUs
+            config = str(Path(__file__).resolve().parents[2] / "recipes" / "accelerate" / "ddp.yaml")
+            head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                    "--num_processes", str(processes)]  # fmt: skip
+        super().__init__([*head, *cli] if processes > 1 else [sys.executable, *cli], env, limit=LIMIT)
 
 
 def _rows(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = load_file(folder / "adapter_model.safetensors")
-    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
-    return out
 
 
 def test_two_processes_train_as_one_process_with_twice_the_batch(make_recipe, shapes, tmp_path, tiny_path):
@@ -119,7 +83,7 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(make_recipe, sh
     assert losses_two == pytest.approx(losses_one, rel=1e-5, abs=1e-6)
     # every sample counted once: the supervised tokens of the epoch are the same (masked repeats carry none)
     assert a[-1]["step"] == b[-1]["step"] == 30
-    ta, tb = _tensors(two / "adapter"), _tensors(one / "adapter")
+    ta, tb = adapter_tensors(two / "adapter"), adapter_tensors(one / "adapter")
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=2e-5), (k, (ta[k] - tb[k]).abs().max())
@@ -130,6 +94,8 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(make_recipe, sh
     assert job.output.count("trained 30 steps") == 1
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     assert "batch: 2 per process x 1 accumulation x 2 processes = 4 samples per optimizer step" in job.output
+    # DDP's C++ reducer notes that find_unused_parameters is on (on purpose) once per process: kept quiet
+    assert "find_unused_parameters" not in job.output, job.output
 
 
 def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends_as_uninterrupted(
@@ -151,6 +117,9 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends
     assert len(ckpts) == 1 and checkpoint_problem(ckpts[0], hashes=True) is None, job.output
     assert not (out / "adapter").exists()
     assert f"resume with: torchrun --nproc_per_node 2 -m lora_llava train {recipe_file}" in job.output
+    # the signal reached the second process; the first one says so, once, and the second stays quiet
+    assert job.output.count("another process was stopped (SIGTERM)") == 1, job.output
+    assert "SIGTERM: finishing this step" not in job.output, job.output
 
     # another number of processes is refused, with one line; the same number resumes to the same weights
     alone = Launch(recipe_file, 1, "train.resume=true")
@@ -158,7 +127,7 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends
     assert "was trained by 2 process(es), this run has 1" in alone.output and "Traceback" not in alone.output
     again = Launch(recipe_file, 2, "train.resume=true")
     assert again.finish() == 0, again.output
-    ta, tb = _tensors(ref / "adapter"), _tensors(out / "adapter")
+    ta, tb = adapter_tensors(ref / "adapter"), adapter_tensors(out / "adapter")
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=1e-6), k
 
@@ -181,6 +150,28 @@ def test_a_global_batch_that_does_not_divide_is_refused_with_the_numbers_that_wo
         recipe.train.accumulation(2)
     assert "train.global_batch_size=12 is not a multiple of train.batch_size=4 x 2 process(es) = 8" in str(e.value)
     assert "or run with 1, 3 process(es)" in str(e.value)
+    assert "hint: choose a multiple of 8 (e.g. train.global_batch_size=16)" in str(e.value)
+
+
+def test_a_global_batch_no_process_count_can_make_is_a_recipe_error(make_recipe):
+    from lora_llava.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.global_batch_size: 10 is not a multiple of train.batch_size \(4\)"):
+        make_recipe(train={"global_batch_size": 10, "batch_size": 4})
+
+
+def test_a_global_batch_these_processes_cannot_make_is_refused_before_anything_is_written(
+    make_recipe, tmp_path, monkeypatch
+):
+    """Divisible by the batch (the recipe is fine) but not by batch x 2 processes: train refuses at once."""
+    from lora_llava.errors import UserError
+    from lora_llava.training import run as run_module
+
+    recipe = make_recipe(output_dir=str(tmp_path / "never"), train={"global_batch_size": 12, "batch_size": 4})
+    monkeypatch.setattr(run_module, "start", lambda: SimpleNamespace(size=2, main=True, rank=0))
+    with pytest.raises(UserError, match="x 2 process"):
+        run_module.train(recipe, log=lambda *_: None)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
@@ -206,3 +197,33 @@ def test_the_shipped_accelerate_config_is_one_accelerate_reads_and_not_a_recipe(
     assert not [n for n, _ in list_recipes() if n.startswith("accelerate/")]
     with pytest.raises(UserError, match="'accelerate/ddp' is a config of accelerate launch, not a training recipe"):
         recipe_path("accelerate/ddp")
+
+
+def test_a_mistake_every_process_makes_is_reported_once(make_recipe, shapes, tmp_path, tiny_path):
+    recipe_file = _recipe_file(make_recipe, shapes, tmp_path / "never", batch=2)
+    job = Launch(recipe_file, 2, "train.batchsize=4")
+    assert job.finish() != 0
+    errors = [ln for ln in job.lines if ln.startswith("error")]
+    assert errors == ["error: recipe " + str(recipe_file) + ": 1 problem:\n"], job.output
+    assert "unknown key; did you mean 'batch_size'? (from the command line: train.batchsize=4)" in job.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_accelerate_launch_with_the_shipped_config_trains_with_two_processes(make_recipe, shapes, tmp_path, tiny_path):
+    out = tmp_path / "acc"
+    job = Launch(_recipe_file(make_recipe, shapes, out, batch=2, max_steps=2), 2, accelerate=True)
+    assert job.finish() == 0, job.output
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert job.output.count("trained 2 steps") == 1 and (out / "adapter").is_dir()
+    assert "2 per process x 1 accumulation x 2 processes = 4 samples" in job.output
+
+
+def test_a_vanished_peer_is_named_by_its_connection_not_by_a_cut_message():
+    from lora_llava.training.session import _peer_lost
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4127"
+    )
+    assert _peer_lost(gloo) == "connection closed by peer"
+    assert _peer_lost(RuntimeError("NCCL communicator was aborted on rank 1")) == "NCCL communicator aborted"
+    assert _peer_lost(RuntimeError("CUDA out of memory")) is None
