@@ -8,6 +8,9 @@ Usage (tests/ is on the import path, see pyproject's pytest settings)::
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -169,3 +172,56 @@ class LockHolder:
     def __exit__(self, *exc: object) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+class Child:
+    """A command in a child process (a ``lora-llava train``, alone or under a launcher), its output (stdout and
+    stderr together) read line by line as it comes."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], limit: float) -> None:
+        self.limit = limit  # seconds before waiting calls it a hang
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float | None = None) -> None:
+        end = time.time() + (timeout or self.limit)
+        while not any(text in ln for ln in self.lines):
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {text!r}:\n{self.output}"
+            assert time.time() < end, f"no {text!r} after {timeout or self.limit}s:\n{self.output}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float | None = None) -> int:
+        import pytest
+
+        try:
+            code = self.proc.wait(timeout=timeout or self.limit)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"no end after {timeout or self.limit}s (a hang):\n{self.output}")
+        self._reader.join(timeout=10)
+        return code
+
+    def workers(self) -> list[int]:
+        """The pids of the processes this one started (a launcher's workers, in rank order)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return sorted(int(p) for p in out.split())
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """An adapter directory's LoRA weights and its projector's (``projector/`` before their names)."""
+    from safetensors.torch import load_file
+
+    out = load_file(folder / "adapter_model.safetensors")
+    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
+    return out

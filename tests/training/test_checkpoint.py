@@ -6,18 +6,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import adapter_tensors
 
 from lora_llava.layout import RunDir, write_manifest
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}
-
-
-def _tensors(folder):
-    out = load_file(folder / "adapter_model.safetensors")
-    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
-    return out
 
 
 def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_path):
@@ -48,12 +42,12 @@ def test_checkpoints_are_whole_and_resume_reproduces_the_run(make_recipe, tmp_pa
     resumed = make_recipe(output_dir=str(run_b), train={"max_steps": 4, "save_steps": 2, "resume": True})
     result = train(resumed, **QUIET)
     assert result.steps == 4
-    a, b = _tensors(tmp_path / "a" / "adapter"), _tensors(run_b / "adapter")
+    a, b = adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(run_b / "adapter")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     # and the resumed run really continued: its weights differ from checkpoint-2's
-    c2 = _tensors(ckpts / "checkpoint-2")
+    c2 = adapter_tensors(ckpts / "checkpoint-2")
     assert any(not torch.equal(c2[k], b[k]) for k in c2)
 
 
@@ -215,7 +209,7 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(make_recipe, tmp_path):
     )
     assert f"resuming from {ckpts / 'checkpoint-2'}" in lines
     assert result.steps == 4
-    a, b = _tensors(tmp_path / "adapter-kept"), _tensors(tmp_path / "d" / "adapter")
+    a, b = adapter_tensors(tmp_path / "adapter-kept"), adapter_tensors(tmp_path / "d" / "adapter")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 

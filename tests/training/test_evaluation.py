@@ -7,18 +7,11 @@ from __future__ import annotations
 import json
 
 import torch
-from helpers import run_cli
-from safetensors.torch import load_file
+from helpers import adapter_tensors, run_cli
 
 from lora_llava.workflows import train
 
 QUIET = {"log": lambda *_: None}
-
-
-def _weights(folder):
-    out = load_file(folder / "adapter_model.safetensors")
-    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
-    return out
 
 
 def test_eval_during_training_writes_answers_and_metrics_and_changes_no_weight(make_recipe, tmp_path, capsys):
@@ -59,7 +52,7 @@ def test_eval_during_training_writes_answers_and_metrics_and_changes_no_weight(m
     # evaluating restored every random number generator and train mode: same weights as a run without eval
     without = make_recipe(output_dir=str(tmp_path / "n"), train={"max_steps": 25, "logging_steps": 5})
     train(without, **QUIET)
-    a, b = _weights(run / "adapter"), _weights(tmp_path / "n" / "adapter")
+    a, b = adapter_tensors(run / "adapter"), adapter_tensors(tmp_path / "n" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from helpers import Child, adapter_tensors
 
 from lora_llava.config.load import save_recipe
 from lora_llava.errors import EXIT_STOPPED
@@ -23,52 +20,19 @@ QUIET = {"log": lambda *_: None}
 TRAIN = {"max_steps": 8, "logging_steps": 1}
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = load_file(folder / "adapter_model.safetensors")
-    out.update({f"projector/{k}": v for k, v in load_file(folder / "projector.safetensors").items()})
-    return out
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=1e-6), k
 
 
-class Training:
+class Training(Child):
     """``lora-llava train`` in a child process, its output read line by line as it comes."""
 
     def __init__(self, recipe_file: Path, faults: str) -> None:
         env = {**os.environ, "LORA_LLAVA_FAULTS": faults, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lora_llava.cli.main", "train", str(recipe_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        end = time.time() + timeout
-        while not any(text in ln for ln in self.lines):
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {text!r}:\n{self.output}"
-            assert time.time() < end, f"no {text!r} after {timeout}s:\n{self.output}"
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = 120) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__([sys.executable, "-m", "lora_llava.cli.main", "train", str(recipe_file)], env, limit=120)
 
 
 def _recipe_file(make_recipe, out: Path, **train_keys) -> Path:
