@@ -36,7 +36,7 @@ How it estimates (no weights anywhere: everything runs on PyTorch's ``meta`` dev
 
 The estimate is of tensor memory; measured against the tensors a CPU training step really allocates on
 the tiny backbones it is within ``STATED_ERROR`` (tests/test_plan.py measures it); against the CUDA
-allocator's peak of a llava-1.5-7b step on an H200 (bench/gpu_check.py) it was within -4% .. +12%.
+allocator's peak of a llava-1.5-7b step on an H200 (bench/gpu_check.py) it was within -0.0% .. +13.4%.
 
 The package, each file one step (this file only re-exports them):
 
