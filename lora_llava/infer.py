@@ -207,19 +207,43 @@ class EvalResult:
     n: int
     correct: int
     predictions: list[dict] = field(default_factory=list)
+    note: str | None = None  # set when the generation budget was raised to fit the reference answers
 
     def to_json(self) -> dict:
-        return {"accuracy": self.accuracy, "n": self.n, "correct": self.correct, "predictions": self.predictions}
+        out = {"accuracy": self.accuracy, "n": self.n, "correct": self.correct, "predictions": self.predictions}
+        return {**out, "note": self.note} if self.note else out
+
+
+def answer_budget(loaded: Loaded, samples: list[Sample]) -> int:
+    """New tokens the longest reference answer needs, its stop token included (the answer tokenized alone and
+    after a space, as it follows the assistant's prefix: the longer of the two)."""
+    tok = loaded.processor.tokenizer
+    refs = {s.messages[-1][1] for s in samples}
+    longest = max(
+        (len(tok(t, add_special_tokens=False)["input_ids"]) for r in refs for t in (r, " " + r.lstrip())), default=0
+    )
+    return longest + 1
 
 
 def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, batch_size: int = 8) -> EvalResult:
-    preds = generate(loaded, samples, max_new_tokens, batch_size)
+    """Exact match of greedy answers against the references. Generation stops at ``max_new_tokens``, or later
+    when a reference answer needs more tokens (so that a right answer is never cut short): ``note`` says so."""
+    need = answer_budget(loaded, samples)
+    budget = max(max_new_tokens, need)
+    preds = generate(loaded, samples, budget, batch_size)
     rows: list[dict[str, Any]] = []
     for s, p in zip(samples, preds):
         ref = s.messages[-1][1]
         rows.append({"id": s.id, "prediction": p, "reference": ref, "correct": exact_match(p, ref)})
     correct = sum(bool(r["correct"]) for r in rows)
-    return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows)
+    note = None
+    if budget > max_new_tokens:
+        note = (
+            f"note: the longest reference answer takes {need - 1} tokens and the stop token, more than "
+            f"max_new_tokens={max_new_tokens}: answers were generated up to {budget} tokens so that they can match "
+            f"(raise eval.max_new_tokens / --max-new-tokens to set it yourself)"
+        )
+    return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows, note)
 
 
 def format_predictions(result: EvalResult, k: int = 6) -> str:

@@ -58,6 +58,8 @@ def _run(recipe: Recipe, run: RunDir, run_id: str, log: Log, t0: float) -> dict:
     # prompted exactly as the run trains (chat format, system prompt, image padding)
     base_model.encoder = Encoder(base_model.processor, encoder.fmt, pad_to_square=recipe.images.pad_to_square)
     base = evaluate(base_model, samples, max_new_tokens, batch_size)
+    if base.note:
+        log(base.note)
     log(format_predictions(base, 4))
     log(f"base accuracy {base.accuracy:.3f}")
 

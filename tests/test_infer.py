@@ -59,6 +59,26 @@ def test_evaluate_scores_an_empty_or_punctuation_answer_by_the_rule(monkeypatch)
     refs = ["...", "...", "...", "red.", "？"]
     samples = [Sample("mem", i, str(i), [("user", "q"), ("assistant", r)]) for i, r in enumerate(refs)]
     monkeypatch.setattr(infer, "generate", lambda loaded, s, *a, **k: answers[: len(s)])
+    monkeypatch.setattr(infer, "answer_budget", lambda loaded, s: 1)
     result = infer.evaluate(None, samples)  # type: ignore[arg-type]
     assert [r["correct"] for r in result.predictions] == [False, False, True, True, True]
     assert (result.correct, result.n) == (3, 5)
+
+
+def test_a_reference_longer_than_max_new_tokens_is_never_cut_short(trained_run, eval_samples):
+    """A one-token budget would cut every answer ("Blue" is three tokens here) and score 0 silently: the
+    budget grows to the longest reference plus its stop token, and the result says so."""
+    from lora_llava.infer import answer_budget, evaluate, exact_match, generate, load_model
+
+    loaded = load_model(str(trained_run))
+    need = answer_budget(loaded, eval_samples)
+    assert need > 2
+    roomy = evaluate(loaded, eval_samples, max_new_tokens=need)
+    tight = evaluate(loaded, eval_samples, max_new_tokens=1)
+    assert roomy.note is None and roomy.correct > 0
+    cut = generate(loaded, eval_samples, 1)  # what one token would have scored: nothing
+    assert not any(exact_match(p, s.messages[-1][1]) for p, s in zip(cut, eval_samples))
+    assert tight.accuracy == roomy.accuracy
+    assert [p["prediction"] for p in tight.predictions] == [p["prediction"] for p in roomy.predictions]
+    assert tight.note.startswith(f"note: the longest reference answer takes {need - 1} tokens and the stop token")
+    assert f"generated up to {need} tokens" in tight.note and tight.to_json()["note"] == tight.note

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lora_llava.cli.sources import add_source_arguments
 
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         encoder=loaded.encoder,
     )  # fmt: skip
     result = evaluate(loaded, plan.samples, plan.max_new_tokens, plan.batch_size)
+    if result.note:
+        print(result.note, file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -340,7 +340,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = option(16, "Longest generated answer.", min=1, max=MAX_LENGTH_MAX)
+    max_new_tokens: int = option(
+        16,
+        "Longest generated answer (scoring raises it to fit the longest reference answer, and says so).",
+        min=1,
+        max=MAX_LENGTH_MAX,
+    )
     batch_size: int = option(8, "Samples generated together.", min=1)
     max_samples: int | None = option(None, "Score at most this many samples.", min=1)
 

@@ -121,6 +121,8 @@ class EvalDuringTraining(TrainerCallback):
             )
             loaded = Loaded(model, self.processor, self.encoder, "training", str(self.run.path))
             result = evaluate(loaded, self.samples, self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size)
+        if result.note and not self.done:  # said once, at the first evaluation
+            self.log(result.note)
         self.done.add(step)
         rows = [
             {
