@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -406,7 +407,9 @@ class RunDir:
         where = Path(ref) if ref is not None else self.path
         size = self.world_size()
         launcher = "lora-llava train" if size <= 1 else f"torchrun --nproc_per_node {size} -m lora_llava train"
-        return f"{launcher} {where / RECIPE_FILE} output_dir={where} train.resume=true"
+        return (
+            f"{launcher} {shlex.quote(str(where / RECIPE_FILE))} {shlex.quote(f'output_dir={where}')} train.resume=true"
+        )
 
     def _new_id(self, run_id: str | None = None) -> str:
         import time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -56,7 +57,7 @@ def interrupted_message() -> str:
         )
     return (
         f"interrupted: the latest checkpoint is {latest}\n"
-        f"resume with: {TRAINING['command']} output_dir={run.path} train.resume=true"
+        f"resume with: {TRAINING['command']} {shlex.quote(f'output_dir={run.path}')} train.resume=true"
     )
 
 
@@ -65,7 +66,7 @@ def stopped_message(e: TrainingStopped) -> str:
     lines = [f"{e}"]
     command = TRAINING.get("command") or "lora-llava train RECIPE"
     if e.checkpoint is not None:
-        lines.append(f"resume with: {command} output_dir={e.run_dir} train.resume=true")
+        lines.append(f"resume with: {command} {shlex.quote(f'output_dir={e.run_dir}')} train.resume=true")
     return "\n".join(lines)
 
 

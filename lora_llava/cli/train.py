@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from lora_llava.cli.common import add_recipe_arguments, recipe_from_args, synthetic_eval_warning, training
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_llava.workflows import train
 
     kept = [o for o in args.overrides if not o.startswith(("output_dir=", "train.resume="))]
-    training(recipe, " ".join([_launcher(), str(args.recipe), *kept]))
+    training(recipe, " ".join([_launcher(), *map(shlex.quote, [str(args.recipe), *kept])]))  # pasted into a shell
     train(recipe, overwrite=args.overwrite)
     return 0
 

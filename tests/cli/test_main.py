@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,14 @@ def test_an_interrupt_names_the_checkpoint_and_the_resume_command(capsys, tmp_pa
         f"interrupted: the latest checkpoint is {run / 'checkpoints' / 'checkpoint-2'}\n"
         f"resume with: lora-llava train {recipe} train.max_steps=4 output_dir={run} train.resume=true\n"
     )
+    # an override with spaces (a list of sources) is quoted, so the line pastes into a shell as it was given
+    sources = f"data.train=[{{path: {shapes / 'train.json'}, image_folder: {shapes / 'images'}}}]"
+    code, out, err = run_cli(capsys, "train", recipe, sources, "train.max_steps=4", f"output_dir={run}", "--overwrite")
+    assert code == 130
+    line = err.splitlines()[1].removeprefix("resume with: ")
+    assert shlex.split(line) == [
+        "lora-llava", "train", str(recipe), sources, "train.max_steps=4", f"output_dir={run}", "train.resume=true"
+    ]  # fmt: skip
 
 
 def test_options_may_come_between_overrides():
