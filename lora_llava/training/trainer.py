@@ -288,13 +288,24 @@ class LlavaTrainer(CompatTrainer):
                 f"length-grouped sampler built for {len(self.lengths)} samples, dataset has {len(dataset)}"
             )
         if self.args.world_size > 1:  # whole global batches, cut per process (the dataset: data.batching.Repeats)
-            return DistributedEpochSampler(
+            self._epoch_sampler = DistributedEpochSampler(
                 len(dataset), self.args.per_device_train_batch_size, self.args.world_size, self.args.seed,
                 self.lengths, self.has_image,
             )  # fmt: skip
+            return self._epoch_sampler
         if self.lengths is None or self.has_image is None:
             return None
         return ModalityLengthGroupedSampler(self.lengths, self.has_image, self.args.train_batch_size, self.args.seed)
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """Resuming in the middle of an epoch: that epoch's order. The Trainer then sets the epoch on the
+        skipping loader, which does not reach a sampler under accelerate's per-process batch sharding, so the
+        sampler of several processes is told here (the batches trained before this epoch, over its length)."""
+        sampler = getattr(self, "_epoch_sampler", None)
+        if sampler is not None:
+            done = self.state.global_step * self.args.gradient_accumulation_steps - num_batches
+            sampler.set_epoch(done // max(len(dataloader), 1))
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """What a checkpoint holds besides the Trainer's states: an adapter (so every checkpoint can be

@@ -23,9 +23,9 @@ from lora_llava.layout import RunDir, checkpoint_problem
 LIMIT = 300  # seconds a two-process run may take here before the test calls it a hang
 
 
-def _mixed(shapes: Path, folder: Path) -> Path:
+def _mixed(shapes: Path, folder: Path, samples: int | None = None) -> Path:
     """The shapes images plus 23 text-only samples with answers of other shapes (several words, a lone
-    number, a leading space); 119 in all, so the last step of the epoch is short."""
+    number, a leading space); 119 in all, so the last step of the epoch is short (or the first ``samples``)."""
     recs = json.loads((shapes / "train.json").read_text())
     answers = [" 7", "Blue, mostly.", "no", "It has three corners and one colour.", "42"]
     for i in range(23):
@@ -33,12 +33,12 @@ def _mixed(shapes: Path, folder: Path) -> Path:
                  {"from": "gpt", "value": answers[i % len(answers)]}]  # fmt: skip
         recs.insert(i * 4, {"id": f"text-{i}", "conversations": turns})
     path = folder / "mixed.json"
-    path.write_text(json.dumps(recs))
+    path.write_text(json.dumps(recs[:samples]))
     return path
 
 
-def _recipe_file(make_recipe, shapes: Path, out: Path, batch: int, **train) -> Path:
-    data = {"train": [{"path": str(_mixed(shapes, out.parent)), "image_folder": str(shapes / "images")}]}
+def _recipe_file(make_recipe, shapes: Path, out: Path, batch: int, samples: int | None = None, **train) -> Path:
+    data = {"train": [{"path": str(_mixed(shapes, out.parent, samples)), "image_folder": str(shapes / "images")}]}
     keys = {"max_steps": None, "epochs": 1, "batch_size": batch, "logging_steps": 1, **train}
     recipe = make_recipe(output_dir=str(out), data=data, train=keys)
     path = out.parent / f"{out.name}.yaml"
@@ -101,15 +101,17 @@ def test_two_processes_train_as_one_process_with_twice_the_batch(make_recipe, sh
 def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends_as_uninterrupted(
     make_recipe, shapes, tmp_path, tiny_path
 ):
+    # 22 samples, 4 per step: 6 steps an epoch (the last one short); the stop lands in the second epoch, so
+    # resuming must also find that epoch's order (accelerate's skipping loader does not pass the epoch on)
     keys = {"max_steps": 10, "epochs": 1, "save_steps": 100}
     ref = tmp_path / "ref"
-    job = Launch(_recipe_file(make_recipe, shapes, ref, batch=2, **keys), 2)
+    job = Launch(_recipe_file(make_recipe, shapes, ref, batch=2, samples=22, **keys), 2)
     assert job.finish() == 0, job.output
 
     out = tmp_path / "stopped"
-    recipe_file = _recipe_file(make_recipe, shapes, out, batch=2, **keys)
-    job = Launch(recipe_file, 2, faults="slow_step@3")  # steps 3+ are slow: the signal lands inside one
-    job.wait_for("step 3/10")
+    recipe_file = _recipe_file(make_recipe, shapes, out, batch=2, samples=22, **keys)
+    job = Launch(recipe_file, 2, faults="slow_step@8")  # steps 8+ are slow: the signal lands inside one
+    job.wait_for("step 8/10")
     os.kill(job.workers()[-1], signal.SIGTERM)  # the second process only, as a preempted machine's
     assert job.finish() != 0
     assert job.output.count(f"exitcode  : {EXIT_STOPPED}") == 2, job.output  # both processes stopped, as documented
@@ -127,6 +129,10 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_and_resuming_ends
     assert "was trained by 2 process(es), this run has 1" in alone.output and "Traceback" not in alone.output
     again = Launch(recipe_file, 2, "train.resume=true")
     assert again.finish() == 0, again.output
+    la = {r["step"]: r["loss"] for r in _rows(ref) if "learning_rate" in r}
+    lb = {r["step"]: r["loss"] for r in _rows(out) if "learning_rate" in r}
+    assert sorted(la) == sorted(lb) == list(range(1, 11))
+    assert [lb[s] for s in range(1, 11)] == pytest.approx([la[s] for s in range(1, 11)], rel=1e-5)
     ta, tb = adapter_tensors(ref / "adapter"), adapter_tensors(out / "adapter")
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=1e-6), k
