@@ -214,22 +214,29 @@ class EvalResult:
         return {**out, "note": self.note} if self.note else out
 
 
+AUTO_BUDGET_LIMIT = 64  # new tokens evaluate() grows its budget to, at most, for short reference answers
+
+
 def answer_budget(loaded: Loaded, samples: list[Sample]) -> int:
     """New tokens the longest reference answer needs, its stop token included (the answer tokenized alone and
     after a space, as it follows the assistant's prefix: the longer of the two)."""
+    return max(_answer_tokens(loaded, samples).values(), default=0) + 1
+
+
+def _answer_tokens(loaded: Loaded, samples: list[Sample]) -> dict[str, int]:
     tok = loaded.processor.tokenizer
     refs = {s.messages[-1][1] for s in samples}
-    longest = max(
-        (len(tok(t, add_special_tokens=False)["input_ids"]) for r in refs for t in (r, " " + r.lstrip())), default=0
-    )
-    return longest + 1
+    return {r: max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (r, " " + r.lstrip())) for r in refs}
 
 
 def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, batch_size: int = 8) -> EvalResult:
-    """Exact match of greedy answers against the references. Generation stops at ``max_new_tokens``, or later
-    when a reference answer needs more tokens (so that a right answer is never cut short): ``note`` says so."""
-    need = answer_budget(loaded, samples)
-    budget = max(max_new_tokens, need)
+    """Exact match of greedy answers against the references. Generation stops at ``max_new_tokens``; when a
+    reference answer needs more (its stop token included), the budget grows to fit it, up to
+    ``AUTO_BUDGET_LIMIT`` tokens (short answers: a right answer is never cut short); longer references are
+    left as they are (free-form answers, which exact match rarely scores). ``note`` says which happened."""
+    lengths = _answer_tokens(loaded, samples)
+    need = max(lengths.values(), default=0) + 1
+    budget = max(max_new_tokens, need) if need <= AUTO_BUDGET_LIMIT else max_new_tokens
     preds = generate(loaded, samples, budget, batch_size)
     rows: list[dict[str, Any]] = []
     for s, p in zip(samples, preds):
@@ -242,6 +249,13 @@ def evaluate(loaded: Loaded, samples: list[Sample], max_new_tokens: int = 16, ba
             f"note: the longest reference answer takes {need - 1} tokens and the stop token, more than "
             f"max_new_tokens={max_new_tokens}: answers were generated up to {budget} tokens so that they can match "
             f"(raise eval.max_new_tokens / --max-new-tokens to set it yourself)"
+        )
+    elif need > budget:
+        cut = sum(lengths[s.messages[-1][1]] + 1 > budget for s in samples)
+        note = (
+            f"note: {cut} of {len(samples)} reference answers are longer than max_new_tokens={max_new_tokens} "
+            f"(the longest: {need - 1} tokens and the stop token): their answers are cut there and cannot match "
+            f"exactly (raise eval.max_new_tokens / --max-new-tokens to score them)"
         )
     return EvalResult(correct / max(len(rows), 1), len(rows), correct, rows, note)
 

@@ -59,7 +59,7 @@ def test_evaluate_scores_an_empty_or_punctuation_answer_by_the_rule(monkeypatch)
     refs = ["...", "...", "...", "red.", "？"]
     samples = [Sample("mem", i, str(i), [("user", "q"), ("assistant", r)]) for i, r in enumerate(refs)]
     monkeypatch.setattr(infer, "generate", lambda loaded, s, *a, **k: answers[: len(s)])
-    monkeypatch.setattr(infer, "answer_budget", lambda loaded, s: 1)
+    monkeypatch.setattr(infer, "_answer_tokens", lambda loaded, s: {})
     result = infer.evaluate(None, samples)  # type: ignore[arg-type]
     assert [r["correct"] for r in result.predictions] == [False, False, True, True, True]
     assert (result.correct, result.n) == (3, 5)
@@ -82,3 +82,24 @@ def test_a_reference_longer_than_max_new_tokens_is_never_cut_short(trained_run, 
     assert [p["prediction"] for p in tight.predictions] == [p["prediction"] for p in roomy.predictions]
     assert tight.note.startswith(f"note: the longest reference answer takes {need - 1} tokens and the stop token")
     assert f"generated up to {need} tokens" in tight.note and tight.to_json()["note"] == tight.note
+
+
+def test_a_long_free_form_reference_keeps_the_budget_and_is_reported(monkeypatch):
+    """Beyond AUTO_BUDGET_LIMIT tokens the budget stays (eval cost stays bounded): the note counts the
+    references that cannot match."""
+    import lora_llava.infer as infer
+    from lora_llava.data.formats import Sample
+
+    refs = ["short", "a long free-form answer", "a long free-form answer"]
+    samples = [Sample("mem", i, str(i), [("user", "q"), ("assistant", r)]) for i, r in enumerate(refs)]
+    lengths = {"short": 2, "a long free-form answer": infer.AUTO_BUDGET_LIMIT + 10}
+    budgets = []
+    monkeypatch.setattr(infer, "_answer_tokens", lambda loaded, s: lengths)
+    monkeypatch.setattr(infer, "generate", lambda loaded, s, n, *a: budgets.append(n) or ["short", "", ""])
+    result = infer.evaluate(None, samples, max_new_tokens=8)  # type: ignore[arg-type]
+    assert budgets == [8] and result.correct == 1
+    assert result.note == (
+        f"note: 2 of 3 reference answers are longer than max_new_tokens=8 (the longest: "
+        f"{infer.AUTO_BUDGET_LIMIT + 10} tokens and the stop token): their answers are cut there and cannot match "
+        "exactly (raise eval.max_new_tokens / --max-new-tokens to score them)"
+    )

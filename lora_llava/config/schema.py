@@ -342,7 +342,7 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = option(
         16,
-        "Longest generated answer (scoring raises it to fit the longest reference answer, and says so).",
+        "Longest generated answer (scoring raises it to fit a reference answer of up to 64 tokens, and says so).",
         min=1,
         max=MAX_LENGTH_MAX,
     )
