@@ -69,6 +69,8 @@ def train(
     run = RunDir(recipe.output_dir)
     t0 = time.time()
     with run.claimed(overwrite, recipe.train.resume, input_paths(recipe), run_id) as run_id:
+        # a resume is checked against its checkpoint first: a refused one leaves the run's files as they were
+        resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
         if world.main:
             thirdparty.log_into(run.third_party_log)  # a lora-llava command's third-party lines, beside the run
             save_recipe(recipe, run.recipe)
@@ -76,7 +78,6 @@ def train(
         if world.main:
             report_data(prepared, run, log)
         log(recipe.train.batch_line(world.size))
-        resume = resume_point(recipe, run.path, log) if recipe.train.resume else None
         warning = before_load() if before_load is not None else None  # e.g. the memory plan's warning on CUDA
         if warning:
             log(warning)

@@ -83,9 +83,13 @@ def test_resume_refuses_a_changed_recipe_or_a_finished_run_before_loading_a_mode
 
     monkeypatch.setattr(trainable_mod, "load_base", no_model)
     changed = make_recipe(output_dir=out, lora={"r": 4}, train={"max_steps": 4, "save_steps": 1, "resume": True})
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir() if p.is_file()}
     with pytest.raises(UserError) as e:
         train(changed, **QUIET)
     assert "lora.r: 8 in checkpoint-2, now 4" in str(e.value) and "train.max_steps" not in str(e.value)
+    # refused: the run's recipe.yaml (which its resume command reads), data report and metrics are as they were
+    assert {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir() if p.is_file()} == kept
+    assert "recipe.yaml" in kept and "data_report.txt" in kept
     done = make_recipe(output_dir=out, train={"max_steps": 2, "save_steps": 1, "resume": True})
     with pytest.raises(UserError, match="checkpoint-2 already reached train.max_steps=2; nothing to resume"):
         train(done, **QUIET)
