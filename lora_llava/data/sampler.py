@@ -81,8 +81,8 @@ def epoch_order(
     optimizer micro-step, ``batch_size * world_size`` samples) that the DataLoader cuts into per-process batches
     in turn (process r gets the r-th ``batch_size`` of each). Grouped (``lengths`` and ``has_image``) exactly as
     one process with the global batch size groups, else a seeded shuffle. The last global batch is filled up
-    with masked repeats: index ``n + i`` stands for sample ``i`` with no label (``Repeats``), so every process
-    gets a batch at every step and no sample counts twice."""
+    with masked repeats of its own samples: index ``n + i`` stands for sample ``i`` with no label (``Repeats``),
+    so every process gets a batch at every step, no sample counts twice, and the batch keeps its modality."""
     step = batch_size * world_size
     if lengths is not None and has_image is not None:
         order = [i for b in grouped_batches(lengths, has_image, step, seed) for i in b]
@@ -90,7 +90,10 @@ def epoch_order(
         order = list(range(n))
         random.Random(seed).shuffle(order)
     short = -len(order) % step
-    return order + [n + order[k % len(order)] for k in range(short)] if order else []
+    # fill-ups repeat the last batch's own samples: a text-only batch stays text-only on every process, so a part
+    # no sample uses (the projector) gets no gradient anywhere, as with one process
+    last = order[-(len(order) % step) :] if len(order) % step else []
+    return order + [n + last[k % len(last)] for k in range(short)] if order else []
 
 
 class DistributedEpochSampler(torch.utils.data.Sampler[int]):
