@@ -202,12 +202,11 @@ def _open_dir(path: Path, ref: str) -> Artifact:
         latest = run.latest_checkpoint()
         if latest is not None:
             size = run.world_size()
-            where = (
-                "" if size <= 1 else f" (it was trained by {size} processes; on several machines, launch it as then)"
-            )
+            where = "" if size <= 1 else f" (as many processes as trained it: {size}; over several machines, as before)"
             raise UserError(
                 f"run directory {ref!r} has no adapter yet: training did not finish (latest checkpoint: {latest.name})",
-                hint=f"finish it with: {run.resume_command(ref)}{where}",
+                hint=f"finish it with: {run.resume_command(ref)}{where}; or use the checkpoint as it is: "
+                f"{Path(ref) / run.checkpoints.name / latest.name}",
             )
         raise UserError(
             f"run directory {ref!r} has no adapter: training did not finish, and it has no complete checkpoint",

@@ -156,7 +156,10 @@ def test_unfinished_runs_say_what_to_do(tmp_path, monkeypatch):
     ) as e:
         open_artifact("r")
     # the run's own saved recipe, and as many processes as it was trained by
-    assert str(e.value).endswith("hint: finish it with: lora-llava train r/recipe.yaml output_dir=r train.resume=true")
+    assert str(e.value).endswith(
+        "hint: finish it with: lora-llava train r/recipe.yaml output_dir=r train.resume=true; "
+        "or use the checkpoint as it is: r/checkpoints/checkpoint-4"
+    )
     Path("r/run.json").write_text('{"run_id": "abc", "world_size": 4}')
     with pytest.raises(UserError) as e:
         open_artifact("r")

@@ -56,7 +56,8 @@ def _launcher() -> str:
     import os
 
     per_machine = os.environ.get("LOCAL_WORLD_SIZE", str(w.size))
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
+    accelerate = "ACCELERATE_USE_CPU" in os.environ  # set by accelerate launch, which runs torchrun inside
+    if "TORCHELASTIC_RUN_ID" in os.environ and not accelerate:  # torchrun
         machines = (
             f" --nnodes {w.size // int(per_machine)}" if per_machine.isdigit() and int(per_machine) < w.size else ""
         )

@@ -233,3 +233,29 @@ def test_a_vanished_peer_is_named_by_its_connection_not_by_a_cut_message():
     assert _peer_lost(gloo) == "connection closed by peer"
     assert _peer_lost(RuntimeError("NCCL communicator was aborted on rank 1")) == "NCCL communicator aborted"
     assert _peer_lost(RuntimeError("CUDA out of memory")) is None
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"TORCHELASTIC_RUN_ID": "x"}, "torchrun --nproc_per_node 2 -m lora_llava train"),
+        (
+            {"TORCHELASTIC_RUN_ID": "x", "ACCELERATE_USE_CPU": "False"},
+            "accelerate launch --num_processes 2 -m lora_llava train",
+        ),
+        (
+            {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "1"},
+            "torchrun --nnodes 2 --nproc_per_node 1 -m lora_llava train",
+        ),
+    ],
+)
+def test_the_resume_command_names_the_launcher_that_started_the_run(monkeypatch, env, expected):
+    from lora_llava.cli.train import _launcher
+
+    for k in ("TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _launcher() == expected
