@@ -207,7 +207,7 @@ class EvalResult:
     n: int
     correct: int
     predictions: list[dict] = field(default_factory=list)
-    note: str | None = None  # set when the generation budget was raised to fit the reference answers
+    note: str | None = None  # how the generation budget met the reference answers (raised, or too short)
 
     def to_json(self) -> dict:
         out = {"accuracy": self.accuracy, "n": self.n, "correct": self.correct, "predictions": self.predictions}

@@ -204,12 +204,15 @@ class TrainingSession:
 def _peer_lost(e: BaseException) -> str | None:
     """How a collective failed because another process of the run is gone (gloo's and NCCL's words), or None."""
     text = str(e)
-    for m in ("Connection closed by peer", "remote worker", "Connection reset by peer", "NCCL communicator"):
-        if m in text:
-            return {"remote worker": "a remote worker is gone", "NCCL communicator": "NCCL communicator aborted"}.get(
-                m, m.lower()
-            )
-    return None
+    return next((words for marker, words in _PEER_LOST if marker in text), None)
+
+
+_PEER_LOST = (  # (what the collective's error says, how the message names it)
+    ("Connection closed by peer", "connection closed by peer"),
+    ("remote worker", "a remote worker is gone"),
+    ("Connection reset by peer", "connection reset by peer"),
+    ("NCCL communicator", "NCCL communicator aborted"),
+)
 
 
 class _NoSaveWhenAborted(TrainerCallback):

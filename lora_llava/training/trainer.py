@@ -145,6 +145,7 @@ class LlavaTrainer(CompatTrainer):
         self._tokens: Any = None  # (all, padding, supervised) since the last sync, on the training device
         self.bad_steps = 0  # skipped here (not counting the run before a resume)
         self.bad_in_a_row = 0
+        self._epoch_sampler: DistributedEpochSampler | None = None  # several processes: told the epoch on a resume
         self._last_log: tuple[float | None, int, int] = (None, 0, 0)  # (time, real, supervised tokens) at the last log
         self._interval = [0, 0]  # good and skipped steps since the last log
         self._interval_loss: Any = 0.0  # summed losses of the good steps since the last log
@@ -301,10 +302,9 @@ class LlavaTrainer(CompatTrainer):
         """Resuming in the middle of an epoch: that epoch's order. The Trainer then sets the epoch on the
         skipping loader, which does not reach a sampler under accelerate's per-process batch sharding, so the
         sampler of several processes is told here (the batches trained before this epoch, over its length)."""
-        sampler = getattr(self, "_epoch_sampler", None)
-        if sampler is not None:
+        if self._epoch_sampler is not None:
             done = self.state.global_step * self.args.gradient_accumulation_steps - num_batches
-            sampler.set_epoch(done // max(len(dataloader), 1))
+            self._epoch_sampler.set_epoch(done // max(len(dataloader), 1))
         return super().get_resumed_dataloader(dataloader, num_batches)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
